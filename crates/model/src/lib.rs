@@ -1,0 +1,41 @@
+//! Models with hand-written forward and backward passes over a flat parameter
+//! buffer, the losses they train with, and the metrics they are judged by.
+//!
+//! **Invariant:** a model never owns its parameters. The caller holds the
+//! flat buffer (so the same buffer can be all-reduced, sharded, optimised and
+//! checkpointed without the model's help); the model holds only scratch space.
+
+use std::ops::Range;
+
+use data::Batch;
+use tensor::{Gradient, Layout, Rng};
+
+/// A trainable model over a flat parameter buffer described by [`Model::layout`].
+pub trait Model: Send {
+    /// Names, shapes and kinds of the parameters, in buffer order.
+    fn layout(&self) -> &Layout;
+
+    /// Writes initial values into `params` (length `layout().len()`).
+    fn init(&self, params: &mut [f32], rng: &mut Rng);
+
+    /// Forward and backward pass on `batch`; returns the mean loss over the batch.
+    ///
+    /// Overwrites the `Dense` ranges of `grad.dense` and replaces `grad.sparse`
+    /// with the mean-loss gradient. Calls `ready(range)` once per dense tensor as
+    /// soon as its gradient is final, in backward order (last layer first), so a
+    /// caller can start communicating it while earlier layers still compute.
+    fn forward_backward(
+        &mut self,
+        params: &[f32],
+        batch: &Batch,
+        grad: &mut Gradient,
+        ready: &mut dyn FnMut(Range<usize>),
+    ) -> f32;
+
+    /// Predictions for `batch` into `out`: `rows × classes` probabilities for
+    /// multi-class models, `rows` probabilities of class 1 for binary ones.
+    fn predict(&mut self, params: &[f32], batch: &Batch, out: &mut Vec<f32>);
+
+    /// Number of classes the model predicts (2 for binary models).
+    fn num_classes(&self) -> usize;
+}
