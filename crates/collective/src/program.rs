@@ -1,0 +1,267 @@
+//! A rank's part of a collective written as a sequential program of sends and
+//! receives, turned into a dependency graph by hazard analysis on the ranges.
+//!
+//! Algorithms only say what a rank does, in an order that would be correct if
+//! every command ran to completion before the next. The builder derives what
+//! may overlap: a send waits for the last receive into its range
+//! (read-after-write), a receive waits for every earlier send of its range
+//! (write-after-read) and for the last receive into it (write-after-write).
+//! Those rules are what keep outstanding commands race-free in the runtime.
+//!
+//! Every algorithm cuts the buffer into one fixed grid of segments, so two
+//! non-empty ranges are either equal or disjoint; the builder asserts that and
+//! tracks hazards per segment in O(log segments) per command.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+use crate::config::{COMMANDS_MAX, Kind};
+use crate::error::CollectiveError;
+use crate::tag::{Phase, SEGMENT_LIMIT, Tag};
+use crate::{Rank, RecvOp};
+
+/// One planned command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Op {
+    pub peer: Rank,
+    pub tag: Tag,
+    pub range: Range<usize>,
+    /// `None` for a send.
+    pub recv: Option<RecvOp>,
+}
+
+/// Index of an op in program order.
+pub(crate) type OpId = u32;
+
+/// Hazard state of one grid segment.
+struct Block {
+    end: usize,
+    last_writer: Option<OpId>,
+    readers_since_write: Vec<OpId>,
+}
+
+/// What an algorithm needs to know about the collective it plans.
+pub(crate) struct Ctx {
+    pub op: u32,
+    pub rank: Rank,
+    pub world: u32,
+    pub len: usize,
+    pub segment_elems: usize,
+    pub kind: Kind,
+}
+
+impl Ctx {
+    pub fn invalid(&self, reason: String) -> CollectiveError {
+        CollectiveError::Invalid {
+            rank: self.rank,
+            world: self.world,
+            reason,
+        }
+    }
+
+    pub fn tag(&self, phase: Phase, step: u32, segment: u32) -> Tag {
+        Tag::new(self.op, phase, step, segment)
+    }
+
+    /// `range` cut into segments of at most `segment_elems`, numbered from 0;
+    /// none for an empty range.
+    pub fn segments(&self, range: Range<usize>) -> Result<Vec<(u32, Range<usize>)>, CollectiveError> {
+        let count = range.len().div_ceil(self.segment_elems);
+        if count > SEGMENT_LIMIT as usize {
+            return Err(self.invalid(format!(
+                "{} f32s in segments of {} make {count} segments, over the tag's limit of {SEGMENT_LIMIT}; raise segment_elems",
+                range.len(),
+                self.segment_elems
+            )));
+        }
+        Ok((0..count)
+            .map(|i| {
+                let start = range.start + i * self.segment_elems;
+                (i as u32, start..(start + self.segment_elems).min(range.end))
+            })
+            .collect())
+    }
+}
+
+/// The program being built: ops in program order and their predecessors.
+pub(crate) struct Program {
+    pub ops: Vec<Op>,
+    pub deps: Vec<Vec<OpId>>,
+    blocks: BTreeMap<usize, Block>,
+}
+
+impl Program {
+    pub fn new() -> Program {
+        Program {
+            ops: Vec::new(),
+            deps: Vec::new(),
+            blocks: BTreeMap::new(),
+        }
+    }
+
+    pub fn send(&mut self, ctx: &Ctx, peer: Rank, tag: Tag, range: Range<usize>) -> Result<OpId, CollectiveError> {
+        self.push(
+            ctx,
+            Op {
+                peer,
+                tag,
+                range,
+                recv: None,
+            },
+        )
+    }
+
+    pub fn recv(
+        &mut self,
+        ctx: &Ctx,
+        peer: Rank,
+        tag: Tag,
+        range: Range<usize>,
+        op: RecvOp,
+    ) -> Result<OpId, CollectiveError> {
+        self.push(
+            ctx,
+            Op {
+                peer,
+                tag,
+                range,
+                recv: Some(op),
+            },
+        )
+    }
+
+    /// Makes `later` wait for `earlier` although their ranges do not say so
+    /// (the barrier's rounds move no data).
+    pub fn order(&mut self, earlier: OpId, later: OpId) {
+        assert!(earlier < later, "an op can only wait for an earlier one");
+        let deps = &mut self.deps[later as usize];
+        if !deps.contains(&earlier) {
+            deps.push(earlier);
+        }
+    }
+
+    fn push(&mut self, ctx: &Ctx, op: Op) -> Result<OpId, CollectiveError> {
+        if self.ops.len() == COMMANDS_MAX {
+            return Err(ctx.invalid(format!(
+                "{} of {} f32s needs more than {COMMANDS_MAX} commands; raise segment_elems",
+                ctx.kind.name(),
+                ctx.len
+            )));
+        }
+        assert!(
+            op.peer < ctx.world && op.peer != ctx.rank,
+            "rank {} planned a command for peer {}",
+            ctx.rank,
+            op.peer
+        );
+        let id = self.ops.len() as OpId;
+        let mut deps = Vec::new();
+        if let Some(block) = self.block(&op.range) {
+            deps.extend(block.last_writer);
+            if op.recv.is_some() {
+                deps.append(&mut block.readers_since_write);
+                block.last_writer = Some(id);
+            } else {
+                block.readers_since_write.push(id);
+            }
+        }
+        self.ops.push(op);
+        self.deps.push(deps);
+        Ok(id)
+    }
+
+    /// The hazard state of `range`'s segment; `None` for an empty range, which
+    /// touches no data.
+    fn block(&mut self, range: &Range<usize>) -> Option<&mut Block> {
+        if range.is_empty() {
+            return None;
+        }
+        let prev = self
+            .blocks
+            .range(..range.end)
+            .next_back()
+            .map(|(start, b)| (*start, b.end));
+        match prev {
+            Some((start, end)) if start == range.start => {
+                assert_eq!(end, range.end, "range {range:?} is not on the segment grid");
+            }
+            Some((_, end)) => {
+                assert!(end <= range.start, "range {range:?} overlaps a segment of the grid");
+                self.new_block(range);
+            }
+            None => self.new_block(range),
+        }
+        self.blocks.get_mut(&range.start)
+    }
+
+    fn new_block(&mut self, range: &Range<usize>) {
+        let block = Block {
+            end: range.end,
+            last_writer: None,
+            readers_since_write: Vec::new(),
+        };
+        self.blocks.insert(range.start, block);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Algorithm;
+
+    fn ctx() -> Ctx {
+        Ctx {
+            op: 0,
+            rank: 0,
+            world: 4,
+            len: 8,
+            segment_elems: 4,
+            kind: Kind::AllReduce(Algorithm::Ring),
+        }
+    }
+
+    #[test]
+    fn hazards_become_dependencies() {
+        let c = ctx();
+        let t = |s| c.tag(Phase::Exchange, s, 0);
+        let mut p = Program::new();
+        let send_a = p.send(&c, 1, t(0), 0..4).unwrap();
+        let send_b = p.send(&c, 2, t(1), 0..4).unwrap();
+        let other = p.recv(&c, 3, t(2), 4..8, RecvOp::Copy).unwrap();
+        let recv = p.recv(&c, 1, t(3), 0..4, RecvOp::Reduce).unwrap();
+        let resend = p.send(&c, 2, t(4), 0..4).unwrap();
+        let rewrite = p.recv(&c, 3, t(5), 0..4, RecvOp::Copy).unwrap();
+        assert_eq!(p.deps[send_a as usize], vec![]);
+        assert_eq!(p.deps[send_b as usize], vec![]);
+        assert_eq!(p.deps[other as usize], vec![]);
+        assert_eq!(p.deps[recv as usize], vec![send_a, send_b], "write after read");
+        assert_eq!(p.deps[resend as usize], vec![recv], "read after write");
+        assert_eq!(
+            p.deps[rewrite as usize],
+            vec![recv, resend],
+            "write after write and read"
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "overlaps")]
+    fn ranges_off_the_grid_are_a_bug() {
+        let c = ctx();
+        let mut p = Program::new();
+        p.send(&c, 1, c.tag(Phase::Exchange, 0, 0), 0..4).unwrap();
+        let _ = p.send(&c, 1, c.tag(Phase::Exchange, 0, 1), 2..6);
+    }
+
+    #[test]
+    fn segments_cover_the_range() {
+        let c = ctx();
+        assert_eq!(c.segments(3..13).unwrap(), vec![(0, 3..7), (1, 7..11), (2, 11..13)]);
+        assert_eq!(c.segments(5..5).unwrap(), vec![]);
+        let tiny = Ctx {
+            segment_elems: 1,
+            len: usize::MAX,
+            ..ctx()
+        };
+        assert!(tiny.segments(0..SEGMENT_LIMIT as usize + 1).is_err());
+    }
+}

@@ -1,0 +1,407 @@
+//! The coordinator engine: rendezvous, rank assignment, the membership
+//! generation, heartbeats, failure detection and the job's end. It does no
+//! IO: the runtime (`node`) feeds it [`Event`]s with the current time and
+//! carries out the [`Command`]s it returns.
+//!
+//! **Invariant:** once running, the job ends in exactly one [`Outcome`]: all
+//! workers finished, or the first failure seen (which names the rank).
+
+use std::collections::BTreeMap;
+
+use wire::msg::{FromCoordinator, Role, ToCoordinator};
+
+/// The runtime's handle for one connection.
+pub type ConnId = u64;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub world: u32,
+    /// A worker not heard from for this long is declared dead.
+    pub heartbeat_timeout_ms: u64,
+    /// All workers must have joined within this long of the first event.
+    pub rendezvous_timeout_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// A message arrived on an authenticated connection.
+    Message { conn: ConnId, msg: ToCoordinator },
+    /// The connection closed or broke.
+    Disconnected { conn: ConnId },
+    /// Time passed (the runtime ticks a few times per heartbeat timeout).
+    Tick,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Command {
+    Send { conn: ConnId, msg: FromCoordinator },
+    Close { conn: ConnId },
+    /// The job is over; the runtime exits with this outcome.
+    Exit(Outcome),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Finished,
+    Failed { rank: Option<u32>, reason: String },
+}
+
+#[derive(Clone, Debug)]
+struct Member {
+    rank: Option<u32>,
+    data_addr: String,
+    pid: u32,
+    last_heard_ms: u64,
+    finished: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Rendezvous,
+    Running,
+    Over,
+}
+
+pub struct Coordinator {
+    cfg: Config,
+    phase: Phase,
+    generation: u64,
+    members: BTreeMap<ConnId, Member>,
+    started_ms: Option<u64>,
+    /// Parameter checksums reported at each epoch end, by rank.
+    checksums: BTreeMap<u32, BTreeMap<u32, u64>>,
+}
+
+impl Coordinator {
+    pub fn new(cfg: Config) -> Self {
+        assert!(cfg.world > 0, "a job needs at least one worker");
+        Self { cfg, phase: Phase::Rendezvous, generation: 0, members: BTreeMap::new(), started_ms: None, checksums: BTreeMap::new() }
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub fn is_over(&self) -> bool {
+        self.phase == Phase::Over
+    }
+
+    /// Handles one event at time `now_ms` (any monotonic clock in milliseconds).
+    pub fn on_event(&mut self, now_ms: u64, event: Event) -> Vec<Command> {
+        if self.phase == Phase::Over {
+            return Vec::new();
+        }
+        let started = *self.started_ms.get_or_insert(now_ms);
+        match event {
+            Event::Message { conn, msg } => self.on_message(now_ms, conn, msg),
+            Event::Disconnected { conn } => self.on_disconnect(conn),
+            Event::Tick => self.on_tick(now_ms, started),
+        }
+    }
+
+    fn on_message(&mut self, now_ms: u64, conn: ConnId, msg: ToCoordinator) -> Vec<Command> {
+        if let Err(why) = msg.check() {
+            return vec![Command::Close { conn }]
+                .into_iter()
+                .chain(self.reject_note(conn, &why))
+                .collect();
+        }
+        if let Some(m) = self.members.get_mut(&conn) {
+            m.last_heard_ms = now_ms;
+        }
+        match msg {
+            ToCoordinator::Join { role, rank, data_addr, pid } => self.on_join(now_ms, conn, role, rank, data_addr, pid),
+            ToCoordinator::Heartbeat { .. } => Vec::new(),
+            ToCoordinator::EpochDone { epoch, checksum } => self.on_epoch_done(conn, epoch, checksum),
+            ToCoordinator::Finished { .. } => {
+                if let Some(m) = self.members.get_mut(&conn) {
+                    m.finished = true;
+                }
+                if self.phase == Phase::Running && self.members.values().all(|m| m.finished) {
+                    self.phase = Phase::Over;
+                    let mut cmds: Vec<Command> =
+                        self.members.keys().map(|&c| Command::Send { conn: c, msg: FromCoordinator::Shutdown }).collect();
+                    cmds.push(Command::Exit(Outcome::Finished));
+                    return cmds;
+                }
+                Vec::new()
+            }
+            ToCoordinator::Failed { reason } => {
+                let rank = self.members.get(&conn).and_then(|m| m.rank);
+                self.fail(rank, format!("rank {} failed: {reason}", show(rank)))
+            }
+        }
+    }
+
+    /// A message that breaks the protocol from a connection that is not a member yet
+    /// is dropped; from a member it fails the job.
+    fn reject_note(&mut self, conn: ConnId, why: &str) -> Vec<Command> {
+        match self.members.get(&conn) {
+            Some(m) => {
+                let rank = m.rank;
+                self.fail(rank, format!("rank {} sent a malformed message: {why}", show(rank)))
+            }
+            None => Vec::new(),
+        }
+    }
+
+    fn on_join(&mut self, now_ms: u64, conn: ConnId, role: Role, rank: Option<u32>, data_addr: String, pid: u32) -> Vec<Command> {
+        if role != Role::Worker || self.phase != Phase::Rendezvous || self.members.contains_key(&conn) {
+            let reason = format!("unexpected join from a {role:?} (pid {pid}) while {:?}", self.phase);
+            return vec![
+                Command::Send { conn, msg: FromCoordinator::Abort { generation: self.generation, reason, failed_rank: None } },
+                Command::Close { conn },
+            ];
+        }
+        if let Some(r) = rank {
+            let taken = self.members.values().any(|m| m.rank == Some(r));
+            if r >= self.cfg.world || taken {
+                let why = if taken { "is taken by another worker" } else { "is outside the world" };
+                return self.fail(Some(r), format!("worker pid {pid} asked for rank {r}, which {why} (WORLD_SIZE {})", self.cfg.world));
+            }
+        }
+        self.members.insert(conn, Member { rank, data_addr, pid, last_heard_ms: now_ms, finished: false });
+        if self.members.len() < self.cfg.world as usize {
+            return Vec::new();
+        }
+        // Everyone is here: give the unranked the free ranks in order of arrival.
+        let taken: Vec<u32> = self.members.values().filter_map(|m| m.rank).collect();
+        let mut free = (0..self.cfg.world).filter(|r| !taken.contains(r));
+        for m in self.members.values_mut() {
+            if m.rank.is_none() {
+                m.rank = free.next();
+            }
+        }
+        self.generation += 1;
+        self.phase = Phase::Running;
+        let mut peers = vec![String::new(); self.cfg.world as usize];
+        for m in self.members.values() {
+            peers[m.rank.expect("assigned above") as usize] = m.data_addr.clone();
+        }
+        self.members
+            .iter()
+            .map(|(&conn, m)| Command::Send {
+                conn,
+                msg: FromCoordinator::Welcome {
+                    generation: self.generation,
+                    rank: m.rank.expect("assigned above"),
+                    world: self.cfg.world,
+                    peers: peers.clone(),
+                },
+            })
+            .collect()
+    }
+
+    fn on_epoch_done(&mut self, conn: ConnId, epoch: u32, checksum: u64) -> Vec<Command> {
+        let Some(rank) = self.members.get(&conn).and_then(|m| m.rank) else { return Vec::new() };
+        let seen = self.checksums.entry(epoch).or_default();
+        seen.insert(rank, checksum);
+        if seen.len() < self.cfg.world as usize {
+            return Vec::new();
+        }
+        let seen = self.checksums.remove(&epoch).expect("present");
+        let first = seen.values().next().copied();
+        if let Some((&bad, &sum)) = seen.iter().find(|(_, s)| Some(**s) != first) {
+            let detail = format!("rank 0 has {:016x}, rank {bad} has {sum:016x}", first.unwrap_or(0));
+            return self.fail(Some(bad), format!("parameters differ between ranks after epoch {epoch}: {detail}"));
+        }
+        Vec::new()
+    }
+
+    fn on_disconnect(&mut self, conn: ConnId) -> Vec<Command> {
+        let Some(m) = self.members.get(&conn) else { return Vec::new() };
+        if m.finished {
+            return Vec::new();
+        }
+        let (rank, pid) = (m.rank, m.pid);
+        if self.phase == Phase::Rendezvous {
+            self.members.remove(&conn);
+            return Vec::new();
+        }
+        self.members.remove(&conn);
+        self.fail(rank, format!("rank {} (pid {pid}) disconnected before finishing", show(rank)))
+    }
+
+    fn on_tick(&mut self, now_ms: u64, started_ms: u64) -> Vec<Command> {
+        match self.phase {
+            Phase::Rendezvous if now_ms.saturating_sub(started_ms) > self.cfg.rendezvous_timeout_ms => {
+                let reason = format!(
+                    "only {} of {} workers joined within {} ms",
+                    self.members.len(),
+                    self.cfg.world,
+                    self.cfg.rendezvous_timeout_ms
+                );
+                self.fail(None, reason)
+            }
+            Phase::Running => {
+                let late = self
+                    .members
+                    .values()
+                    .filter(|m| !m.finished)
+                    .map(|m| (now_ms.saturating_sub(m.last_heard_ms), m.rank))
+                    .filter(|(silent, _)| *silent > self.cfg.heartbeat_timeout_ms)
+                    .max_by_key(|(silent, _)| *silent);
+                match late {
+                    Some((silent, rank)) => {
+                        self.fail(rank, format!("rank {} sent no heartbeat for {silent} ms", show(rank)))
+                    }
+                    None => Vec::new(),
+                }
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Ends the job: tells every member to stop, then exits.
+    fn fail(&mut self, rank: Option<u32>, reason: String) -> Vec<Command> {
+        self.phase = Phase::Over;
+        let mut cmds: Vec<Command> = self
+            .members
+            .keys()
+            .map(|&conn| Command::Send {
+                conn,
+                msg: FromCoordinator::Abort { generation: self.generation, reason: reason.clone(), failed_rank: rank },
+            })
+            .collect();
+        cmds.push(Command::Exit(Outcome::Failed { rank, reason }));
+        cmds
+    }
+}
+
+fn show(rank: Option<u32>) -> String {
+    rank.map_or_else(|| "?".into(), |r| r.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(world: u32) -> Config {
+        Config { world, heartbeat_timeout_ms: 1000, rendezvous_timeout_ms: 5000 }
+    }
+
+    fn join(rank: Option<u32>, addr: &str) -> Event {
+        Event::Message {
+            conn: 0,
+            msg: ToCoordinator::Join { role: Role::Worker, rank, data_addr: addr.into(), pid: 1 },
+        }
+    }
+
+    fn join_on(conn: ConnId, rank: Option<u32>, addr: &str) -> Event {
+        match join(rank, addr) {
+            Event::Message { msg, .. } => Event::Message { conn, msg },
+            e => e,
+        }
+    }
+
+    fn running_pair() -> Coordinator {
+        let mut c = Coordinator::new(cfg(2));
+        assert!(c.on_event(0, join_on(10, None, "a:1")).is_empty());
+        let cmds = c.on_event(1, join_on(11, Some(0), "b:2"));
+        assert_eq!(cmds.len(), 2);
+        c
+    }
+
+    #[test]
+    fn rendezvous_honours_requested_ranks_and_fills_the_rest() {
+        let mut c = Coordinator::new(cfg(2));
+        assert!(c.on_event(0, join_on(10, None, "a:1")).is_empty());
+        let cmds = c.on_event(1, join_on(11, Some(0), "b:2"));
+        let peers = vec!["b:2".to_string(), "a:1".to_string()];
+        assert_eq!(
+            cmds,
+            vec![
+                Command::Send {
+                    conn: 10,
+                    msg: FromCoordinator::Welcome { generation: 1, rank: 1, world: 2, peers: peers.clone() }
+                },
+                Command::Send { conn: 11, msg: FromCoordinator::Welcome { generation: 1, rank: 0, world: 2, peers } },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_taken_rank_fails_the_job_naming_it() {
+        let mut c = Coordinator::new(cfg(2));
+        c.on_event(0, join_on(10, Some(1), "a:1"));
+        let cmds = c.on_event(0, join_on(11, Some(1), "b:1"));
+        match cmds.last() {
+            Some(Command::Exit(Outcome::Failed { rank: Some(1), reason })) => assert!(reason.contains("taken"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn silence_past_the_deadline_names_the_rank() {
+        let mut c = running_pair();
+        let hb = |conn| Event::Message { conn, msg: ToCoordinator::Heartbeat { step: 3 } };
+        assert!(c.on_event(900, hb(11)).is_empty());
+        assert!(c.on_event(1000, Event::Tick).is_empty());
+        let cmds = c.on_event(1500, Event::Tick);
+        assert_eq!(cmds.len(), 3, "{cmds:?}");
+        match &cmds[2] {
+            Command::Exit(Outcome::Failed { rank: Some(1), reason }) => assert!(reason.contains("rank 1"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(c.is_over());
+        assert!(c.on_event(1600, Event::Tick).is_empty(), "nothing after the end");
+    }
+
+    #[test]
+    fn disconnect_while_running_fails_and_aborts_the_others() {
+        let mut c = running_pair();
+        let cmds = c.on_event(5, Event::Disconnected { conn: 11 });
+        assert_eq!(
+            cmds[0],
+            Command::Send {
+                conn: 10,
+                msg: FromCoordinator::Abort {
+                    generation: 1,
+                    reason: "rank 0 (pid 1) disconnected before finishing".into(),
+                    failed_rank: Some(0)
+                }
+            }
+        );
+        assert!(matches!(cmds[1], Command::Exit(Outcome::Failed { rank: Some(0), .. })));
+    }
+
+    #[test]
+    fn differing_checksums_fail_and_equal_ones_pass() {
+        let mut c = running_pair();
+        let done = |conn, checksum| Event::Message { conn, msg: ToCoordinator::EpochDone { epoch: 1, checksum } };
+        assert!(c.on_event(2, done(10, 7)).is_empty());
+        assert!(c.on_event(2, done(11, 7)).is_empty());
+        let done2 = |conn, checksum| Event::Message { conn, msg: ToCoordinator::EpochDone { epoch: 2, checksum } };
+        c.on_event(3, done2(10, 7));
+        let cmds = c.on_event(3, done2(11, 8));
+        assert!(matches!(cmds.last(), Some(Command::Exit(Outcome::Failed { .. }))), "{cmds:?}");
+    }
+
+    #[test]
+    fn all_finished_shuts_down() {
+        let mut c = running_pair();
+        let fin = |conn| Event::Message { conn, msg: ToCoordinator::Finished { steps: 9 } };
+        assert!(c.on_event(2, fin(10)).is_empty());
+        let cmds = c.on_event(2, fin(11));
+        assert_eq!(
+            cmds,
+            vec![
+                Command::Send { conn: 10, msg: FromCoordinator::Shutdown },
+                Command::Send { conn: 11, msg: FromCoordinator::Shutdown },
+                Command::Exit(Outcome::Finished)
+            ]
+        );
+        assert!(c.on_event(3, Event::Disconnected { conn: 10 }).is_empty());
+    }
+
+    #[test]
+    fn rendezvous_deadline_says_how_many_joined() {
+        let mut c = Coordinator::new(cfg(3));
+        c.on_event(0, join_on(1, None, "a:1"));
+        assert!(c.on_event(4000, Event::Tick).is_empty());
+        match c.on_event(6000, Event::Tick).last() {
+            Some(Command::Exit(Outcome::Failed { reason, .. })) => assert!(reason.contains("only 1 of 3"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
