@@ -1,0 +1,362 @@
+//! The `sinter` binary: parses flags, loads and validates config, sets up
+//! logging, dispatches to the library, and maps failures to exit codes.
+//! No training, networking or file-format logic lives here.
+
+mod progress;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use node::config::JobConfig;
+
+/// Exit codes (documented in the README).
+mod exit {
+    pub const FAILURE: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const PEER: u8 = 3;
+    pub const INTERRUPTED: u8 = 130;
+}
+
+#[derive(Parser)]
+#[command(name = "sinter", version, about = "Distributed machine-learning training")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model as described by a TOML config file.
+    Train(TrainArgs),
+    /// Generate or inspect data sets.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Inspect or verify checkpoints.
+    #[command(subcommand)]
+    Checkpoint(CheckpointCommand),
+    /// Run the coordinator of a cluster (rendezvous, membership, failure detection).
+    Coordinator(CoordinatorArgs),
+    /// Measure Sinter against physical limits and peers.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// Run one worker of a cluster; finds the coordinator through MASTER_ADDR/MASTER_PORT
+    /// (or DMLC_PS_ROOT_URI/DMLC_PS_ROOT_PORT) and takes RANK/WORLD_SIZE if set.
+    Worker(WorkerArgs),
+}
+
+#[derive(Args)]
+struct CoordinatorArgs {
+    /// Address to listen on; default 0.0.0.0:$MASTER_PORT (or $DMLC_PS_ROOT_PORT).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Number of workers; default $WORLD_SIZE (or $DMLC_NUM_WORKER).
+    #[arg(long)]
+    world: Option<u32>,
+    #[arg(long, default_value_t = 5_000)]
+    heartbeat_timeout_ms: u64,
+    #[arg(long, default_value_t = 120_000)]
+    rendezvous_timeout_ms: u64,
+    /// File holding the shared secret (default: the SINTER_SECRET variable).
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// All-reduce bandwidth and latency between worker processes (nccl-tests convention).
+    Allreduce(AllreduceArgs),
+}
+
+#[derive(Args)]
+struct AllreduceArgs {
+    /// Worker processes to start on loopback.
+    #[arg(long, default_value_t = 2)]
+    workers: u32,
+    /// Message sizes, e.g. 4KiB,1MiB,25MiB,100MiB.
+    #[arg(long, default_value = "4KiB,1MiB,25MiB,100MiB")]
+    sizes: String,
+    /// One JSON object per size on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Run as one worker of an existing cluster (found through MASTER_ADDR/RANK/WORLD_SIZE).
+    #[arg(long)]
+    worker: bool,
+    /// A collective waiting longer than this for a peer fails, naming it.
+    #[arg(long, default_value_t = 30_000)]
+    timeout_ms: u64,
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    /// The job's config file.
+    #[arg(long)]
+    config: PathBuf,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Continue from the newest good checkpoint in this directory.
+    #[arg(long, value_name = "DIR")]
+    resume: Option<PathBuf>,
+    /// Reports as JSON lines on stdout (the launcher reads these).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// The job's config file (see examples/).
+    config: PathBuf,
+    /// Override a config key, e.g. `--set optim.lr=0.1` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// One JSON object per line on stdout: per epoch, and `{"event":"done"}` last.
+    #[arg(long)]
+    json: bool,
+    /// Continue from the newest good checkpoint in this directory.
+    #[arg(long, value_name = "DIR")]
+    resume: Option<PathBuf>,
+    /// Number of worker processes (overrides `cluster.workers`).
+    #[arg(long)]
+    workers: Option<u32>,
+    /// No progress bar.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Write a synthetic data set (train and test files, plus FILE.meta.json).
+    Gen(GenArgs),
+    /// Print rows, features, non-zeros and label balance of a data file.
+    Inspect {
+        path: PathBuf,
+        /// Hash sparse feature ids into 2^bits buckets.
+        #[arg(long)]
+        hash_bits: Option<u32>,
+    },
+}
+
+#[derive(Args)]
+struct GenArgs {
+    /// `click` (sparse binary, Zipf features, planted logistic model) or `dense` (classes).
+    kind: String,
+    /// Training data file to write; the test split goes beside it (`*.test.*`) unless --test-out.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long)]
+    test_out: Option<PathBuf>,
+    #[arg(long, default_value_t = 1_000_000)]
+    rows: u64,
+    #[arg(long, default_value_t = 100_000)]
+    test_rows: u64,
+    /// Click data: hashed feature space is 2^bits.
+    #[arg(long, default_value_t = 20)]
+    hash_bits: u32,
+    /// Click data: mean non-zeros per row.
+    #[arg(long, default_value_t = 40.0)]
+    nnz: f64,
+    /// Click data: Zipf exponent of feature frequencies.
+    #[arg(long, default_value_t = 1.1)]
+    zipf: f64,
+    /// Dense data: features per row.
+    #[arg(long, default_value_t = 32)]
+    dim: usize,
+    /// Dense data: number of classes.
+    #[arg(long, default_value_t = 4)]
+    classes: u32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// `libsvm`, `parquet` or `csv` (dense only).
+    #[arg(long, default_value = "libsvm")]
+    format: String,
+}
+
+#[derive(Subcommand)]
+enum CheckpointCommand {
+    /// List the checkpoints in a directory with their step, epoch and files.
+    Inspect { dir: PathBuf },
+    /// Check every file's length and checksum; exits non-zero on the first bad one.
+    Verify { dir: PathBuf },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::Train(a) => train(a),
+        Command::Data(d) => data_command(d),
+        Command::Checkpoint(c) => checkpoint_command(c),
+        Command::Coordinator(a) => coordinator(a),
+        Command::Worker(a) => worker(a),
+        Command::Bench(BenchCommand::Allreduce(a)) => bench_allreduce(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SINTER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+fn exit_code(e: &anyhow::Error) -> u8 {
+    match e.downcast_ref::<node::JobError>() {
+        Some(node::JobError::Config { .. }) => exit::USAGE,
+        Some(node::JobError::Peer { .. } | node::JobError::Stalled { .. }) => exit::PEER,
+        Some(node::JobError::Interrupted) => exit::INTERRUPTED,
+        _ => exit::FAILURE,
+    }
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    let mut overrides = a.overrides.clone();
+    if let Some(w) = a.workers {
+        overrides.push(format!("cluster.workers={w}"));
+    }
+    let cfg = JobConfig::load(&a.config, &overrides)?;
+    tracing::info!(config = ?cfg, "effective config");
+    let mut console = progress::Console::new(a.json, a.quiet);
+    let summary = node::job::run(cfg, a.resume.as_deref(), &mut console);
+    console.finish();
+    let summary = summary?;
+    let mut done = serde_json::to_value(&summary).context("summary to JSON")?;
+    done["event"] = "done".into();
+    console.json_line(&done);
+    Ok(())
+}
+
+fn load_secret(file: Option<&std::path::Path>) -> Result<node::net::Secret> {
+    Ok(match file {
+        Some(f) => node::net::Secret::from_file(f)?,
+        None => node::net::Secret::from_env("SINTER_SECRET")?,
+    })
+}
+
+fn coordinator(a: CoordinatorArgs) -> Result<()> {
+    let env = node::env::ClusterEnv::from_process()?;
+    let listen = match a.listen {
+        Some(l) => l,
+        None => {
+            let port = env.coordinator.as_deref().and_then(|c| c.rsplit_once(':')).map(|(_, p)| p.to_string());
+            format!("0.0.0.0:{}", port.context("no --listen and no MASTER_PORT / DMLC_PS_ROOT_PORT")?)
+        }
+    };
+    let world = a.world.or(env.world).context("no --world and no WORLD_SIZE / DMLC_NUM_WORKER")?;
+    let secret = load_secret(a.secret_file.as_deref())?;
+    let listener = node::net::listen(&listen)?;
+    let addr = listener.local_addr().context("listener address")?;
+    println!("{}", serde_json::json!({ "listening": addr.to_string(), "world": world }));
+    let outcome = node::coord::run(
+        listener,
+        node::coord::CoordinatorConfig {
+            world,
+            heartbeat_timeout_ms: a.heartbeat_timeout_ms,
+            rendezvous_timeout_ms: a.rendezvous_timeout_ms,
+        },
+        secret,
+    )?;
+    match outcome {
+        node::coord::Outcome::Finished => Ok(()),
+        node::coord::Outcome::Failed { rank, reason } => Err(node::JobError::Peer { rank: rank.unwrap_or(u32::MAX), why: reason }.into()),
+    }
+}
+
+fn worker(a: WorkerArgs) -> Result<()> {
+    let cfg = JobConfig::load(&a.config, &a.overrides)?;
+    let secret = load_secret(cfg.cluster.secret_file.as_deref())?;
+    let env = node::env::ClusterEnv::from_process()?;
+    let mut console = progress::Console::new(a.json, true);
+    let summary = node::worker::run(cfg, &env, &secret, a.resume.as_deref(), &mut console)?;
+    let mut done = serde_json::to_value(&summary).context("summary to JSON")?;
+    done["event"] = "done".into();
+    console.json_line(&done);
+    Ok(())
+}
+
+fn bench_allreduce(a: AllreduceArgs) -> Result<()> {
+    let sizes = node::bench::parse_sizes(&a.sizes).map_err(|e| anyhow::anyhow!("--sizes: {e}"))?;
+    let print = |r: &node::bench::AllreduceResult, json: bool| {
+        if json {
+            println!("{}", serde_json::to_string(r).unwrap_or_default());
+        } else {
+            println!(
+                "{:>12} B  {} workers  {:<18} algbw {:>7.3} GB/s  busbw {:>7.3} GB/s  p50 {:>10.1} us  {}",
+                r.bytes,
+                r.workers,
+                r.algorithm,
+                r.algbw_gbps,
+                r.busbw_gbps,
+                r.p50_us,
+                if r.correct { "correct" } else { "WRONG" }
+            );
+        }
+    };
+    if a.worker {
+        let env = node::env::ClusterEnv::from_process()?;
+        let secret = load_secret(None)?;
+        for r in node::bench::allreduce_worker(&env, &secret, &sizes, a.timeout_ms)? {
+            print(&r, true);
+        }
+        return Ok(());
+    }
+    let args: Vec<std::ffi::OsString> =
+        ["bench", "allreduce", "--worker", "--sizes", &a.sizes, "--timeout-ms", &a.timeout_ms.to_string()]
+            .iter()
+            .map(Into::into)
+            .collect();
+    let mut cluster = node::launcher::LocalCluster::start(a.workers, 5_000, &args)?;
+    cluster.supervise(&mut |rank, v| {
+        if rank == 0 {
+            if let Ok(r) = serde_json::from_value::<node::bench::AllreduceResult>(v) {
+                print(&r, a.json);
+            }
+        }
+    })?;
+    Ok(())
+}
+
+fn data_command(d: DataCommand) -> Result<()> {
+    match d {
+        DataCommand::Gen(g) => node::datagen::generate(&node::datagen::GenRequest {
+            kind: g.kind,
+            out: g.out,
+            test_out: g.test_out,
+            rows: g.rows,
+            test_rows: g.test_rows,
+            hash_bits: g.hash_bits,
+            nnz: g.nnz,
+            zipf: g.zipf,
+            dim: g.dim,
+            classes: g.classes,
+            seed: g.seed,
+            format: g.format,
+        })
+        .map(|report| println!("{report}"))
+        .map_err(Into::into),
+        DataCommand::Inspect { path, hash_bits } => {
+            let summary = node::datagen::inspect(&path, hash_bits)?;
+            println!("{summary}");
+            Ok(())
+        }
+    }
+}
+
+fn checkpoint_command(c: CheckpointCommand) -> Result<()> {
+    match c {
+        CheckpointCommand::Inspect { dir } => {
+            println!("{}", node::state::describe(&dir)?);
+            Ok(())
+        }
+        CheckpointCommand::Verify { dir } => {
+            println!("{}", node::state::verify_all(&dir)?);
+            Ok(())
+        }
+    }
+}

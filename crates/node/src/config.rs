@@ -1,0 +1,297 @@
+//! The job configuration: one TOML file per run, every key documented in
+//! `examples/*.toml`, every key overridable with `--set section.key=value`.
+//!
+//! Each section's type belongs to the crate that uses it (`model::ModelConfig`,
+//! `optim::OptimConfig`); this module composes them, applies overrides and
+//! validates the whole once.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::JobError;
+
+/// A whole training job.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    pub data: DataConfig,
+    pub model: model::ModelConfig,
+    pub optim: optim::OptimConfig,
+    #[serde(default)]
+    pub train: TrainConfig,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+    #[serde(default)]
+    pub cluster: ClusterConfig,
+}
+
+/// Where the data comes from and how to read it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// `auto` (by extension and magic bytes), `idx`, `libsvm`, `csv` or `parquet`.
+    #[serde(default)]
+    pub format: DataFormat,
+    /// Training data: a file, or for IDX a directory holding the standard file names.
+    pub train: PathBuf,
+    /// Test data; for IDX directories the test split of `train` when absent.
+    #[serde(default)]
+    pub test: Option<PathBuf>,
+    /// Pixel normalisation for IDX images: `none`, `scale01` or `standardize`
+    /// (Fashion-MNIST mean 0.2860, std 0.3530).
+    #[serde(default)]
+    pub normalize: Normalize,
+    /// Hash sparse feature ids into 2^hash_bits buckets (LIBSVM, Parquet).
+    #[serde(default)]
+    pub hash_bits: Option<u32>,
+    /// CSV: the label column, by name or 0-based index (default: the first).
+    #[serde(default)]
+    pub label_column: Option<String>,
+    /// CSV: whether the first line is a header.
+    #[serde(default = "default_true")]
+    pub csv_header: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataFormat {
+    #[default]
+    Auto,
+    Idx,
+    Libsvm,
+    Csv,
+    Parquet,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Normalize {
+    None,
+    Scale01,
+    #[default]
+    Standardize,
+}
+
+/// The training loop.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub epochs: u32,
+    /// Global batch size: split evenly across workers.
+    pub batch_size: usize,
+    /// Seeds parameter init, shuffling and every other random choice.
+    pub seed: u64,
+    /// Evaluate on the test set every this many epochs (and after the last one).
+    pub eval_every_epochs: u32,
+    /// Stop after this many steps in total (0: no limit). For smoke tests and benchmarks.
+    pub max_steps: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self { epochs: 1, batch_size: 128, seed: 0, eval_every_epochs: 1, max_steps: 0 }
+    }
+}
+
+/// Checkpointing.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Directory of checkpoints; none are written when absent.
+    pub dir: Option<PathBuf>,
+    /// Write a checkpoint every this many epochs (and after the last one).
+    pub every_epochs: u32,
+    /// Keep the newest this many checkpoints.
+    pub keep_last: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self { dir: None, every_epochs: 1, keep_last: 3 }
+    }
+}
+
+/// The shape of the cluster and how workers synchronise.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Worker processes. 1 trains in the launcher's own process.
+    pub workers: u32,
+    /// How gradients or parameters are synchronised.
+    pub sync: SyncMode,
+    /// Local SGD: steps between parameter averages (1 = average every step).
+    pub average_every: u32,
+    /// Gradient buckets for all-reduce, in bytes (overlap with the backward pass).
+    pub bucket_bytes: usize,
+    /// A worker silent for this long is declared dead.
+    pub heartbeat_timeout_ms: u64,
+    /// A collective waiting this long for a peer fails, naming the peer.
+    pub collective_timeout_ms: u64,
+    /// File holding the shared secret peers authenticate with; the
+    /// `SINTER_SECRET` environment variable is used when absent; the launcher
+    /// makes a fresh one for a local cluster.
+    pub secret_file: Option<PathBuf>,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            workers: 1,
+            sync: SyncMode::Allreduce,
+            average_every: 1,
+            bucket_bytes: 256 * 1024,
+            heartbeat_timeout_ms: 5_000,
+            collective_timeout_ms: 8_000,
+            secret_file: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncMode {
+    /// All-reduce the gradients every step (synchronous data parallelism).
+    Allreduce,
+    /// Local SGD: `average_every` local steps, then average the parameters.
+    LocalSgd,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl JobConfig {
+    /// Reads `path`, applies `key=value` overrides and validates the result.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, JobError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| JobError::Config { path: path.to_path_buf(), why: e.to_string() })?;
+        Self::parse(&text, path, overrides)
+    }
+
+    /// Parses TOML text (`origin` names it in errors), applies overrides and validates.
+    pub fn parse(text: &str, origin: &Path, overrides: &[String]) -> Result<Self, JobError> {
+        let err = |why: String| JobError::Config { path: origin.to_path_buf(), why };
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| err(e.to_string()))?;
+        for o in overrides {
+            apply_override(&mut table, o).map_err(|why| err(format!("--set {o}: {why}")))?;
+        }
+        let mut cfg: JobConfig = table.try_into().map_err(|e: toml::de::Error| err(e.to_string()))?;
+        cfg.resolve_paths(origin);
+        cfg.validate().map_err(err)?;
+        Ok(cfg)
+    }
+
+    /// Relative data paths are relative to the config file's directory when
+    /// they exist there, else to the current directory.
+    fn resolve_paths(&mut self, origin: &Path) {
+        let base = origin.parent().unwrap_or(Path::new("."));
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() && !p.exists() && base.join(&*p).exists() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.data.train);
+        if let Some(t) = self.data.test.as_mut() {
+            fix(t);
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let t = &self.train;
+        let c = &self.cluster;
+        if t.epochs == 0 {
+            return Err("train.epochs must be at least 1".into());
+        }
+        if t.batch_size == 0 {
+            return Err("train.batch_size must be at least 1".into());
+        }
+        if c.workers == 0 || c.workers > crate::WORKERS_MAX {
+            return Err(format!("cluster.workers must be in 1..={}", crate::WORKERS_MAX));
+        }
+        if t.batch_size < c.workers as usize {
+            return Err(format!(
+                "train.batch_size {} is smaller than cluster.workers {}: every worker needs at least one row per step",
+                t.batch_size, c.workers
+            ));
+        }
+        if c.average_every == 0 {
+            return Err("cluster.average_every must be at least 1".into());
+        }
+        if c.heartbeat_timeout_ms < 100 || c.collective_timeout_ms < 100 {
+            return Err("cluster timeouts must be at least 100 ms".into());
+        }
+        if self.checkpoint.keep_last == 0 {
+            return Err("checkpoint.keep_last must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Applies one `a.b.c=value` override. The value is parsed as a TOML value
+/// (`3`, `0.5`, `true`, `[256, 128]`, `"x"`), and taken as a string when it
+/// does not parse, so `--set data.train=path/to/file` works unquoted.
+fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), String> {
+    let (key, raw) = spec.split_once('=').ok_or("expected key=value")?;
+    let key = key.trim();
+    if key.is_empty() {
+        return Err("empty key".into());
+    }
+    let value = match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").ok_or("no value")?,
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let parts: Vec<&str> = key.split('.').collect();
+    let (last, parents) = parts.split_last().ok_or("empty key")?;
+    let mut cur = table;
+    for p in parents {
+        let entry = cur.entry(p.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry.as_table_mut().ok_or_else(|| format!("{p} is not a table"))?;
+    }
+    cur.insert(last.to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+        [data]
+        train = "data/fashion-mnist"
+        [model]
+        kind = "mlp"
+        hidden = [256, 256]
+        [optim]
+        kind = "sgd"
+        lr = 0.05
+        momentum = 0.9
+    "#;
+
+    #[test]
+    fn overrides_apply_to_nested_keys_with_typed_values() {
+        let o = ["train.epochs=3".to_string(), "optim.lr=0.1".into(), "model.hidden=[64]".into()];
+        let c = JobConfig::parse(BASE, Path::new("x.toml"), &o).expect("valid");
+        assert_eq!(c.train.epochs, 3);
+        assert_eq!(c.cluster.workers, 1);
+        let shown = format!("{:?}", c.model);
+        assert!(shown.contains("64"), "{shown}");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused_with_the_file_name() {
+        let e = JobConfig::parse(BASE, Path::new("job.toml"), &["train.epoch=3".into()]).unwrap_err();
+        let s = e.to_string();
+        assert!(s.contains("job.toml") && s.contains("epoch"), "{s}");
+        let e = JobConfig::parse(BASE, Path::new("job.toml"), &["train.batch_size=0".into()]).unwrap_err();
+        assert!(e.to_string().contains("batch_size"), "{e}");
+        let e = JobConfig::parse(BASE, Path::new("job.toml"), &["nonsense".into()]).unwrap_err();
+        assert!(e.to_string().contains("key=value"), "{e}");
+    }
+
+    #[test]
+    fn unquoted_path_override_is_a_string() {
+        let c = JobConfig::parse(BASE, Path::new("x.toml"), &["data.train=/tmp/a.svm".into()]).expect("valid");
+        assert_eq!(c.data.train, PathBuf::from("/tmp/a.svm"));
+    }
+}

@@ -1,0 +1,42 @@
+//! The runtime's failures, each with the context a user needs to act on it:
+//! the file, the rank, the operation and the step.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("config {path}: {why}")]
+    Config { path: PathBuf, why: String },
+    #[error(transparent)]
+    Data(#[from] data::DataError),
+    #[error(transparent)]
+    Model(#[from] model::ModelError),
+    #[error(transparent)]
+    Optim(#[from] optim::OptimError),
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
+    #[error("cannot resume from {path}: {why}")]
+    Resume { path: PathBuf, why: String },
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("rank {rank}: {why}")]
+    Peer { rank: u32, why: String },
+    #[error("{op} at step {step} timed out after {waited_ms} ms waiting for rank {rank}")]
+    Stalled { op: String, step: u64, rank: u32, waited_ms: u64 },
+    #[error("coordinator: {0}")]
+    Coordinator(String),
+    #[error(transparent)]
+    Wire(#[from] wire::WireError),
+    #[error(transparent)]
+    Collective(#[from] collective::CollectiveError),
+    #[error("parameters differ between ranks after epoch {epoch}: {detail}")]
+    Diverged { epoch: u32, detail: String },
+    #[error("interrupted")]
+    Interrupted,
+}
+
+impl JobError {
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io { what: what.into(), source }
+    }
+}

@@ -1,0 +1,244 @@
+//! TCP plumbing: connecting with a deadline, the authentication handshake,
+//! and reading and writing frames. Every blocking call here has a deadline.
+//!
+//! **Invariant:** no connection carries anything but `Auth` frames until its
+//! handshake has succeeded; a peer without the shared secret is refused and
+//! logged.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use wire::{Acceptor, AuthStep, Connector, FrameDecoder, FrameHeader, HEADER_BYTES, MessageType, PeerInfo};
+
+use crate::error::JobError;
+pub use wire::Secret;
+
+/// How long a handshake may take.
+pub const HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
+/// Pause between connection attempts while a peer is not listening yet.
+const CONNECT_RETRY_MS: u64 = 20;
+/// Socket buffers for the data path: large enough to keep a 25 MiB
+/// all-reduce streaming without stalls on loopback.
+const DATA_SOCKET_BUFFER_BYTES: usize = 4 << 20;
+
+/// A fresh nonce from the kernel's random source.
+pub fn nonce() -> Result<wire::Nonce, JobError> {
+    let mut n = [0u8; wire::NONCE_BYTES];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut n))
+        .map_err(|e| JobError::io("reading /dev/urandom", e))?;
+    Ok(n)
+}
+
+/// Connects to `addr`, retrying refused connections until `timeout_ms` has passed.
+pub fn connect(addr: &str, timeout_ms: u64) -> Result<TcpStream, JobError> {
+    let deadline = Instant::now() + Duration::from_millis(timeout_ms);
+    let resolved: Vec<SocketAddr> = addr
+        .to_socket_addrs()
+        .map_err(|e| JobError::io(format!("resolving {addr}"), e))?
+        .collect();
+    let target = *resolved
+        .first()
+        .ok_or_else(|| JobError::io(format!("resolving {addr}"), io::Error::other("no address")))?;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match TcpStream::connect_timeout(&target, left.max(Duration::from_millis(1))) {
+            Ok(s) => {
+                s.set_nodelay(true).map_err(|e| JobError::io("TCP_NODELAY", e))?;
+                return Ok(s);
+            }
+            Err(e) if Instant::now() >= deadline => {
+                return Err(JobError::io(format!("connecting to {addr} (gave up after {timeout_ms} ms)"), e));
+            }
+            // The peer may not be listening yet: wait a little and try again, within the deadline.
+            Err(_) => std::thread::sleep(Duration::from_millis(CONNECT_RETRY_MS).min(left)),
+        }
+    }
+}
+
+/// Binds a listener; `addr` may use port 0.
+pub fn listen(addr: &str) -> Result<TcpListener, JobError> {
+    TcpListener::bind(addr).map_err(|e| JobError::io(format!("listening on {addr}"), e))
+}
+
+/// Tunes a data-path stream: no Nagle, big buffers.
+pub fn tune_data_stream(s: &TcpStream) -> Result<(), JobError> {
+    s.set_nodelay(true).map_err(|e| JobError::io("TCP_NODELAY", e))?;
+    set_buffer(s, libc::SO_SNDBUF)?;
+    set_buffer(s, libc::SO_RCVBUF)
+}
+
+fn set_buffer(s: &TcpStream, opt: libc::c_int) -> Result<(), JobError> {
+    use std::os::fd::AsRawFd;
+    let v = DATA_SOCKET_BUFFER_BYTES as libc::c_int;
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a valid pointer to `v`.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(JobError::io("setsockopt socket buffer", io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Runs the acceptor side of the handshake on a fresh connection.
+pub fn accept_handshake(s: &mut TcpStream, secret: &Secret, own: PeerInfo) -> Result<PeerInfo, JobError> {
+    let (mut acc, challenge) = Acceptor::new(secret, own, nonce()?);
+    with_deadline(s, HANDSHAKE_TIMEOUT_MS, |s| {
+        s.write_all(&challenge).map_err(|e| JobError::io("sending auth challenge", e))?;
+        drive(s, |input| acc.on_bytes(input))
+    })
+}
+
+/// Runs the connector side of the handshake on a fresh connection.
+pub fn connect_handshake(s: &mut TcpStream, secret: &Secret, own: PeerInfo) -> Result<PeerInfo, JobError> {
+    let mut conn = Connector::new(secret, own, nonce()?);
+    with_deadline(s, HANDSHAKE_TIMEOUT_MS, |s| drive(s, |input| conn.on_bytes(input)))
+}
+
+/// Feeds received frames to a handshake until it authenticates the peer.
+/// Reads exactly one frame at a time, so no byte after the handshake is consumed.
+fn drive(
+    s: &mut TcpStream,
+    mut step: impl FnMut(&mut &[u8]) -> Result<Option<AuthStep>, wire::WireError>,
+) -> Result<PeerInfo, JobError> {
+    let mut frame = [0u8; HEADER_BYTES + wire::AUTH_PAYLOAD_BYTES_MAX as usize];
+    let io = |e| JobError::io("auth handshake", e);
+    loop {
+        s.read_exact(&mut frame[..HEADER_BYTES]).map_err(io)?;
+        let mut h = [0u8; HEADER_BYTES];
+        h.copy_from_slice(&frame[..HEADER_BYTES]);
+        let header = FrameHeader::decode(&h)?;
+        if header.kind != MessageType::Auth {
+            return Err(JobError::Wire(wire::WireError::AuthFailed {
+                peer: None,
+                reason: wire::AuthFailure::UnexpectedMessage { expected: "an auth frame", got: "another frame" },
+            }));
+        }
+        let len = HEADER_BYTES + header.payload_bytes as usize;
+        s.read_exact(&mut frame[HEADER_BYTES..len]).map_err(io)?;
+        let mut input = &frame[..len];
+        match step(&mut input)? {
+            None => {}
+            Some(AuthStep::Send(bytes)) => s.write_all(&bytes).map_err(io)?,
+            Some(AuthStep::Authenticated { peer, send }) => {
+                if let Some(bytes) = send {
+                    s.write_all(&bytes).map_err(io)?;
+                }
+                return Ok(peer);
+            }
+        }
+    }
+}
+
+/// Runs `f` with read and write timeouts on `s`, then clears them.
+fn with_deadline<T>(
+    s: &mut TcpStream,
+    timeout_ms: u64,
+    f: impl FnOnce(&mut TcpStream) -> Result<T, JobError>,
+) -> Result<T, JobError> {
+    let t = Some(Duration::from_millis(timeout_ms));
+    s.set_read_timeout(t).map_err(|e| JobError::io("set_read_timeout", e))?;
+    s.set_write_timeout(t).map_err(|e| JobError::io("set_write_timeout", e))?;
+    let r = f(s);
+    s.set_read_timeout(None).map_err(|e| JobError::io("set_read_timeout", e))?;
+    s.set_write_timeout(None).map_err(|e| JobError::io("set_write_timeout", e))?;
+    r
+}
+
+/// Writes one control message as a frame.
+pub fn send_control<T: Serialize>(s: &mut TcpStream, sender: u32, msg: &T) -> Result<(), JobError> {
+    let bytes = wire::encode_control(sender, msg)?;
+    s.write_all(&bytes).map_err(|e| JobError::io("sending control message", e))
+}
+
+/// Reads control frames from a stream, with a bounded buffer.
+pub struct ControlReader {
+    stream: TcpStream,
+    decoder: FrameDecoder,
+    buf: Vec<u8>,
+    pending: std::collections::VecDeque<wire::Frame>,
+}
+
+impl ControlReader {
+    pub fn new(stream: TcpStream) -> Self {
+        Self { stream, decoder: FrameDecoder::new(), buf: vec![0; 64 * 1024], pending: Default::default() }
+    }
+
+    /// The next control message; `None` when the peer closed the connection cleanly.
+    /// With a timeout, a silent peer is an error after `timeout_ms`.
+    pub fn recv<T: DeserializeOwned>(&mut self, timeout_ms: Option<u64>) -> Result<Option<T>, JobError> {
+        self.stream
+            .set_read_timeout(timeout_ms.map(Duration::from_millis))
+            .map_err(|e| JobError::io("set_read_timeout", e))?;
+        loop {
+            if let Some(frame) = self.pending.pop_front() {
+                if frame.header.kind != MessageType::Control {
+                    return Err(JobError::Coordinator(format!("expected a control frame, got {}", frame.header.kind)));
+                }
+                return Ok(Some(wire::decode_control(&frame.header, &frame.payload)?));
+            }
+            let n = match self.stream.read(&mut self.buf) {
+                Ok(0) => {
+                    self.decoder.finish()?;
+                    return Ok(None);
+                }
+                Ok(n) => n,
+                Err(e) => return Err(JobError::io("reading control message", e)),
+            };
+            let mut input = &self.buf[..n];
+            while let Some(frame) = self.decoder.decode(&mut input)? {
+                self.pending.push_back(frame);
+            }
+        }
+    }
+}
+
+/// Writes a tensor frame: header, then the payload straight from the buffer.
+pub fn write_tensor(s: &mut TcpStream, tag: u64, sender: u32, values: &[f32]) -> Result<(), io::Error> {
+    let bytes = as_bytes(values);
+    let header = FrameHeader::tensor(tag, sender, bytes).map_err(io::Error::other)?;
+    let h = header.encode();
+    let mut bufs = [io::IoSlice::new(&h), io::IoSlice::new(bytes)];
+    let mut slices: &mut [io::IoSlice] = &mut bufs;
+    while !slices.is_empty() {
+        let n = s.write_vectored(slices)?;
+        if n == 0 {
+            return Err(io::Error::from(io::ErrorKind::WriteZero));
+        }
+        io::IoSlice::advance_slices(&mut slices, n);
+    }
+    Ok(())
+}
+
+/// Reads and validates one frame header.
+pub fn read_header(s: &mut TcpStream) -> Result<FrameHeader, io::Error> {
+    let mut h = [0u8; HEADER_BYTES];
+    s.read_exact(&mut h)?;
+    FrameHeader::decode(&h).map_err(io::Error::other)
+}
+
+/// The bytes of an f32 slice (little-endian hosts only; see the assertion below).
+pub fn as_bytes(v: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding and every bit pattern is a valid u8; the length is exact.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), std::mem::size_of_val(v)) }
+}
+
+/// The bytes of a mutable f32 slice, for reading straight into it.
+pub fn as_bytes_mut(v: &mut [f32]) -> &mut [u8] {
+    // SAFETY: as above, and every bit pattern is a valid f32.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), std::mem::size_of_val(v)) }
+}
+
+// Tensors travel as raw little-endian f32; a big-endian port must byte-swap.
+const _: () = assert!(cfg!(target_endian = "little"), "Sinter's tensor frames assume a little-endian host");
+

@@ -1,0 +1,391 @@
+//! The training loop of one worker: its data partition, the model, the
+//! optimizer, evaluation and checkpoints. How gradients meet the other
+//! workers' is behind [`Exchange`]: nothing for a single process, ring
+//! all-reduce over TCP for a cluster.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use data::{Batch, Dataset};
+use model::Model;
+use serde::Serialize;
+use tensor::{Gradient, ParamKind, Rng};
+
+use crate::config::{JobConfig, SyncMode};
+use crate::error::JobError;
+use crate::report::{EpochReport, Observer, Report, StepReport};
+use crate::state;
+
+/// Rows predicted per evaluation batch.
+const EVAL_BATCH_ROWS: usize = 1024;
+/// Steps between progress reports.
+const PROGRESS_EVERY_STEPS: u64 = 20;
+
+/// How one worker's gradients or parameters meet the other workers'.
+pub trait Exchange {
+    fn rank(&self) -> u32;
+    fn world(&self) -> u32;
+    /// A dense gradient range is final; `values` already carry this worker's
+    /// weight in the global mean. May start communicating at once.
+    fn gradient_ready(&mut self, step: u64, range: Range<usize>, values: &[f32]) -> Result<(), JobError>;
+    /// Waits for every range handed over this step and writes the sums into `grad`.
+    fn finish_gradients(&mut self, step: u64, grad: &mut [f32]) -> Result<(), JobError>;
+    /// Replaces `params` by the mean over all workers (local SGD).
+    fn average_params(&mut self, step: u64, params: &mut [f32]) -> Result<(), JobError>;
+    /// Checks that every worker holds the same parameters (by checksum).
+    fn verify_identical(&mut self, epoch: u32, checksum: u64) -> Result<(), JobError>;
+}
+
+/// A single process: nothing to exchange.
+pub struct Alone;
+
+impl Exchange for Alone {
+    fn rank(&self) -> u32 {
+        0
+    }
+    fn world(&self) -> u32 {
+        1
+    }
+    fn gradient_ready(&mut self, _: u64, _: Range<usize>, _: &[f32]) -> Result<(), JobError> {
+        Ok(())
+    }
+    fn finish_gradients(&mut self, _: u64, _: &mut [f32]) -> Result<(), JobError> {
+        Ok(())
+    }
+    fn average_params(&mut self, _: u64, _: &mut [f32]) -> Result<(), JobError> {
+        Ok(())
+    }
+    fn verify_identical(&mut self, _: u32, _: u64) -> Result<(), JobError> {
+        Ok(())
+    }
+}
+
+/// Where training stands: what a checkpoint must hold to continue exactly.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Position {
+    /// The next epoch to run (epochs before it are complete).
+    pub epoch: u32,
+    /// Optimizer steps taken so far.
+    pub step: u64,
+}
+
+/// The loaded data of a job.
+pub struct JobData {
+    pub train: Dataset,
+    pub test: Option<Dataset>,
+    /// Extra facts about the data to report (e.g. a generator's Bayes AUC).
+    pub meta: Option<serde_json::Value>,
+}
+
+/// What a finished run reports.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct Summary {
+    pub epochs: u32,
+    pub steps: u64,
+    pub wall_s: f64,
+    pub last: Option<EpochReport>,
+    pub checkpoint: Option<PathBuf>,
+}
+
+/// The rows, steps and batch size of one worker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub rows: Range<usize>,
+    pub local_batch: usize,
+    pub steps_per_epoch: u64,
+}
+
+impl Shard {
+    /// Splits `total_rows` into `world` contiguous balanced partitions and a
+    /// global batch into local batches. Every rank computes the same
+    /// `steps_per_epoch` (the last incomplete global batch is dropped), which
+    /// the lock-step all-reduce relies on.
+    pub fn new(total_rows: usize, world: u32, rank: u32, global_batch: usize) -> Self {
+        let w = world as usize;
+        let parts = tensor::shard_ranges(total_rows, w);
+        let local = tensor::shard_ranges(global_batch, w);
+        let steps = (0..w).map(|r| parts[r].len() / local[r].len().max(1)).min().unwrap_or(0);
+        Self { rows: parts[rank as usize].clone(), local_batch: local[rank as usize].len(), steps_per_epoch: steps as u64 }
+    }
+}
+
+/// One worker's training state.
+pub struct Trainer {
+    cfg: JobConfig,
+    model: Box<dyn Model>,
+    params: Vec<f32>,
+    grad: Gradient,
+    opt: optim::Optimizer,
+    data: JobData,
+    shard: Shard,
+    pos: Position,
+    /// This worker's share of the global mean gradient: local_batch / global_batch.
+    weight: f32,
+}
+
+impl Trainer {
+    pub fn new(cfg: JobConfig, data: JobData, rank: u32, world: u32) -> Result<Self, JobError> {
+        let input_dim = usize::try_from(data.train.dim()).map_err(|_| JobError::Config {
+            path: PathBuf::from("<config>"),
+            why: format!("feature dimension {} does not fit in memory", data.train.dim()),
+        })?;
+        let model = model::build(&cfg.model, input_dim, data.train.num_classes as usize)?;
+        let layout = model.layout().clone();
+        let mut params = vec![0.0f32; layout.len()];
+        model.init(&mut params, &mut Rng::derive(cfg.train.seed, 0x1417));
+        let grad = Gradient::for_layout(&layout);
+        let opt = optim::Optimizer::new(&cfg.optim, &layout)?;
+        let has_tables = layout.tensors().iter().any(|t| t.kind == ParamKind::Table);
+        if world > 1 && has_tables {
+            return Err(JobError::Config {
+                path: PathBuf::from("<config>"),
+                why: format!(
+                    "model `{}` has sparse tables, which all-reduce does not carry; train it with one worker",
+                    model_kind(&cfg)
+                ),
+            });
+        }
+        let shard = Shard::new(data.train.rows(), world, rank, cfg.train.batch_size);
+        if shard.steps_per_epoch == 0 {
+            return Err(JobError::Config {
+                path: PathBuf::from("<config>"),
+                why: format!(
+                    "{} training rows are too few for a global batch of {} over {world} workers",
+                    data.train.rows(),
+                    cfg.train.batch_size
+                ),
+            });
+        }
+        let weight = shard.local_batch as f32 / cfg.train.batch_size as f32;
+        Ok(Self { cfg, model, params, grad, opt, data, shard, pos: Position::default(), weight })
+    }
+
+    pub fn params(&self) -> &[f32] {
+        &self.params
+    }
+
+    pub fn position(&self) -> Position {
+        self.pos
+    }
+
+    pub fn shard(&self) -> &Shard {
+        &self.shard
+    }
+
+    pub fn layout(&self) -> &tensor::Layout {
+        self.model.layout()
+    }
+
+    /// Continues from the newest good checkpoint in `dir`.
+    pub fn resume(&mut self, dir: &Path) -> Result<state::Restored, JobError> {
+        let restored = state::load(dir, self.model.layout(), &mut self.params, &mut self.opt)?;
+        self.pos = restored.position;
+        Ok(restored)
+    }
+
+    /// Runs the remaining epochs.
+    pub fn run(&mut self, ex: &mut dyn Exchange, obs: &mut dyn Observer) -> Result<Summary, JobError> {
+        let started = Instant::now();
+        let epochs = self.cfg.train.epochs;
+        let mut batch = Batch::for_dataset(&self.data.train);
+        let mut last = None;
+        let mut checkpoint = None;
+        obs.report(&Report::Start {
+            rank: ex.rank(),
+            world: ex.world(),
+            epochs,
+            steps_per_epoch: self.shard.steps_per_epoch,
+            params: self.params.len(),
+            start_epoch: self.pos.epoch,
+        });
+        while self.pos.epoch < epochs {
+            let epoch = self.pos.epoch;
+            let epoch_started = Instant::now();
+            let (loss, samples) = self.run_epoch(epoch, &mut batch, ex, obs)?;
+            let epoch_train_s = epoch_started.elapsed().as_secs_f64();
+            self.pos.epoch += 1;
+            ex.verify_identical(epoch, checksum(&self.params))?;
+            let mut report = EpochReport {
+                epoch: epoch + 1,
+                step: self.pos.step,
+                train_loss: loss,
+                samples_per_s: samples as f64 * ex.world() as f64 / epoch_train_s.max(1e-9),
+                wall_s: 0.0,
+                test_acc: None,
+                test_auc: None,
+                test_logloss: None,
+                bayes_auc: self.data.meta.as_ref().and_then(|m| m.get("bayes_auc")).and_then(|v| v.as_f64()),
+            };
+            let last_epoch = self.pos.epoch == epochs || self.stop_requested();
+            if ex.rank() == 0 && (last_epoch || self.pos.epoch % self.cfg.train.eval_every_epochs == 0) {
+                self.evaluate(&mut report);
+            }
+            let ck = &self.cfg.checkpoint;
+            if ex.rank() == 0 && ck.dir.is_some() && (last_epoch || self.pos.epoch % ck.every_epochs == 0) {
+                let dir = ck.dir.clone().unwrap_or_default();
+                checkpoint = Some(state::save(&dir, ck.keep_last, &self.cfg, self.model.layout(), &self.params, &self.opt, self.pos)?);
+            }
+            report.wall_s = started.elapsed().as_secs_f64();
+            obs.report(&Report::Epoch(report.clone()));
+            last = Some(report);
+            if self.stop_requested() {
+                break;
+            }
+        }
+        Ok(Summary { epochs, steps: self.pos.step, wall_s: started.elapsed().as_secs_f64(), last, checkpoint })
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.cfg.train.max_steps > 0 && self.pos.step >= self.cfg.train.max_steps
+    }
+
+    /// One epoch over this worker's partition; returns (mean loss, samples seen by this worker).
+    fn run_epoch(
+        &mut self,
+        epoch: u32,
+        batch: &mut Batch,
+        ex: &mut dyn Exchange,
+        obs: &mut dyn Observer,
+    ) -> Result<(f64, u64), JobError> {
+        let mut order: Vec<usize> = self.shard.rows.clone().collect();
+        Rng::derive(self.cfg.train.seed, 0xE90C ^ ((epoch as u64) << 20)).shuffle(&mut order);
+        let lb = self.shard.local_batch;
+        let local_sgd = self.cfg.cluster.sync == SyncMode::LocalSgd && ex.world() > 1;
+        let mut loss_sum = 0.0f64;
+        let mut samples = 0u64;
+        let mut window = (Instant::now(), 0u64);
+        for i in 0..self.shard.steps_per_epoch {
+            let idx = &order[i as usize * lb..(i as usize + 1) * lb];
+            batch.gather(&self.data.train, idx);
+            let step = self.pos.step;
+            let loss = if local_sgd || ex.world() == 1 {
+                self.model.forward_backward(&self.params, batch, &mut self.grad, &mut |_, _| {})
+            } else {
+                self.exchange_step(step, batch, ex)?
+            };
+            self.opt.step(&mut self.params, &self.grad)?;
+            if local_sgd && (step + 1) % self.cfg.cluster.average_every as u64 == 0 {
+                ex.average_params(step, &mut self.params)?;
+            }
+            self.pos.step += 1;
+            loss_sum += loss as f64;
+            samples += lb as u64;
+            window.1 += lb as u64;
+            if (i + 1) % PROGRESS_EVERY_STEPS == 0 || i + 1 == self.shard.steps_per_epoch {
+                let secs = window.0.elapsed().as_secs_f64().max(1e-9);
+                obs.report(&Report::Step(StepReport {
+                    rank: ex.rank(),
+                    epoch: epoch + 1,
+                    step_in_epoch: i + 1,
+                    steps_per_epoch: self.shard.steps_per_epoch,
+                    loss,
+                    samples_per_s: window.1 as f64 * ex.world() as f64 / secs,
+                }));
+                window = (Instant::now(), 0);
+            }
+            if self.stop_requested() {
+                break;
+            }
+        }
+        if local_sgd {
+            // The epoch ends on averaged parameters, whatever the phase of the averaging period.
+            ex.average_params(self.pos.step, &mut self.params)?;
+        }
+        let steps = (samples / lb as u64).max(1);
+        Ok((loss_sum / steps as f64, samples))
+    }
+
+    /// Backward pass with gradients handed to the exchange as they become final.
+    fn exchange_step(&mut self, step: u64, batch: &Batch, ex: &mut dyn Exchange) -> Result<f32, JobError> {
+        let mut failed = None;
+        let weight = self.weight;
+        let mut scaled = Vec::new();
+        let loss = self.model.forward_backward(&self.params, batch, &mut self.grad, &mut |range, values| {
+            if failed.is_some() {
+                return;
+            }
+            let values = if weight == 1.0 {
+                values
+            } else {
+                scaled.clear();
+                scaled.extend(values.iter().map(|v| v * weight));
+                &scaled[..]
+            };
+            if let Err(e) = ex.gradient_ready(step, range, values) {
+                failed = Some(e);
+            }
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        ex.finish_gradients(step, &mut self.grad.dense)?;
+        Ok(loss)
+    }
+
+    /// Fills the test metrics of `report`.
+    fn evaluate(&mut self, report: &mut EpochReport) {
+        let Some(test) = self.data.test.as_ref() else { return };
+        let classes = self.model.num_classes();
+        let mut batch = Batch::for_dataset(test);
+        let mut out = Vec::new();
+        let mut probs = Vec::with_capacity(test.rows() * if classes > 2 { classes } else { 1 });
+        let idx: Vec<usize> = (0..test.rows()).collect();
+        for chunk in idx.chunks(EVAL_BATCH_ROWS) {
+            batch.gather(test, chunk);
+            self.model.predict(&self.params, &batch, &mut out);
+            probs.extend_from_slice(&out);
+        }
+        if classes > 2 {
+            report.test_acc = Some(model::metrics::accuracy(&probs, classes, &test.labels));
+        } else {
+            report.test_auc = Some(model::metrics::auc(&probs, &test.labels));
+            report.test_logloss = Some(model::metrics::log_loss(&probs, &test.labels));
+            let correct = probs.iter().zip(&test.labels).filter(|(p, y)| (**p >= 0.5) == (**y == 1)).count();
+            report.test_acc = Some(correct as f64 / test.rows().max(1) as f64);
+        }
+    }
+}
+
+fn model_kind(cfg: &JobConfig) -> String {
+    serde_json::to_value(&cfg.model)
+        .ok()
+        .and_then(|v| v.get("kind").and_then(|k| k.as_str()).map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
+/// FNV-1a over the parameter bits: equal on every rank iff the parameters are bitwise equal
+/// (up to a 2^-64 chance).
+pub fn checksum(params: &[f32]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for p in params {
+        h ^= p.to_bits() as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_agree_on_steps_and_cover_the_batch() {
+        for (rows, world, batch) in [(60_000, 2, 128), (60_000, 3, 128), (1000, 4, 7), (10, 1, 3)] {
+            let shards: Vec<Shard> = (0..world).map(|r| Shard::new(rows, world, r, batch)).collect();
+            let steps = shards[0].steps_per_epoch;
+            assert!(shards.iter().all(|s| s.steps_per_epoch == steps));
+            assert_eq!(shards.iter().map(|s| s.local_batch).sum::<usize>(), batch);
+            assert!(shards.iter().all(|s| s.local_batch as u64 * steps <= s.rows.len() as u64));
+        }
+        assert_eq!(Shard::new(60_000, 2, 0, 128).steps_per_epoch, 468);
+    }
+
+    #[test]
+    fn checksum_sees_one_bit() {
+        let a = vec![1.0f32, 2.0, 3.0];
+        let mut b = a.clone();
+        b[1] = f32::from_bits(b[1].to_bits() ^ 1);
+        assert_ne!(checksum(&a), checksum(&b));
+    }
+}
