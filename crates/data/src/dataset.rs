@@ -7,7 +7,12 @@ pub enum Features {
     Dense { dim: usize, values: Vec<f32> },
     /// Compressed sparse rows. Row `r` holds `indices[indptr[r]..indptr[r+1]]`
     /// (each `< dim`) with the matching `values`. `indptr.len() == rows + 1`.
-    Sparse { dim: u64, indptr: Vec<u64>, indices: Vec<u32>, values: Vec<f32> },
+    Sparse {
+        dim: u64,
+        indptr: Vec<u64>,
+        indices: Vec<u32>,
+        values: Vec<f32>,
+    },
 }
 
 /// A labelled data set held in memory.
@@ -40,13 +45,70 @@ impl Dataset {
             Features::Sparse { indptr, .. } => (indptr[r + 1] - indptr[r]) as usize,
         }
     }
+
+    /// Stored entries: the non-zeros of sparse data, `rows × dim` for dense data.
+    pub fn nnz(&self) -> u64 {
+        match &self.features {
+            Features::Dense { values, .. } => values.len() as u64,
+            Features::Sparse { indptr, .. } => indptr.last().copied().unwrap_or(0),
+        }
+    }
+
+    /// A new data set of rows `idx` of this one, in that order (a worker's partition).
+    pub fn select(&self, idx: &[usize]) -> Dataset {
+        let labels = idx.iter().map(|&i| self.labels[i]).collect();
+        let features = match &self.features {
+            Features::Dense { dim, values } => {
+                let mut out = Vec::with_capacity(idx.len() * dim);
+                for &i in idx {
+                    out.extend_from_slice(&values[i * dim..(i + 1) * dim]);
+                }
+                Features::Dense { dim: *dim, values: out }
+            }
+            Features::Sparse {
+                dim,
+                indptr,
+                indices,
+                values,
+            } => {
+                let mut ptr = Vec::with_capacity(idx.len() + 1);
+                ptr.push(0u64);
+                let (mut ind, mut val) = (Vec::new(), Vec::new());
+                for &i in idx {
+                    let (s, e) = (indptr[i] as usize, indptr[i + 1] as usize);
+                    ind.extend_from_slice(&indices[s..e]);
+                    val.extend_from_slice(&values[s..e]);
+                    ptr.push(ind.len() as u64);
+                }
+                Features::Sparse {
+                    dim: *dim,
+                    indptr: ptr,
+                    indices: ind,
+                    values: val,
+                }
+            }
+        };
+        Dataset {
+            features,
+            labels,
+            num_classes: self.num_classes,
+        }
+    }
 }
 
 /// Batch features, with buffers reused from batch to batch.
 #[derive(Clone, Debug, PartialEq)]
 pub enum BatchFeatures {
-    Dense { dim: usize, values: Vec<f32> },
-    Sparse { dim: u64, indptr: Vec<u32>, indices: Vec<u32>, values: Vec<f32> },
+    Dense {
+        dim: usize,
+        values: Vec<f32>,
+    },
+    Sparse {
+        dim: u64,
+        indptr: Vec<u32>,
+        indices: Vec<u32>,
+        values: Vec<f32>,
+    },
 }
 
 /// Rows gathered from a [`Dataset`] for one step.
@@ -64,7 +126,10 @@ impl Batch {
     /// An empty batch shaped for `ds`, to be filled by [`Batch::gather`].
     pub fn for_dataset(ds: &Dataset) -> Self {
         let features = match &ds.features {
-            Features::Dense { dim, .. } => BatchFeatures::Dense { dim: *dim, values: Vec::new() },
+            Features::Dense { dim, .. } => BatchFeatures::Dense {
+                dim: *dim,
+                values: Vec::new(),
+            },
             Features::Sparse { dim, .. } => BatchFeatures::Sparse {
                 dim: *dim,
                 indptr: vec![0],
@@ -72,7 +137,10 @@ impl Batch {
                 values: Vec::new(),
             },
         };
-        Self { features, labels: Vec::new() }
+        Self {
+            features,
+            labels: Vec::new(),
+        }
     }
 
     /// Replaces the contents with rows `idx` of `ds`, in that order.
@@ -87,8 +155,18 @@ impl Batch {
                 }
             }
             (
-                Features::Sparse { indptr, indices, values, .. },
-                BatchFeatures::Sparse { indptr: bp, indices: bi, values: bv, .. },
+                Features::Sparse {
+                    indptr,
+                    indices,
+                    values,
+                    ..
+                },
+                BatchFeatures::Sparse {
+                    indptr: bp,
+                    indices: bi,
+                    values: bv,
+                    ..
+                },
             ) => {
                 bp.clear();
                 bi.clear();

@@ -1,61 +1,68 @@
-//! Executes collective engines over TCP: one sender and one receiver thread
-//! per peer move bytes straight between the socket and the caller's buffer,
-//! and the calling thread feeds completions back to the engine.
+//! Executes collective engines over TCP with a single-threaded progress loop:
+//! nonblocking sockets, `poll(2)`, and bytes moved straight between the
+//! sockets and the caller's buffer (received frames are reduced piece by
+//! piece from a small scratch buffer, or copied straight in).
 //!
-//! **Invariant:** while an operation runs, the peer threads hold raw pointers
-//! into the caller's buffer. [`Comm::run`] does not return until every job it
-//! handed out has completed or failed, so the pointers never outlive the
-//! borrow. On failure the sockets are shut down (which unblocks the threads)
-//! and the `Comm` is poisoned: every later operation fails at once.
-//! The engine guarantees that outstanding receive ranges are disjoint from
-//! each other and from outstanding send ranges (see `collective`'s docs).
+//! One thread, no hand-offs: on a 2-core machine every cross-thread wake-up
+//! per segment costs more than the segment's bytes.
+//!
+//! **Invariant:** frames to one peer go out in command order and frames from
+//! one peer are matched to `Recv` commands in order (the engines' contract);
+//! at most one frame per peer is read ahead into staging before its `Recv` is
+//! issued. Every wait is bounded by the collective's deadline, after which
+//! the error names the rank the engine is waiting for.
 
-use std::io::{self, Read};
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
-use std::thread;
+use std::ops::Range;
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use collective::{Collective, CollectiveConfig, Command, Event, Kind, RecvOp};
+use collective::{Collective, CollectiveConfig, Command, Event, Kind, RecvOp, Tag};
+use wire::{FrameHeader, HEADER_BYTES, MessageType};
 
 use crate::error::JobError;
 use crate::net;
 
-/// Jobs queued per peer and direction (the engine bounds what is in flight further).
-const JOBS_QUEUED_MAX: usize = 256;
-/// After a failure, how long the peer threads get to let go of the buffer.
-const DRAIN_TIMEOUT_MS: u64 = 3_000;
 /// Elements reduced per read on the receive path: fits in L2 beside the destination.
 const REDUCE_PIECE_ELEMS: usize = 16 * 1024;
 
-struct SendJob {
-    tag: u64,
-    ptr: *const f32,
-    len: usize,
+/// A frame being written.
+struct Outgoing {
+    tag: Tag,
+    header: [u8; HEADER_BYTES],
+    range: Range<usize>,
+    /// Bytes of header + payload already written.
+    done: usize,
 }
 
-struct RecvJob {
-    tag: u64,
-    ptr: *mut f32,
-    len: usize,
-    op: RecvOp,
+/// Where the frame being read goes.
+enum Into_ {
+    /// Straight into the buffer (the head `Recv` is posted).
+    Posted { tag: Tag, range: Range<usize>, op: RecvOp },
+    /// Into staging: no `Recv` was posted yet when the header arrived.
+    Staging,
 }
 
-// SAFETY: the pointers refer to the buffer of the `Comm::run` call that issued
-// the job, which waits for the job's completion before returning (module invariant).
-unsafe impl Send for SendJob {}
-unsafe impl Send for RecvJob {}
-
-enum Completion {
-    Sent { peer: u32, tag: u64 },
-    Received { peer: u32, tag: u64 },
-    Failed { peer: u32, why: String },
+/// The receive side of one peer.
+struct Incoming {
+    header: [u8; HEADER_BYTES],
+    header_done: usize,
+    /// The decoded header of the frame in progress, with its destination.
+    frame: Option<(FrameHeader, Into_)>,
+    payload_done: usize,
+    crc: u32,
+    /// A complete frame read ahead, waiting for its `Recv`.
+    staged: Option<FrameHeader>,
+    staging: Vec<f32>,
 }
 
 struct Peer {
-    send: SyncSender<SendJob>,
-    recv: SyncSender<RecvJob>,
     stream: TcpStream,
+    sends: VecDeque<Outgoing>,
+    recvs: VecDeque<(Tag, Range<usize>, RecvOp)>,
+    incoming: Incoming,
 }
 
 /// A worker's connections to its peers, ready to run collectives.
@@ -63,44 +70,42 @@ pub struct Comm {
     rank: u32,
     world: u32,
     peers: Vec<Option<Peer>>,
-    done_rx: Receiver<Completion>,
     cfg: CollectiveConfig,
     timeout_ms: u64,
     next_op: u32,
     poisoned: Option<String>,
+    piece: Vec<f32>,
 }
 
 impl Comm {
     /// Takes one authenticated stream per peer (`None` at our own rank).
     pub fn new(rank: u32, streams: Vec<Option<TcpStream>>, cfg: CollectiveConfig, timeout_ms: u64) -> Result<Self, JobError> {
         let world = streams.len() as u32;
-        let (done_tx, done_rx) = mpsc::channel();
         let mut peers = Vec::with_capacity(streams.len());
-        for (peer, s) in streams.into_iter().enumerate() {
-            let Some(s) = s else {
-                peers.push(None);
-                continue;
-            };
-            let peer = peer as u32;
-            net::tune_data_stream(&s)?;
-            let (send_tx, send_rx) = mpsc::sync_channel(JOBS_QUEUED_MAX);
-            let (recv_tx, recv_rx) = mpsc::sync_channel(JOBS_QUEUED_MAX);
-            let w = s.try_clone().map_err(|e| JobError::io("cloning a peer stream", e))?;
-            let r = s.try_clone().map_err(|e| JobError::io("cloning a peer stream", e))?;
-            let tx = done_tx.clone();
-            thread::Builder::new()
-                .name(format!("send-{peer}"))
-                .spawn(move || sender(rank, peer, w, send_rx, tx))
-                .map_err(|e| JobError::io("spawning a sender thread", e))?;
-            let tx = done_tx.clone();
-            let max = cfg.segment_elems;
-            thread::Builder::new()
-                .name(format!("recv-{peer}"))
-                .spawn(move || receiver(peer, r, recv_rx, tx, max))
-                .map_err(|e| JobError::io("spawning a receiver thread", e))?;
-            peers.push(Some(Peer { send: send_tx, recv: recv_tx, stream: s }));
+        for s in streams {
+            peers.push(match s {
+                None => None,
+                Some(s) => {
+                    net::tune_data_stream(&s)?;
+                    s.set_nonblocking(true).map_err(|e| JobError::io("nonblocking peer stream", e))?;
+                    Some(Peer {
+                        stream: s,
+                        sends: VecDeque::new(),
+                        recvs: VecDeque::new(),
+                        incoming: Incoming {
+                            header: [0; HEADER_BYTES],
+                            header_done: 0,
+                            frame: None,
+                            payload_done: 0,
+                            crc: 0,
+                            staged: None,
+                            staging: Vec::new(),
+                        },
+                    })
+                }
+            });
         }
-        Ok(Self { rank, world, peers, done_rx, cfg, timeout_ms, next_op: 0, poisoned: None })
+        Ok(Self { rank, world, peers, cfg, timeout_ms, next_op: 0, poisoned: None, piece: vec![0.0; REDUCE_PIECE_ELEMS] })
     }
 
     pub fn rank(&self) -> u32 {
@@ -126,226 +131,280 @@ impl Comm {
         let op = self.next_op;
         self.next_op = self.next_op.wrapping_add(1);
         let mut engine = Collective::new(kind, op, self.rank, self.world, buf.len(), &self.cfg)?;
-        let mut outstanding = 0usize;
-        let base = buf.as_mut_ptr();
         let deadline = Instant::now() + Duration::from_millis(self.timeout_ms);
-        let mut cmds = engine.start();
-        let result = loop {
-            let mut done = false;
-            for c in cmds.drain(..) {
-                match c {
-                    Command::Send { peer, tag, range } => {
-                        assert!(range.end <= buf.len(), "engine range {range:?} outside buffer of {}", buf.len());
-                        // SAFETY: in bounds (asserted); see the module invariant for lifetime.
-                        let ptr = unsafe { base.add(range.start) };
-                        let job = SendJob { tag: tag.to_u64(), ptr, len: range.len() };
-                        if self.peer(peer).send.send(job).is_err() {
-                            break;
-                        }
-                        outstanding += 1;
-                    }
-                    Command::Recv { peer, tag, range, op } => {
-                        assert!(range.end <= buf.len(), "engine range {range:?} outside buffer of {}", buf.len());
-                        // SAFETY: as above.
-                        let ptr = unsafe { base.add(range.start) };
-                        if self.peer(peer).recv.send(RecvJob { tag: tag.to_u64(), ptr, len: range.len(), op }).is_err() {
-                            break;
-                        }
-                        outstanding += 1;
-                    }
-                    Command::Done => done = true,
-                }
+        let r = self.drive(&mut engine, buf, deadline).map_err(|f| match f {
+            Failure::Peer(rank, why) => JobError::Peer { rank, why: format!("{what} (op {op}) at step {step}: {why}") },
+            Failure::Timeout => {
+                let rank = engine.waiting_on().first().map_or(self.rank, |(r, _)| *r);
+                JobError::Stalled { op: what.to_string(), step, rank, waited_ms: self.timeout_ms }
             }
+            Failure::Engine(e) => e.into(),
+        });
+        if let Err(e) = &r {
+            self.poisoned = Some(e.to_string());
+            for p in self.peers.iter().flatten() {
+                let _ = p.stream.shutdown(Shutdown::Both);
+            }
+        }
+        r
+    }
+
+    fn drive(&mut self, engine: &mut Collective, buf: &mut [f32], deadline: Instant) -> Result<(), Failure> {
+        let mut events: Vec<Event> = Vec::new();
+        let mut done = false;
+        self.issue(engine.start(), buf, &mut done)?;
+        loop {
             if done {
-                assert_eq!(outstanding, 0, "engine finished with jobs outstanding");
-                break Ok(());
+                return Ok(());
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            let event = match self.done_rx.recv_timeout(left) {
-                Ok(Completion::Sent { peer, tag }) => Event::Sent { peer, tag: issued(tag) },
-                Ok(Completion::Received { peer, tag }) => Event::Received { peer, tag: issued(tag) },
-                Ok(Completion::Failed { peer, why }) => {
-                    outstanding -= 1;
-                    break Err(JobError::Peer { rank: peer, why: format!("{what} (op {op}) at step {step}: {why}") });
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    let rank = engine.waiting_on().first().map_or(self.rank, |(r, _)| *r);
-                    break Err(JobError::Stalled { op: what.to_string(), step, rank, waited_ms: self.timeout_ms });
-                }
-                Err(RecvTimeoutError::Disconnected) => unreachable!("Comm holds a sender of its own channel"),
-            };
-            outstanding -= 1;
-            match engine.on_event(event) {
-                Ok(c) => cmds = c,
-                Err(e) => break Err(e.into()),
+            let mut progressed = false;
+            for i in 0..self.peers.len() {
+                let Some(peer) = self.peers[i].as_mut() else { continue };
+                let rank = i as u32;
+                progressed |= pump_sends(peer, rank, buf, &mut events)?;
+                progressed |= pump_recvs(peer, rank, buf, &mut self.piece, self.cfg.segment_elems, &mut events)?;
             }
-        };
-        if let Err(e) = &result {
-            self.poison(e.to_string(), outstanding);
-        }
-        result
-    }
-
-    fn peer(&self, rank: u32) -> &Peer {
-        self.peers[rank as usize].as_ref().expect("engines never address their own rank")
-    }
-
-    /// Shuts every stream down and waits until the peer threads hold no pointer into the buffer.
-    fn poison(&mut self, why: String, mut outstanding: usize) {
-        self.poisoned = Some(why);
-        for p in self.peers.iter().flatten() {
-            let _ = p.stream.shutdown(Shutdown::Both);
-        }
-        let deadline = Instant::now() + Duration::from_millis(DRAIN_TIMEOUT_MS);
-        while outstanding > 0 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.done_rx.recv_timeout(left) {
-                Ok(_) => outstanding -= 1,
-                Err(_) => {
-                    // A peer thread still holds a pointer into a buffer we are about to release:
-                    // continuing could corrupt memory, so stop the process.
-                    tracing::error!(outstanding, "peer threads did not let go of the buffer; aborting");
-                    std::process::abort();
-                }
+            for ev in events.drain(..) {
+                let cmds = engine.on_event(ev).map_err(Failure::Engine)?;
+                self.issue(cmds, buf, &mut done)?;
             }
-        }
-    }
-}
-
-impl Drop for Comm {
-    fn drop(&mut self) {
-        for p in self.peers.iter().flatten() {
-            let _ = p.stream.shutdown(Shutdown::Both);
-        }
-    }
-}
-
-fn sender(rank: u32, peer: u32, mut s: TcpStream, jobs: Receiver<SendJob>, done: Sender<Completion>) {
-    let mut failed: Option<String> = None;
-    for job in jobs {
-        if let Some(why) = &failed {
-            let _ = done.send(Completion::Failed { peer, why: why.clone() });
-            continue;
-        }
-        // SAFETY: the module invariant keeps the buffer alive and unwritten in this range until we report.
-        let values = unsafe { std::slice::from_raw_parts(job.ptr, job.len) };
-        let c = match net::write_tensor(&mut s, job.tag, rank, values) {
-            Ok(()) => Completion::Sent { peer, tag: job.tag },
-            Err(e) => {
-                let why = format!("sending to rank {peer}: {}", describe(&e));
-                failed = Some(why.clone());
-                Completion::Failed { peer, why }
-            }
-        };
-        if done.send(c).is_err() {
-            return;
-        }
-    }
-}
-
-/// Receives frames from one peer. A frame whose job has not been posted yet is
-/// read ahead into a staging buffer (the engines need one frame of read-ahead).
-fn receiver(peer: u32, mut s: TcpStream, jobs: Receiver<RecvJob>, done: Sender<Completion>, segment_elems: usize) {
-    let mut staging: Vec<f32> = Vec::new();
-    let mut piece = vec![0f32; REDUCE_PIECE_ELEMS];
-    let mut failed: Option<String> = None;
-    loop {
-        if let Some(why) = &failed {
-            // Fail every job still posted, then stop when the Comm goes away.
-            match jobs.recv() {
-                Ok(_) => {
-                    if done.send(Completion::Failed { peer, why: why.clone() }).is_err() {
-                        return;
-                    }
-                    continue;
-                }
-                Err(_) => return,
-            }
-        }
-        let header = match net::read_header(&mut s) {
-            Ok(h) => h,
-            Err(e) => {
-                // No job may be waiting; a failure is reported when one is posted (or at once if one is).
-                failed = Some(format!("receiving from rank {peer}: {}", describe(&e)));
+            if progressed || done {
                 continue;
             }
-        };
-        let check = |job: &RecvJob| -> Result<(), String> {
-            if header.kind != wire::MessageType::Tensor || header.tag != job.tag || header.payload_bytes as usize != job.len * 4 {
-                return Err(format!(
-                    "rank {peer} sent a {} frame tagged {} with {} bytes; expected tag {} with {} bytes",
-                    header.kind,
-                    show_tag(header.tag),
-                    header.payload_bytes,
-                    show_tag(job.tag),
-                    job.len * 4
-                ));
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Failure::Timeout);
             }
-            Ok(())
-        };
-        let (job, result) = match jobs.try_recv() {
-            Ok(job) => {
-                let r = check(&job).and_then(|()| read_into(&mut s, &header, &job, &mut piece));
-                (job, r)
-            }
-            Err(mpsc::TryRecvError::Disconnected) => return,
-            Err(mpsc::TryRecvError::Empty) => {
-                let elems = header.payload_bytes as usize / 4;
-                if header.kind != wire::MessageType::Tensor || elems > segment_elems {
-                    failed = Some(format!("rank {peer} sent an unexpected {} frame of {} bytes", header.kind, header.payload_bytes));
-                    continue;
+            self.wait(left)?;
+        }
+    }
+
+    /// Queues the engine's commands. A send's header (with the payload crc) is made
+    /// now: the engine issues a send only once its range holds the data to send.
+    fn issue(&mut self, cmds: Vec<Command>, buf: &[f32], done: &mut bool) -> Result<(), Failure> {
+        let len = buf.len();
+        for c in cmds {
+            match c {
+                Command::Send { peer, tag, range } => {
+                    assert!(range.end <= len, "engine range {range:?} outside buffer of {len}");
+                    let h = FrameHeader::tensor(tag.to_u64(), self.rank, net::as_bytes(&buf[range.clone()]))
+                        .map_err(|e| Failure::Peer(peer, format!("framing a send: {e}")))?;
+                    let p = self.peers[peer as usize].as_mut().expect("engines never address their own rank");
+                    p.sends.push_back(Outgoing { tag, header: h.encode(), range, done: 0 });
                 }
-                staging.resize(elems, 0.0);
-                let r = s
-                    .read_exact(net::as_bytes_mut(&mut staging))
-                    .map_err(|e| format!("receiving from rank {peer}: {}", describe(&e)))
-                    .and_then(|()| header.check_payload_crc(wire::payload_crc(net::as_bytes(&staging))).map_err(|e| e.to_string()));
-                let Ok(job) = jobs.recv() else { return };
-                let r = r.and_then(|()| check(&job)).map(|()| apply(&job, &staging));
-                (job, r)
+                Command::Recv { peer, tag, range, op } => {
+                    assert!(range.end <= len, "engine range {range:?} outside buffer of {len}");
+                    let p = self.peers[peer as usize].as_mut().expect("engines never address their own rank");
+                    p.recvs.push_back((tag, range, op));
+                }
+                Command::Done => *done = true,
             }
-        };
-        let c = match result {
-            Ok(()) => Completion::Received { peer, tag: job.tag },
-            Err(why) => {
-                failed = Some(why.clone());
-                Completion::Failed { peer, why }
+        }
+        Ok(())
+    }
+
+    /// Sleeps in poll(2) until some socket can make progress or `left` passes.
+    fn wait(&self, left: Duration) -> Result<(), Failure> {
+        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(self.peers.len());
+        for p in self.peers.iter().flatten() {
+            let mut events = libc::POLLIN;
+            if !p.sends.is_empty() {
+                events |= libc::POLLOUT;
             }
-        };
-        if done.send(c).is_err() {
-            return;
+            fds.push(libc::pollfd { fd: p.stream.as_raw_fd(), events, revents: 0 });
+        }
+        let ms = left.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs for the duration of the call.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(Failure::Peer(self.rank, format!("poll: {e}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+enum Failure {
+    Peer(u32, String),
+    Timeout,
+    Engine(collective::CollectiveError),
+}
+
+/// Writes as much of the peer's send queue as the socket takes.
+fn pump_sends(peer: &mut Peer, rank: u32, buf: &[f32], events: &mut Vec<Event>) -> Result<bool, Failure> {
+    let mut progressed = false;
+    while let Some(out) = peer.sends.front_mut() {
+        let payload = net::as_bytes(&buf[out.range.clone()]);
+        let total = HEADER_BYTES + payload.len();
+        while out.done < total {
+            let r = if out.done < HEADER_BYTES {
+                peer.stream.write_vectored(&[IoSlice::new(&out.header[out.done..]), IoSlice::new(payload)])
+            } else {
+                peer.stream.write(&payload[out.done - HEADER_BYTES..])
+            };
+            match r {
+                Ok(0) => return Err(Failure::Peer(rank, format!("sending to rank {rank}: connection closed"))),
+                Ok(n) => {
+                    out.done += n;
+                    progressed = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(progressed),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Failure::Peer(rank, format!("sending to rank {rank}: {}", describe(&e)))),
+            }
+        }
+        events.push(Event::Sent { peer: rank, tag: out.tag });
+        peer.sends.pop_front();
+    }
+    Ok(progressed)
+}
+
+/// Reads what the socket has: headers, payloads into the buffer or staging,
+/// and completes `Recv`s (including one satisfied from staging).
+fn pump_recvs(
+    peer: &mut Peer,
+    rank: u32,
+    buf: &mut [f32],
+    piece: &mut [f32],
+    segment_elems: usize,
+    events: &mut Vec<Event>,
+) -> Result<bool, Failure> {
+    let mut progressed = false;
+    loop {
+        // A staged frame completes the head Recv as soon as it is posted.
+        if let Some(h) = peer.incoming.staged {
+            let Some((tag, range, op)) = peer.recvs.pop_front() else { return Ok(progressed) };
+            check_frame(rank, &h, tag, range.len())?;
+            let src = &peer.incoming.staging[..range.len()];
+            apply(&mut buf[range], src, op);
+            peer.incoming.staged = None;
+            events.push(Event::Received { peer: rank, tag });
+            progressed = true;
+            continue;
+        }
+        let inc = &mut peer.incoming;
+        if inc.frame.is_none() {
+            // Read the header.
+            while inc.header_done < HEADER_BYTES {
+                match peer.stream.read(&mut inc.header[inc.header_done..]) {
+                    Ok(0) => return Err(Failure::Peer(rank, format!("receiving from rank {rank}: connection closed"))),
+                    Ok(n) => {
+                        inc.header_done += n;
+                        progressed = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(progressed),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(Failure::Peer(rank, format!("receiving from rank {rank}: {}", describe(&e)))),
+                }
+            }
+            let h = FrameHeader::decode(&inc.header).map_err(|e| Failure::Peer(rank, format!("from rank {rank}: {e}")))?;
+            if h.kind != MessageType::Tensor {
+                return Err(Failure::Peer(rank, format!("rank {rank} sent a {} frame during a collective", h.kind)));
+            }
+            let into = match peer.recvs.pop_front() {
+                Some((tag, range, op)) => {
+                    check_frame(rank, &h, tag, range.len())?;
+                    Into_::Posted { tag, range, op }
+                }
+                None => {
+                    let elems = h.payload_bytes as usize / 4;
+                    if elems > segment_elems {
+                        return Err(Failure::Peer(rank, format!("rank {rank} sent an unexpected frame of {} bytes", h.payload_bytes)));
+                    }
+                    inc.staging.resize(elems, 0.0);
+                    Into_::Staging
+                }
+            };
+            inc.frame = Some((h, into));
+            inc.payload_done = 0;
+            inc.crc = 0;
+        }
+        // Read the payload.
+        let (h, into) = inc.frame.as_ref().expect("set above");
+        let total = h.payload_bytes as usize;
+        while inc.payload_done < total {
+            let r = match into {
+                Into_::Staging => {
+                    let dst = net::as_bytes_mut(&mut inc.staging);
+                    peer.stream.read(&mut dst[inc.payload_done..])
+                }
+                Into_::Posted { range, op: RecvOp::Copy, .. } => {
+                    let dst = net::as_bytes_mut(&mut buf[range.clone()]);
+                    peer.stream.read(&mut dst[inc.payload_done..])
+                }
+                Into_::Posted { range, op: RecvOp::Reduce, .. } => {
+                    // Reduce whole f32s only: read into the piece up to a 4-byte boundary.
+                    let at = inc.payload_done;
+                    let elem0 = at / 4;
+                    let n_elems = (range.len() - elem0).min(piece.len());
+                    let piece_bytes = net::as_bytes_mut(&mut piece[..n_elems]);
+                    let off = at % 4;
+                    match peer.stream.read(&mut piece_bytes[off..]) {
+                        Ok(n) if n > 0 => {
+                            let have = off + n;
+                            let whole = have / 4;
+                            inc.crc = wire::payload_crc_append(inc.crc, &piece_bytes[off..off + n]);
+                            let dst = &mut buf[range.start + elem0..range.start + elem0 + whole];
+                            add_into(dst, &piece[..whole]);
+                            // Keep a partial trailing f32 at the front of the piece for the next read.
+                            let rem = have % 4;
+                            if rem > 0 {
+                                let pb = net::as_bytes_mut(piece);
+                                pb.copy_within(whole * 4..whole * 4 + rem, 0);
+                            }
+                            Ok(n)
+                        }
+                        other => other,
+                    }
+                }
+            };
+            match r {
+                Ok(0) => return Err(Failure::Peer(rank, format!("receiving from rank {rank}: connection closed"))),
+                Ok(n) => {
+                    if !matches!(into, Into_::Posted { op: RecvOp::Reduce, .. }) {
+                        let dst: &[u8] = match into {
+                            Into_::Staging => net::as_bytes(&inc.staging),
+                            Into_::Posted { range, .. } => net::as_bytes(&buf[range.clone()]),
+                        };
+                        inc.crc = wire::payload_crc_append(inc.crc, &dst[inc.payload_done..inc.payload_done + n]);
+                    }
+                    inc.payload_done += n;
+                    progressed = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(progressed),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Failure::Peer(rank, format!("receiving from rank {rank}: {}", describe(&e)))),
+            }
+        }
+        h.check_payload_crc(inc.crc).map_err(|e| Failure::Peer(rank, format!("from rank {rank}: {e}")))?;
+        let (h, into) = inc.frame.take().expect("set above");
+        inc.header_done = 0;
+        match into {
+            Into_::Posted { tag, .. } => events.push(Event::Received { peer: rank, tag }),
+            Into_::Staging => inc.staged = Some(h),
         }
     }
 }
 
-/// Reads a frame's payload straight into (Copy) or onto (Reduce) the job's range.
-fn read_into(s: &mut TcpStream, header: &wire::FrameHeader, job: &RecvJob, piece: &mut [f32]) -> Result<(), String> {
-    // SAFETY: the module invariant: this range is ours alone until we report.
-    let dst = unsafe { std::slice::from_raw_parts_mut(job.ptr, job.len) };
-    let io_err = |e: io::Error| format!("receiving: {}", describe(&e));
-    match job.op {
-        RecvOp::Copy => {
-            s.read_exact(net::as_bytes_mut(dst)).map_err(io_err)?;
-            header.check_payload_crc(wire::payload_crc(net::as_bytes(dst))).map_err(|e| e.to_string())
-        }
-        RecvOp::Reduce => {
-            let mut crc = 0;
-            for d in dst.chunks_mut(piece.len()) {
-                let p = &mut piece[..d.len()];
-                s.read_exact(net::as_bytes_mut(p)).map_err(io_err)?;
-                crc = wire::payload_crc_append(crc, net::as_bytes(p));
-                add_into(d, p);
-            }
-            // The sum is already in the buffer; a bad crc fails the whole operation (and the job).
-            header.check_payload_crc(crc).map_err(|e| e.to_string())
-        }
+fn check_frame(rank: u32, h: &FrameHeader, tag: Tag, elems: usize) -> Result<(), Failure> {
+    if h.tag != tag.to_u64() || h.payload_bytes as usize != elems * 4 {
+        return Err(Failure::Peer(
+            rank,
+            format!(
+                "rank {rank} sent a frame tagged {} with {} bytes; expected tag {tag} with {} bytes",
+                show_tag(h.tag),
+                h.payload_bytes,
+                elems * 4
+            ),
+        ));
     }
+    Ok(())
 }
 
-fn apply(job: &RecvJob, src: &[f32]) {
-    // SAFETY: as in `read_into`.
-    let dst = unsafe { std::slice::from_raw_parts_mut(job.ptr, job.len) };
-    match job.op {
+fn apply(dst: &mut [f32], src: &[f32], op: RecvOp) {
+    match op {
         RecvOp::Copy => dst.copy_from_slice(src),
         RecvOp::Reduce => add_into(dst, src),
     }
@@ -366,11 +425,14 @@ fn describe(e: &io::Error) -> String {
     }
 }
 
-/// A tag this process issued and got back from its own peer thread.
-fn issued(bits: u64) -> collective::Tag {
-    collective::Tag::from_u64(bits).expect("peer threads echo the tags they were given")
+fn show_tag(bits: u64) -> String {
+    Tag::from_u64(bits).map_or_else(|| format!("{bits:#018x} (invalid)"), |t| t.to_string())
 }
 
-fn show_tag(bits: u64) -> String {
-    collective::Tag::from_u64(bits).map_or_else(|| format!("{bits:#018x} (invalid)"), |t| t.to_string())
+impl Drop for Comm {
+    fn drop(&mut self) {
+        for p in self.peers.iter().flatten() {
+            let _ = p.stream.shutdown(Shutdown::Both);
+        }
+    }
 }

@@ -161,7 +161,24 @@ pub fn send_control<T: Serialize>(s: &mut TcpStream, sender: u32, msg: &T) -> Re
     s.write_all(&bytes).map_err(|e| JobError::io("sending control message", e))
 }
 
-/// Reads control frames from a stream, with a bounded buffer.
+/// Reads exactly one control message and not a byte more, for a stream whose
+/// following bytes belong to someone else (the data path after a peer's hello).
+pub fn recv_control_exact<T: DeserializeOwned>(s: &mut TcpStream, timeout_ms: u64) -> Result<T, JobError> {
+    with_deadline(s, timeout_ms, |s| {
+        let mut h = [0u8; HEADER_BYTES];
+        s.read_exact(&mut h).map_err(|e| JobError::io("reading a control message", e))?;
+        let header = FrameHeader::decode(&h)?;
+        if header.kind != MessageType::Control {
+            return Err(JobError::Coordinator(format!("expected a control frame, got {}", header.kind)));
+        }
+        let mut payload = vec![0u8; header.payload_bytes as usize];
+        s.read_exact(&mut payload).map_err(|e| JobError::io("reading a control message", e))?;
+        Ok(wire::decode_control(&header, &payload)?)
+    })
+}
+
+/// Reads control frames from a stream, with a bounded buffer. It may read past
+/// the last frame returned, so it must own the stream's read side.
 pub struct ControlReader {
     stream: TcpStream,
     decoder: FrameDecoder,

@@ -132,8 +132,7 @@ fn mesh(rank: u32, world: u32, generation: u64, peers: &[String], listener: &Tcp
                     .map_err(|e| JobError::io("accepting a peer", e))
                     .and_then(|(mut s, _)| {
                         net::accept_handshake(&mut s, &accept_secret, own)?;
-                        let mut rd = ControlReader::new(s.try_clone().map_err(|e| JobError::io("cloning", e))?);
-                        let hello: PeerHello = rd.recv(Some(net::HANDSHAKE_TIMEOUT_MS))?.ok_or_else(|| JobError::Coordinator("peer closed before hello".into()))?;
+                        let hello: PeerHello = net::recv_control_exact(&mut s, net::HANDSHAKE_TIMEOUT_MS)?;
                         Ok((hello, s))
                     });
                 if tx.send(r).is_err() {
