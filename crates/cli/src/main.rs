@@ -86,6 +86,9 @@ struct AllreduceArgs {
     /// A collective waiting longer than this for a peer fails, naming it.
     #[arg(long, default_value_t = 30_000)]
     timeout_ms: u64,
+    /// Send tensor payloads without a crc32c (headers are still checked).
+    #[arg(long)]
+    no_tensor_crc: bool,
 }
 
 #[derive(Args)]
@@ -301,16 +304,19 @@ fn bench_allreduce(a: AllreduceArgs) -> Result<()> {
     if a.worker {
         let env = node::env::ClusterEnv::from_process()?;
         let secret = load_secret(None)?;
-        for r in node::bench::allreduce_worker(&env, &secret, &sizes, a.timeout_ms)? {
+        for r in node::bench::allreduce_worker(&env, &secret, &sizes, a.timeout_ms, !a.no_tensor_crc)? {
             print(&r, true);
         }
         return Ok(());
     }
-    let args: Vec<std::ffi::OsString> =
+    let mut args: Vec<std::ffi::OsString> =
         ["bench", "allreduce", "--worker", "--sizes", &a.sizes, "--timeout-ms", &a.timeout_ms.to_string()]
             .iter()
             .map(Into::into)
             .collect();
+    if a.no_tensor_crc {
+        args.push("--no-tensor-crc".into());
+    }
     let mut cluster = node::launcher::LocalCluster::start(a.workers, 5_000, &args)?;
     cluster.supervise(&mut |rank, v| {
         if rank == 0 {

@@ -32,6 +32,8 @@ pub struct AllreduceResult {
     pub p50_us: f64,
     pub mean_us: f64,
     pub correct: bool,
+    /// Whether tensor payloads carried a crc32c.
+    pub tensor_crc: bool,
 }
 
 /// Parses sizes like `4KiB,1MiB,25MiB,100MiB` (also KB/MB/GB, decimal) into bytes.
@@ -68,8 +70,8 @@ fn contribution(rank: u32, i: usize) -> f32 {
 
 /// One benchmark worker: joins the cluster, runs every size, and returns rank 0's results
 /// (other ranks return an empty list).
-pub fn allreduce_worker(env: &ClusterEnv, secret: &Secret, sizes: &[usize], timeout_ms: u64) -> Result<Vec<AllreduceResult>, JobError> {
-    let cluster = ClusterConfig { collective_timeout_ms: timeout_ms, ..ClusterConfig::default() };
+pub fn allreduce_worker(env: &ClusterEnv, secret: &Secret, sizes: &[usize], timeout_ms: u64, tensor_crc: bool) -> Result<Vec<AllreduceResult>, JobError> {
+    let cluster = ClusterConfig { collective_timeout_ms: timeout_ms, tensor_crc, ..ClusterConfig::default() };
     let mut m = worker::join(env, secret, &cluster)?;
     let (rank, world) = (m.rank, m.world);
     let mut out = Vec::new();
@@ -117,6 +119,7 @@ pub fn allreduce_worker(env: &ClusterEnv, secret: &Secret, sizes: &[usize], time
                     p50_us,
                     mean_us,
                     correct,
+                    tensor_crc,
                 });
             }
             if !correct {

@@ -75,11 +75,19 @@ pub struct Comm {
     next_op: u32,
     poisoned: Option<String>,
     piece: Vec<f32>,
+    /// Whether tensor payloads carry a crc32c (headers always do).
+    tensor_crc: bool,
 }
 
 impl Comm {
     /// Takes one authenticated stream per peer (`None` at our own rank).
-    pub fn new(rank: u32, streams: Vec<Option<TcpStream>>, cfg: CollectiveConfig, timeout_ms: u64) -> Result<Self, JobError> {
+    pub fn new(
+        rank: u32,
+        streams: Vec<Option<TcpStream>>,
+        cfg: CollectiveConfig,
+        timeout_ms: u64,
+        tensor_crc: bool,
+    ) -> Result<Self, JobError> {
         let world = streams.len() as u32;
         let mut peers = Vec::with_capacity(streams.len());
         for s in streams {
@@ -105,7 +113,7 @@ impl Comm {
                 }
             });
         }
-        Ok(Self { rank, world, peers, cfg, timeout_ms, next_op: 0, poisoned: None, piece: vec![0.0; REDUCE_PIECE_ELEMS] })
+        Ok(Self { rank, world, peers, cfg, timeout_ms, next_op: 0, poisoned: None, piece: vec![0.0; REDUCE_PIECE_ELEMS], tensor_crc })
     }
 
     pub fn rank(&self) -> u32 {
@@ -187,8 +195,13 @@ impl Comm {
             match c {
                 Command::Send { peer, tag, range } => {
                     assert!(range.end <= len, "engine range {range:?} outside buffer of {len}");
-                    let h = FrameHeader::tensor(tag.to_u64(), self.rank, net::as_bytes(&buf[range.clone()]))
-                        .map_err(|e| Failure::Peer(peer, format!("framing a send: {e}")))?;
+                    let payload = net::as_bytes(&buf[range.clone()]);
+                    let h = if self.tensor_crc {
+                        FrameHeader::tensor(tag.to_u64(), self.rank, payload)
+                    } else {
+                        FrameHeader::tensor_unchecked(tag.to_u64(), self.rank, payload.len())
+                    }
+                    .map_err(|e| Failure::Peer(peer, format!("framing a send: {e}")))?;
                     let p = self.peers[peer as usize].as_mut().expect("engines never address their own rank");
                     p.sends.push_back(Outgoing { tag, header: h.encode(), range, done: 0 });
                 }
@@ -345,7 +358,9 @@ fn pump_recvs(
                         Ok(n) if n > 0 => {
                             let have = off + n;
                             let whole = have / 4;
-                            inc.crc = wire::payload_crc_append(inc.crc, &piece_bytes[off..off + n]);
+                            if h.payload_checked() {
+                                inc.crc = wire::payload_crc_append(inc.crc, &piece_bytes[off..off + n]);
+                            }
                             let dst = &mut buf[range.start + elem0..range.start + elem0 + whole];
                             add_into(dst, &piece[..whole]);
                             // Keep a partial trailing f32 at the front of the piece for the next read.
@@ -363,7 +378,7 @@ fn pump_recvs(
             match r {
                 Ok(0) => return Err(Failure::Peer(rank, format!("receiving from rank {rank}: connection closed"))),
                 Ok(n) => {
-                    if !matches!(into, Into_::Posted { op: RecvOp::Reduce, .. }) {
+                    if h.payload_checked() && !matches!(into, Into_::Posted { op: RecvOp::Reduce, .. }) {
                         let dst: &[u8] = match into {
                             Into_::Staging => net::as_bytes(&inc.staging),
                             Into_::Posted { range, .. } => net::as_bytes(&buf[range.clone()]),

@@ -128,6 +128,9 @@ pub struct ClusterConfig {
     pub heartbeat_timeout_ms: u64,
     /// A collective waiting this long for a peer fails, naming the peer.
     pub collective_timeout_ms: u64,
+    /// Whether tensor frames carry a crc32c of their payload (headers always do).
+    /// Off trades end-to-end checking for ~20% more all-reduce bandwidth on loopback.
+    pub tensor_crc: bool,
     /// File holding the shared secret peers authenticate with; the
     /// `SINTER_SECRET` environment variable is used when absent; the launcher
     /// makes a fresh one for a local cluster.
@@ -143,6 +146,7 @@ impl Default for ClusterConfig {
             bucket_bytes: 256 * 1024,
             heartbeat_timeout_ms: 5_000,
             collective_timeout_ms: 8_000,
+            tensor_crc: true,
             secret_file: None,
         }
     }

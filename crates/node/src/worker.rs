@@ -70,7 +70,8 @@ pub fn join(env: &ClusterEnv, secret: &Secret, cluster: &ClusterConfig) -> Resul
     let step = Arc::new(AtomicU64::new(0));
     spawn_heartbeats(coord.clone(), rank, step.clone(), cluster.heartbeat_timeout_ms)?;
     spawn_abort_watch(reader, rank)?;
-    let comm = Comm::new(rank, streams, collective::CollectiveConfig::default(), cluster.collective_timeout_ms)?;
+    let comm =
+        Comm::new(rank, streams, collective::CollectiveConfig::default(), cluster.collective_timeout_ms, cluster.tensor_crc)?;
     Ok(Member { rank, world, generation, coord, step, comm })
 }
 
