@@ -367,16 +367,28 @@ mod tests {
     }
 
     #[test]
+    fn unchecked_payloads_skip_only_the_payload_crc() {
+        let h = FrameHeader::tensor_unchecked(7, 1, 8).expect("valid");
+        let back = FrameHeader::decode(&h.encode()).expect("valid header");
+        assert!(!back.payload_checked());
+        assert!(back.check_payload(&[9u8; 8]).is_ok());
+        assert!(back.check_payload(&[9u8; 4]).is_err(), "length is still checked");
+        let mut bytes = h.encode();
+        bytes[TAG_AT] ^= 1;
+        assert!(FrameHeader::decode(&bytes).is_err(), "header crc is still checked");
+    }
+
+    #[test]
     fn unknown_flags_are_rejected() {
         let mut bytes = sample().encode();
-        bytes[FLAGS_AT] = 1;
+        bytes[FLAGS_AT] = 2;
         reseal(&mut bytes);
         let error = FrameHeader::decode(&bytes).unwrap_err();
         assert!(
             matches!(
                 error,
                 WireError::UnknownFlags {
-                    got: 1,
+                    got: 2,
                     known: FLAGS_KNOWN
                 }
             ),
