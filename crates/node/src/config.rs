@@ -122,7 +122,11 @@ pub struct ClusterConfig {
     pub sync: SyncMode,
     /// Local SGD: steps between parameter averages (1 = average every step).
     pub average_every: u32,
-    /// Gradient buckets for all-reduce, in bytes (overlap with the backward pass).
+    /// Overlap the all-reduce with the backward pass on a communication thread
+    /// (worth it when each worker has a spare core); otherwise all-reduce the
+    /// whole gradient in place after the backward pass.
+    pub overlap: bool,
+    /// Gradient buckets for the overlapped all-reduce, in bytes.
     pub bucket_bytes: usize,
     /// A worker silent for this long is declared dead.
     pub heartbeat_timeout_ms: u64,
@@ -143,6 +147,7 @@ impl Default for ClusterConfig {
             workers: 1,
             sync: SyncMode::Allreduce,
             average_every: 1,
+            overlap: false,
             bucket_bytes: 256 * 1024,
             heartbeat_timeout_ms: 5_000,
             collective_timeout_ms: 8_000,

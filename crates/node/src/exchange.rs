@@ -1,6 +1,11 @@
-//! Data-parallel exchange over a [`Comm`]: gradients are packed into buckets
-//! in the order the backward pass finishes them and all-reduced on a
-//! communication thread while the earlier layers still compute.
+//! Data-parallel exchange over a [`Comm`], in one of two modes:
+//! - overlapped (`cluster.overlap = true`): gradients are packed into buckets
+//!   in the order the backward pass finishes them and all-reduced on a
+//!   communication thread while the earlier layers still compute;
+//! - inline (the default): after the backward pass, the whole gradient is
+//!   all-reduced in place by the training thread. On a machine with no spare
+//!   core (2 workers on 2 cores) the extra thread and the bucket copies cost
+//!   more than the overlap gains; measured in `bench/results/`.
 //!
 //! **Invariant:** every rank forms the same buckets in the same order (same
 //! layout, same `bucket_bytes`), so collectives line up without negotiation.
@@ -33,6 +38,8 @@ type Reply = (usize, Result<Vec<f32>, JobError>);
 
 /// All-reduce of gradients (or parameters) with the other workers.
 pub struct AllreduceExchange {
+    /// The communicator when running inline; `None` when the comm thread owns it.
+    inline: Option<Comm>,
     rank: u32,
     world: u32,
     bucket_elems: usize,
@@ -49,29 +56,38 @@ pub struct AllreduceExchange {
 }
 
 impl AllreduceExchange {
-    pub fn new(comm: Comm, bucket_bytes: usize, collective_timeout_ms: u64, coordinator: Arc<Mutex<TcpStream>>) -> Result<Self, JobError> {
+    pub fn new(
+        comm: Comm,
+        overlap: bool,
+        bucket_bytes: usize,
+        collective_timeout_ms: u64,
+        coordinator: Arc<Mutex<TcpStream>>,
+    ) -> Result<Self, JobError> {
         let (rank, world) = (comm.rank(), comm.world());
+        let (comm, inline) = if overlap { (Some(comm), None) } else { (None, Some(comm)) };
         let (jobs_tx, jobs_rx) = mpsc::sync_channel::<Job>(BUCKETS_INFLIGHT_MAX);
         let (reply_tx, replies) = mpsc::sync_channel::<Reply>(BUCKETS_INFLIGHT_MAX);
-        let thread = thread::Builder::new()
-            .name("comm".into())
-            .spawn(move || {
-                let mut comm = comm;
-                for mut job in jobs_rx {
-                    let r = comm.all_reduce(&mut job.buf, job.step, job.what).map(|()| job.buf);
-                    if reply_tx.send((job.id, r)).is_err() {
-                        return;
+        let thread = comm
+            .map(|mut comm| {
+                thread::Builder::new().name("comm".into()).spawn(move || {
+                    for mut job in jobs_rx {
+                        let r = comm.all_reduce(&mut job.buf, job.step, job.what).map(|()| job.buf);
+                        if reply_tx.send((job.id, r)).is_err() {
+                            return;
+                        }
                     }
-                }
+                })
             })
+            .transpose()
             .map_err(|e| JobError::io("spawning the comm thread", e))?;
         Ok(Self {
+            inline,
             rank,
             world,
             bucket_elems: (bucket_bytes / 4).max(1),
             jobs: Some(jobs_tx),
             replies,
-            thread: Some(thread),
+            thread,
             filling: (Vec::new(), Vec::new()),
             sent: Vec::new(),
             pool: Vec::new(),
@@ -162,7 +178,27 @@ impl Exchange for AllreduceExchange {
         first_err.map_or(Ok(()), Err)
     }
 
+    fn overlaps(&self) -> bool {
+        self.inline.is_none()
+    }
+
+    fn allreduce_gradient(&mut self, step: u64, grad: &mut [f32]) -> Result<(), JobError> {
+        match self.inline.as_mut() {
+            Some(comm) => comm.all_reduce(grad, step, "gradient all-reduce"),
+            None => {
+                self.gradient_ready(step, 0..grad.len(), &grad.to_vec())?;
+                self.finish_gradients(step, grad)
+            }
+        }
+    }
+
     fn average_params(&mut self, step: u64, params: &mut [f32]) -> Result<(), JobError> {
+        if let Some(comm) = self.inline.as_mut() {
+            comm.all_reduce(params, step, "parameter average")?;
+            let inv = 1.0 / self.world as f32;
+            params.iter_mut().for_each(|p| *p *= inv);
+            return Ok(());
+        }
         let mut buf = self.pool.pop().unwrap_or_default();
         buf.clear();
         buf.extend_from_slice(params);

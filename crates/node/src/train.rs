@@ -31,6 +31,13 @@ pub trait Exchange {
     fn gradient_ready(&mut self, step: u64, range: Range<usize>, values: &[f32]) -> Result<(), JobError>;
     /// Waits for every range handed over this step and writes the sums into `grad`.
     fn finish_gradients(&mut self, step: u64, grad: &mut [f32]) -> Result<(), JobError>;
+    /// Whether gradients are exchanged during the backward pass (`gradient_ready`,
+    /// `finish_gradients`) or after it, in place (`allreduce_gradient`).
+    fn overlaps(&self) -> bool {
+        true
+    }
+    /// Sums the whole weighted gradient over all workers, in place.
+    fn allreduce_gradient(&mut self, step: u64, grad: &mut [f32]) -> Result<(), JobError>;
     /// Replaces `params` by the mean over all workers (local SGD).
     fn average_params(&mut self, step: u64, params: &mut [f32]) -> Result<(), JobError>;
     /// Checks that every worker holds the same parameters (by checksum).
@@ -51,6 +58,9 @@ impl Exchange for Alone {
         Ok(())
     }
     fn finish_gradients(&mut self, _: u64, _: &mut [f32]) -> Result<(), JobError> {
+        Ok(())
+    }
+    fn allreduce_gradient(&mut self, _: u64, _: &mut [f32]) -> Result<(), JobError> {
         Ok(())
     }
     fn average_params(&mut self, _: u64, _: &mut [f32]) -> Result<(), JobError> {
@@ -298,6 +308,14 @@ impl Trainer {
 
     /// Backward pass with gradients handed to the exchange as they become final.
     fn exchange_step(&mut self, step: u64, batch: &Batch, ex: &mut dyn Exchange) -> Result<f32, JobError> {
+        if !ex.overlaps() {
+            let loss = self.model.forward_backward(&self.params, batch, &mut self.grad, &mut |_, _| {});
+            if self.weight != 1.0 {
+                self.grad.dense.iter_mut().for_each(|g| *g *= self.weight);
+            }
+            ex.allreduce_gradient(step, &mut self.grad.dense)?;
+            return Ok(loss);
+        }
         let mut failed = None;
         let weight = self.weight;
         let mut scaled = Vec::new();

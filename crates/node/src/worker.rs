@@ -99,7 +99,13 @@ pub fn run(cfg: JobConfig, env: &ClusterEnv, secret: &Secret, resume: Option<&Pa
     }
     let coord = member.coord.clone();
     let step = member.step.clone();
-    let mut ex = AllreduceExchange::new(member.comm, cfg.cluster.bucket_bytes, cfg.cluster.collective_timeout_ms, coord.clone())?;
+    let mut ex = AllreduceExchange::new(
+        member.comm,
+        cfg.cluster.overlap,
+        cfg.cluster.bucket_bytes,
+        cfg.cluster.collective_timeout_ms,
+        coord.clone(),
+    )?;
     let mut trainer = Trainer::new(cfg, data, rank, world)?;
     if let Some(dir) = resume {
         trainer.resume(dir)?;
