@@ -206,7 +206,11 @@ fn main() -> ExitCode {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SINTER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
 }
 
 fn exit_code(e: &anyhow::Error) -> u8 {
@@ -247,15 +251,28 @@ fn coordinator(a: CoordinatorArgs) -> Result<()> {
     let listen = match a.listen {
         Some(l) => l,
         None => {
-            let port = env.coordinator.as_deref().and_then(|c| c.rsplit_once(':')).map(|(_, p)| p.to_string());
-            format!("0.0.0.0:{}", port.context("no --listen and no MASTER_PORT / DMLC_PS_ROOT_PORT")?)
+            let port = env
+                .coordinator
+                .as_deref()
+                .and_then(|c| c.rsplit_once(':'))
+                .map(|(_, p)| p.to_string());
+            format!(
+                "0.0.0.0:{}",
+                port.context("no --listen and no MASTER_PORT / DMLC_PS_ROOT_PORT")?
+            )
         }
     };
-    let world = a.world.or(env.world).context("no --world and no WORLD_SIZE / DMLC_NUM_WORKER")?;
+    let world = a
+        .world
+        .or(env.world)
+        .context("no --world and no WORLD_SIZE / DMLC_NUM_WORKER")?;
     let secret = load_secret(a.secret_file.as_deref())?;
     let listener = node::net::listen(&listen)?;
     let addr = listener.local_addr().context("listener address")?;
-    println!("{}", serde_json::json!({ "listening": addr.to_string(), "world": world }));
+    println!(
+        "{}",
+        serde_json::json!({ "listening": addr.to_string(), "world": world })
+    );
     let outcome = node::coord::run(
         listener,
         node::coord::CoordinatorConfig {
@@ -267,7 +284,11 @@ fn coordinator(a: CoordinatorArgs) -> Result<()> {
     )?;
     match outcome {
         node::coord::Outcome::Finished => Ok(()),
-        node::coord::Outcome::Failed { rank, reason } => Err(node::JobError::Peer { rank: rank.unwrap_or(u32::MAX), why: reason }.into()),
+        node::coord::Outcome::Failed { rank, reason } => Err(node::JobError::Peer {
+            rank: rank.unwrap_or(u32::MAX),
+            why: reason,
+        }
+        .into()),
     }
 }
 
@@ -309,20 +330,27 @@ fn bench_allreduce(a: AllreduceArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let mut args: Vec<std::ffi::OsString> =
-        ["bench", "allreduce", "--worker", "--sizes", &a.sizes, "--timeout-ms", &a.timeout_ms.to_string()]
-            .iter()
-            .map(Into::into)
-            .collect();
+    let mut args: Vec<std::ffi::OsString> = [
+        "bench",
+        "allreduce",
+        "--worker",
+        "--sizes",
+        &a.sizes,
+        "--timeout-ms",
+        &a.timeout_ms.to_string(),
+    ]
+    .iter()
+    .map(Into::into)
+    .collect();
     if a.no_tensor_crc {
         args.push("--no-tensor-crc".into());
     }
     let mut cluster = node::launcher::LocalCluster::start(a.workers, 5_000, &args)?;
     cluster.supervise(&mut |rank, v| {
-        if rank == 0 {
-            if let Ok(r) = serde_json::from_value::<node::bench::AllreduceResult>(v) {
-                print(&r, a.json);
-            }
+        if rank == 0
+            && let Ok(r) = serde_json::from_value::<node::bench::AllreduceResult>(v)
+        {
+            print(&r, a.json);
         }
     })?;
     Ok(())

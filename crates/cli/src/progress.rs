@@ -41,11 +41,9 @@ impl Console {
                 bar.set_draw_target(ProgressDrawTarget::hidden());
             }
             bar.set_style(
-                ProgressStyle::with_template(
-                    "{prefix} [{bar:30}] {pos}/{len} steps  {msg}  ETA {eta}",
-                )
-                .expect("static template")
-                .progress_chars("=> "),
+                ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} steps  {msg}  ETA {eta}")
+                    .expect("static template")
+                    .progress_chars("=> "),
             );
             bar
         })
@@ -55,7 +53,12 @@ impl Console {
 impl Observer for Console {
     fn report(&mut self, r: &Report) {
         match r {
-            Report::Start { epochs, steps_per_epoch, start_epoch, .. } => {
+            Report::Start {
+                epochs,
+                steps_per_epoch,
+                start_epoch,
+                ..
+            } => {
                 let bar = self.bar(u64::from(*epochs) * steps_per_epoch);
                 bar.set_position(u64::from(*start_epoch) * steps_per_epoch);
             }
@@ -74,7 +77,12 @@ impl Observer for Console {
                     "epoch {}  train_loss {:.4}  {:.0} samples/s  {:.1} s",
                     e.epoch, e.train_loss, e.samples_per_s, e.wall_s
                 );
-                for (k, v) in [("test_acc", e.test_acc), ("test_auc", e.test_auc), ("test_logloss", e.test_logloss), ("bayes_auc", e.bayes_auc)] {
+                for (k, v) in [
+                    ("test_acc", e.test_acc),
+                    ("test_auc", e.test_auc),
+                    ("test_logloss", e.test_logloss),
+                    ("bayes_auc", e.bayes_auc),
+                ] {
                     if let Some(v) = v {
                         line.push_str(&format!("  {k} {v:.4}"));
                     }
@@ -86,10 +94,11 @@ impl Observer for Console {
                 }
             }
         }
-        if self.json && !matches!(r, Report::Step(_)) {
-            if let Ok(v) = serde_json::to_value(r) {
-                self.json_line(&v);
-            }
+        if self.json
+            && !matches!(r, Report::Step(_))
+            && let Ok(v) = serde_json::to_value(r)
+        {
+            self.json_line(&v);
         }
     }
 }

@@ -34,8 +34,13 @@ pub enum Event {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Command {
-    Send { conn: ConnId, msg: FromCoordinator },
-    Close { conn: ConnId },
+    Send {
+        conn: ConnId,
+        msg: FromCoordinator,
+    },
+    Close {
+        conn: ConnId,
+    },
     /// The job is over; the runtime exits with this outcome.
     Exit(Outcome),
 }
@@ -75,7 +80,14 @@ pub struct Coordinator {
 impl Coordinator {
     pub fn new(cfg: Config) -> Self {
         assert!(cfg.world > 0, "a job needs at least one worker");
-        Self { cfg, phase: Phase::Rendezvous, generation: 0, members: BTreeMap::new(), started_ms: None, checksums: BTreeMap::new() }
+        Self {
+            cfg,
+            phase: Phase::Rendezvous,
+            generation: 0,
+            members: BTreeMap::new(),
+            started_ms: None,
+            checksums: BTreeMap::new(),
+        }
     }
 
     pub fn generation(&self) -> u64 {
@@ -110,7 +122,12 @@ impl Coordinator {
             m.last_heard_ms = now_ms;
         }
         match msg {
-            ToCoordinator::Join { role, rank, data_addr, pid } => self.on_join(now_ms, conn, role, rank, data_addr, pid),
+            ToCoordinator::Join {
+                role,
+                rank,
+                data_addr,
+                pid,
+            } => self.on_join(now_ms, conn, role, rank, data_addr, pid),
             ToCoordinator::Heartbeat { .. } => Vec::new(),
             ToCoordinator::EpochDone { epoch, checksum } => self.on_epoch_done(conn, epoch, checksum),
             ToCoordinator::Finished { .. } => {
@@ -119,8 +136,14 @@ impl Coordinator {
                 }
                 if self.phase == Phase::Running && self.members.values().all(|m| m.finished) {
                     self.phase = Phase::Over;
-                    let mut cmds: Vec<Command> =
-                        self.members.keys().map(|&c| Command::Send { conn: c, msg: FromCoordinator::Shutdown }).collect();
+                    let mut cmds: Vec<Command> = self
+                        .members
+                        .keys()
+                        .map(|&c| Command::Send {
+                            conn: c,
+                            msg: FromCoordinator::Shutdown,
+                        })
+                        .collect();
                     cmds.push(Command::Exit(Outcome::Finished));
                     return cmds;
                 }
@@ -145,22 +168,56 @@ impl Coordinator {
         }
     }
 
-    fn on_join(&mut self, now_ms: u64, conn: ConnId, role: Role, rank: Option<u32>, data_addr: String, pid: u32) -> Vec<Command> {
+    fn on_join(
+        &mut self,
+        now_ms: u64,
+        conn: ConnId,
+        role: Role,
+        rank: Option<u32>,
+        data_addr: String,
+        pid: u32,
+    ) -> Vec<Command> {
         if role != Role::Worker || self.phase != Phase::Rendezvous || self.members.contains_key(&conn) {
             let reason = format!("unexpected join from a {role:?} (pid {pid}) while {:?}", self.phase);
             return vec![
-                Command::Send { conn, msg: FromCoordinator::Abort { generation: self.generation, reason, failed_rank: None } },
+                Command::Send {
+                    conn,
+                    msg: FromCoordinator::Abort {
+                        generation: self.generation,
+                        reason,
+                        failed_rank: None,
+                    },
+                },
                 Command::Close { conn },
             ];
         }
         if let Some(r) = rank {
             let taken = self.members.values().any(|m| m.rank == Some(r));
             if r >= self.cfg.world || taken {
-                let why = if taken { "is taken by another worker" } else { "is outside the world" };
-                return self.fail(Some(r), format!("worker pid {pid} asked for rank {r}, which {why} (WORLD_SIZE {})", self.cfg.world));
+                let why = if taken {
+                    "is taken by another worker"
+                } else {
+                    "is outside the world"
+                };
+                return self.fail(
+                    Some(r),
+                    format!(
+                        "worker pid {pid} asked for rank {r}, which {why} (WORLD_SIZE {})",
+                        self.cfg.world
+                    ),
+                );
             }
         }
-        self.members.insert(conn, Member { rank, data_addr, pid, last_heard_ms: now_ms, finished: false });
+        self.members.insert(
+            conn,
+            Member {
+                rank,
+                data_addr,
+                pid,
+                last_heard_ms: now_ms,
+                finished: false,
+            },
+        );
         if self.members.len() < self.cfg.world as usize {
             return Vec::new();
         }
@@ -193,7 +250,9 @@ impl Coordinator {
     }
 
     fn on_epoch_done(&mut self, conn: ConnId, epoch: u32, checksum: u64) -> Vec<Command> {
-        let Some(rank) = self.members.get(&conn).and_then(|m| m.rank) else { return Vec::new() };
+        let Some(rank) = self.members.get(&conn).and_then(|m| m.rank) else {
+            return Vec::new();
+        };
         let seen = self.checksums.entry(epoch).or_default();
         seen.insert(rank, checksum);
         if seen.len() < self.cfg.world as usize {
@@ -203,13 +262,18 @@ impl Coordinator {
         let first = seen.values().next().copied();
         if let Some((&bad, &sum)) = seen.iter().find(|(_, s)| Some(**s) != first) {
             let detail = format!("rank 0 has {:016x}, rank {bad} has {sum:016x}", first.unwrap_or(0));
-            return self.fail(Some(bad), format!("parameters differ between ranks after epoch {epoch}: {detail}"));
+            return self.fail(
+                Some(bad),
+                format!("parameters differ between ranks after epoch {epoch}: {detail}"),
+            );
         }
         Vec::new()
     }
 
     fn on_disconnect(&mut self, conn: ConnId) -> Vec<Command> {
-        let Some(m) = self.members.get(&conn) else { return Vec::new() };
+        let Some(m) = self.members.get(&conn) else {
+            return Vec::new();
+        };
         if m.finished {
             return Vec::new();
         }
@@ -219,7 +283,10 @@ impl Coordinator {
             return Vec::new();
         }
         self.members.remove(&conn);
-        self.fail(rank, format!("rank {} (pid {pid}) disconnected before finishing", show(rank)))
+        self.fail(
+            rank,
+            format!("rank {} (pid {pid}) disconnected before finishing", show(rank)),
+        )
     }
 
     fn on_tick(&mut self, now_ms: u64, started_ms: u64) -> Vec<Command> {
@@ -260,7 +327,11 @@ impl Coordinator {
             .keys()
             .map(|&conn| Command::Send {
                 conn,
-                msg: FromCoordinator::Abort { generation: self.generation, reason: reason.clone(), failed_rank: rank },
+                msg: FromCoordinator::Abort {
+                    generation: self.generation,
+                    reason: reason.clone(),
+                    failed_rank: rank,
+                },
             })
             .collect();
         cmds.push(Command::Exit(Outcome::Failed { rank, reason }));
@@ -277,13 +348,22 @@ mod tests {
     use super::*;
 
     fn cfg(world: u32) -> Config {
-        Config { world, heartbeat_timeout_ms: 1000, rendezvous_timeout_ms: 5000 }
+        Config {
+            world,
+            heartbeat_timeout_ms: 1000,
+            rendezvous_timeout_ms: 5000,
+        }
     }
 
     fn join(rank: Option<u32>, addr: &str) -> Event {
         Event::Message {
             conn: 0,
-            msg: ToCoordinator::Join { role: Role::Worker, rank, data_addr: addr.into(), pid: 1 },
+            msg: ToCoordinator::Join {
+                role: Role::Worker,
+                rank,
+                data_addr: addr.into(),
+                pid: 1,
+            },
         }
     }
 
@@ -313,9 +393,22 @@ mod tests {
             vec![
                 Command::Send {
                     conn: 10,
-                    msg: FromCoordinator::Welcome { generation: 1, rank: 1, world: 2, peers: peers.clone() }
+                    msg: FromCoordinator::Welcome {
+                        generation: 1,
+                        rank: 1,
+                        world: 2,
+                        peers: peers.clone()
+                    }
                 },
-                Command::Send { conn: 11, msg: FromCoordinator::Welcome { generation: 1, rank: 0, world: 2, peers } },
+                Command::Send {
+                    conn: 11,
+                    msg: FromCoordinator::Welcome {
+                        generation: 1,
+                        rank: 0,
+                        world: 2,
+                        peers
+                    }
+                },
             ]
         );
     }
@@ -326,7 +419,9 @@ mod tests {
         c.on_event(0, join_on(10, Some(1), "a:1"));
         let cmds = c.on_event(0, join_on(11, Some(1), "b:1"));
         match cmds.last() {
-            Some(Command::Exit(Outcome::Failed { rank: Some(1), reason })) => assert!(reason.contains("taken"), "{reason}"),
+            Some(Command::Exit(Outcome::Failed { rank: Some(1), reason })) => {
+                assert!(reason.contains("taken"), "{reason}")
+            }
             other => panic!("{other:?}"),
         }
     }
@@ -334,7 +429,10 @@ mod tests {
     #[test]
     fn silence_past_the_deadline_names_the_rank() {
         let mut c = running_pair();
-        let hb = |conn| Event::Message { conn, msg: ToCoordinator::Heartbeat { step: 3 } };
+        let hb = |conn| Event::Message {
+            conn,
+            msg: ToCoordinator::Heartbeat { step: 3 },
+        };
         assert!(c.on_event(900, hb(11)).is_empty());
         assert!(c.on_event(1000, Event::Tick).is_empty());
         let cmds = c.on_event(1500, Event::Tick);
@@ -368,26 +466,44 @@ mod tests {
     #[test]
     fn differing_checksums_fail_and_equal_ones_pass() {
         let mut c = running_pair();
-        let done = |conn, checksum| Event::Message { conn, msg: ToCoordinator::EpochDone { epoch: 1, checksum } };
+        let done = |conn, checksum| Event::Message {
+            conn,
+            msg: ToCoordinator::EpochDone { epoch: 1, checksum },
+        };
         assert!(c.on_event(2, done(10, 7)).is_empty());
         assert!(c.on_event(2, done(11, 7)).is_empty());
-        let done2 = |conn, checksum| Event::Message { conn, msg: ToCoordinator::EpochDone { epoch: 2, checksum } };
+        let done2 = |conn, checksum| Event::Message {
+            conn,
+            msg: ToCoordinator::EpochDone { epoch: 2, checksum },
+        };
         c.on_event(3, done2(10, 7));
         let cmds = c.on_event(3, done2(11, 8));
-        assert!(matches!(cmds.last(), Some(Command::Exit(Outcome::Failed { .. }))), "{cmds:?}");
+        assert!(
+            matches!(cmds.last(), Some(Command::Exit(Outcome::Failed { .. }))),
+            "{cmds:?}"
+        );
     }
 
     #[test]
     fn all_finished_shuts_down() {
         let mut c = running_pair();
-        let fin = |conn| Event::Message { conn, msg: ToCoordinator::Finished { steps: 9 } };
+        let fin = |conn| Event::Message {
+            conn,
+            msg: ToCoordinator::Finished { steps: 9 },
+        };
         assert!(c.on_event(2, fin(10)).is_empty());
         let cmds = c.on_event(2, fin(11));
         assert_eq!(
             cmds,
             vec![
-                Command::Send { conn: 10, msg: FromCoordinator::Shutdown },
-                Command::Send { conn: 11, msg: FromCoordinator::Shutdown },
+                Command::Send {
+                    conn: 10,
+                    msg: FromCoordinator::Shutdown
+                },
+                Command::Send {
+                    conn: 11,
+                    msg: FromCoordinator::Shutdown
+                },
                 Command::Exit(Outcome::Finished)
             ]
         );

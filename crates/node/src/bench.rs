@@ -55,7 +55,7 @@ pub fn parse_sizes(s: &str) -> Result<Vec<usize>, String> {
                 u => return Err(format!("unknown unit `{u}` in `{p}`")),
             };
             let bytes = (n * mult) as usize;
-            if bytes % 4 != 0 {
+            if !bytes.is_multiple_of(4) {
                 return Err(format!("`{p}` is not a whole number of f32 values"));
             }
             Ok(bytes)
@@ -70,8 +70,18 @@ fn contribution(rank: u32, i: usize) -> f32 {
 
 /// One benchmark worker: joins the cluster, runs every size, and returns rank 0's results
 /// (other ranks return an empty list).
-pub fn allreduce_worker(env: &ClusterEnv, secret: &Secret, sizes: &[usize], timeout_ms: u64, tensor_crc: bool) -> Result<Vec<AllreduceResult>, JobError> {
-    let cluster = ClusterConfig { collective_timeout_ms: timeout_ms, tensor_crc, ..ClusterConfig::default() };
+pub fn allreduce_worker(
+    env: &ClusterEnv,
+    secret: &Secret,
+    sizes: &[usize],
+    timeout_ms: u64,
+    tensor_crc: bool,
+) -> Result<Vec<AllreduceResult>, JobError> {
+    let cluster = ClusterConfig {
+        collective_timeout_ms: timeout_ms,
+        tensor_crc,
+        ..ClusterConfig::default()
+    };
     let mut m = worker::join(env, secret, &cluster)?;
     let (rank, world) = (m.rank, m.world);
     let mut out = Vec::new();
@@ -83,7 +93,10 @@ pub fn allreduce_worker(env: &ClusterEnv, secret: &Secret, sizes: &[usize], time
             // Correctness first, on the very buffer size being timed.
             fill(&mut buf);
             m.comm.all_reduce(&mut buf, 0, "bench all-reduce")?;
-            let correct = buf.iter().enumerate().all(|(i, v)| *v == (0..world).map(|r| contribution(r, i)).sum::<f32>());
+            let correct = buf
+                .iter()
+                .enumerate()
+                .all(|(i, v)| *v == (0..world).map(|r| contribution(r, i)).sum::<f32>());
             for _ in 0..WARMUP_ITERS {
                 m.comm.all_reduce(&mut buf, 0, "bench all-reduce")?;
             }
@@ -96,7 +109,8 @@ pub fn allreduce_worker(env: &ClusterEnv, secret: &Secret, sizes: &[usize], time
                     // Values grow with each sum; refilling keeps them finite, outside the timed part.
                     fill(&mut buf);
                 }
-                m.comm.run(collective::Kind::Barrier, &mut [], it as u64, "bench barrier")?;
+                m.comm
+                    .run(collective::Kind::Barrier, &mut [], it as u64, "bench barrier")?;
                 let t = Instant::now();
                 m.comm.all_reduce(&mut buf, it as u64, "bench all-reduce")?;
                 times_us.push(t.elapsed().as_secs_f64() * 1e6);
@@ -107,7 +121,10 @@ pub fn allreduce_worker(env: &ClusterEnv, secret: &Secret, sizes: &[usize], time
             times_us.sort_by(|a, b| a.total_cmp(b));
             let p50_us = times_us[iters / 2];
             let algbw = bytes as f64 / (p50_us * 1e-6) / 1e9;
-            let algorithm = format!("{:?}", collective::CollectiveConfig::default().all_reduce_algorithm(bytes, world));
+            let algorithm = format!(
+                "{:?}",
+                collective::CollectiveConfig::default().all_reduce_algorithm(bytes, world)
+            );
             if rank == 0 {
                 out.push(AllreduceResult {
                     bytes,
@@ -123,7 +140,10 @@ pub fn allreduce_worker(env: &ClusterEnv, secret: &Secret, sizes: &[usize], time
                 });
             }
             if !correct {
-                return Err(JobError::Peer { rank, why: format!("all-reduce of {bytes} bytes gave a wrong sum") });
+                return Err(JobError::Peer {
+                    rank,
+                    why: format!("all-reduce of {bytes} bytes gave a wrong sum"),
+                });
             }
         }
         Ok(())
@@ -140,5 +160,7 @@ fn slowest_rank_times(comm: &mut crate::comm::Comm, rank: u32, world: u32, mine:
         all[rank as usize * n + i] = *t as f32;
     }
     comm.all_reduce(&mut all, 0, "bench gather times")?;
-    Ok((0..n).map(|i| (0..world as usize).map(|r| all[r * n + i] as f64).fold(0.0, f64::max)).collect())
+    Ok((0..n)
+        .map(|i| (0..world as usize).map(|r| all[r * n + i] as f64).fold(0.0, f64::max))
+        .collect())
 }

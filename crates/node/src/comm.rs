@@ -95,7 +95,8 @@ impl Comm {
                 None => None,
                 Some(s) => {
                     net::tune_data_stream(&s)?;
-                    s.set_nonblocking(true).map_err(|e| JobError::io("nonblocking peer stream", e))?;
+                    s.set_nonblocking(true)
+                        .map_err(|e| JobError::io("nonblocking peer stream", e))?;
                     Some(Peer {
                         stream: s,
                         sends: VecDeque::new(),
@@ -113,7 +114,17 @@ impl Comm {
                 }
             });
         }
-        Ok(Self { rank, world, peers, cfg, timeout_ms, next_op: 0, poisoned: None, piece: vec![0.0; REDUCE_PIECE_ELEMS], tensor_crc })
+        Ok(Self {
+            rank,
+            world,
+            peers,
+            cfg,
+            timeout_ms,
+            next_op: 0,
+            poisoned: None,
+            piece: vec![0.0; REDUCE_PIECE_ELEMS],
+            tensor_crc,
+        })
     }
 
     pub fn rank(&self) -> u32 {
@@ -134,17 +145,28 @@ impl Comm {
     /// same order). `step` and `what` only label errors.
     pub fn run(&mut self, kind: Kind, buf: &mut [f32], step: u64, what: &str) -> Result<(), JobError> {
         if let Some(why) = &self.poisoned {
-            return Err(JobError::Peer { rank: self.rank, why: format!("communication already failed: {why}") });
+            return Err(JobError::Peer {
+                rank: self.rank,
+                why: format!("communication already failed: {why}"),
+            });
         }
         let op = self.next_op;
         self.next_op = self.next_op.wrapping_add(1);
         let mut engine = Collective::new(kind, op, self.rank, self.world, buf.len(), &self.cfg)?;
         let deadline = Instant::now() + Duration::from_millis(self.timeout_ms);
         let r = self.drive(&mut engine, buf, deadline).map_err(|f| match f {
-            Failure::Peer(rank, why) => JobError::Peer { rank, why: format!("{what} (op {op}) at step {step}: {why}") },
+            Failure::Peer(rank, why) => JobError::Peer {
+                rank,
+                why: format!("{what} (op {op}) at step {step}: {why}"),
+            },
             Failure::Timeout => {
                 let rank = engine.waiting_on().first().map_or(self.rank, |(r, _)| *r);
-                JobError::Stalled { op: what.to_string(), step, rank, waited_ms: self.timeout_ms }
+                JobError::Stalled {
+                    op: what.to_string(),
+                    step,
+                    rank,
+                    waited_ms: self.timeout_ms,
+                }
             }
             Failure::Engine(e) => e.into(),
         });
@@ -202,12 +224,21 @@ impl Comm {
                         FrameHeader::tensor_unchecked(tag.to_u64(), self.rank, payload.len())
                     }
                     .map_err(|e| Failure::Peer(peer, format!("framing a send: {e}")))?;
-                    let p = self.peers[peer as usize].as_mut().expect("engines never address their own rank");
-                    p.sends.push_back(Outgoing { tag, header: h.encode(), range, done: 0 });
+                    let p = self.peers[peer as usize]
+                        .as_mut()
+                        .expect("engines never address their own rank");
+                    p.sends.push_back(Outgoing {
+                        tag,
+                        header: h.encode(),
+                        range,
+                        done: 0,
+                    });
                 }
                 Command::Recv { peer, tag, range, op } => {
                     assert!(range.end <= len, "engine range {range:?} outside buffer of {len}");
-                    let p = self.peers[peer as usize].as_mut().expect("engines never address their own rank");
+                    let p = self.peers[peer as usize]
+                        .as_mut()
+                        .expect("engines never address their own rank");
                     p.recvs.push_back((tag, range, op));
                 }
                 Command::Done => *done = true,
@@ -224,7 +255,11 @@ impl Comm {
             if !p.sends.is_empty() {
                 events |= libc::POLLOUT;
             }
-            fds.push(libc::pollfd { fd: p.stream.as_raw_fd(), events, revents: 0 });
+            fds.push(libc::pollfd {
+                fd: p.stream.as_raw_fd(),
+                events,
+                revents: 0,
+            });
         }
         let ms = left.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
         // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs for the duration of the call.
@@ -253,12 +288,18 @@ fn pump_sends(peer: &mut Peer, rank: u32, buf: &[f32], events: &mut Vec<Event>) 
         let total = HEADER_BYTES + payload.len();
         while out.done < total {
             let r = if out.done < HEADER_BYTES {
-                peer.stream.write_vectored(&[IoSlice::new(&out.header[out.done..]), IoSlice::new(payload)])
+                peer.stream
+                    .write_vectored(&[IoSlice::new(&out.header[out.done..]), IoSlice::new(payload)])
             } else {
                 peer.stream.write(&payload[out.done - HEADER_BYTES..])
             };
             match r {
-                Ok(0) => return Err(Failure::Peer(rank, format!("sending to rank {rank}: connection closed"))),
+                Ok(0) => {
+                    return Err(Failure::Peer(
+                        rank,
+                        format!("sending to rank {rank}: connection closed"),
+                    ));
+                }
                 Ok(n) => {
                     out.done += n;
                     progressed = true;
@@ -268,7 +309,10 @@ fn pump_sends(peer: &mut Peer, rank: u32, buf: &[f32], events: &mut Vec<Event>) 
                 Err(e) => return Err(Failure::Peer(rank, format!("sending to rank {rank}: {}", describe(&e)))),
             }
         }
-        events.push(Event::Sent { peer: rank, tag: out.tag });
+        events.push(Event::Sent {
+            peer: rank,
+            tag: out.tag,
+        });
         peer.sends.pop_front();
     }
     Ok(progressed)
@@ -288,7 +332,9 @@ fn pump_recvs(
     loop {
         // A staged frame completes the head Recv as soon as it is posted.
         if let Some(h) = peer.incoming.staged {
-            let Some((tag, range, op)) = peer.recvs.pop_front() else { return Ok(progressed) };
+            let Some((tag, range, op)) = peer.recvs.pop_front() else {
+                return Ok(progressed);
+            };
             check_frame(rank, &h, tag, range.len())?;
             let src = &peer.incoming.staging[..range.len()];
             apply(&mut buf[range], src, op);
@@ -302,19 +348,33 @@ fn pump_recvs(
             // Read the header.
             while inc.header_done < HEADER_BYTES {
                 match peer.stream.read(&mut inc.header[inc.header_done..]) {
-                    Ok(0) => return Err(Failure::Peer(rank, format!("receiving from rank {rank}: connection closed"))),
+                    Ok(0) => {
+                        return Err(Failure::Peer(
+                            rank,
+                            format!("receiving from rank {rank}: connection closed"),
+                        ));
+                    }
                     Ok(n) => {
                         inc.header_done += n;
                         progressed = true;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(progressed),
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(Failure::Peer(rank, format!("receiving from rank {rank}: {}", describe(&e)))),
+                    Err(e) => {
+                        return Err(Failure::Peer(
+                            rank,
+                            format!("receiving from rank {rank}: {}", describe(&e)),
+                        ));
+                    }
                 }
             }
-            let h = FrameHeader::decode(&inc.header).map_err(|e| Failure::Peer(rank, format!("from rank {rank}: {e}")))?;
+            let h =
+                FrameHeader::decode(&inc.header).map_err(|e| Failure::Peer(rank, format!("from rank {rank}: {e}")))?;
             if h.kind != MessageType::Tensor {
-                return Err(Failure::Peer(rank, format!("rank {rank} sent a {} frame during a collective", h.kind)));
+                return Err(Failure::Peer(
+                    rank,
+                    format!("rank {rank} sent a {} frame during a collective", h.kind),
+                ));
             }
             let into = match peer.recvs.pop_front() {
                 Some((tag, range, op)) => {
@@ -324,7 +384,10 @@ fn pump_recvs(
                 None => {
                     let elems = h.payload_bytes as usize / 4;
                     if elems > segment_elems {
-                        return Err(Failure::Peer(rank, format!("rank {rank} sent an unexpected frame of {} bytes", h.payload_bytes)));
+                        return Err(Failure::Peer(
+                            rank,
+                            format!("rank {rank} sent an unexpected frame of {} bytes", h.payload_bytes),
+                        ));
                     }
                     inc.staging.resize(elems, 0.0);
                     Into_::Staging
@@ -343,11 +406,19 @@ fn pump_recvs(
                     let dst = net::as_bytes_mut(&mut inc.staging);
                     peer.stream.read(&mut dst[inc.payload_done..])
                 }
-                Into_::Posted { range, op: RecvOp::Copy, .. } => {
+                Into_::Posted {
+                    range,
+                    op: RecvOp::Copy,
+                    ..
+                } => {
                     let dst = net::as_bytes_mut(&mut buf[range.clone()]);
                     peer.stream.read(&mut dst[inc.payload_done..])
                 }
-                Into_::Posted { range, op: RecvOp::Reduce, .. } => {
+                Into_::Posted {
+                    range,
+                    op: RecvOp::Reduce,
+                    ..
+                } => {
                     // Reduce whole f32s only: read into the piece up to a 4-byte boundary.
                     let at = inc.payload_done;
                     let elem0 = at / 4;
@@ -376,7 +447,12 @@ fn pump_recvs(
                 }
             };
             match r {
-                Ok(0) => return Err(Failure::Peer(rank, format!("receiving from rank {rank}: connection closed"))),
+                Ok(0) => {
+                    return Err(Failure::Peer(
+                        rank,
+                        format!("receiving from rank {rank}: connection closed"),
+                    ));
+                }
                 Ok(n) => {
                     if h.payload_checked() && !matches!(into, Into_::Posted { op: RecvOp::Reduce, .. }) {
                         let dst: &[u8] = match into {
@@ -390,10 +466,16 @@ fn pump_recvs(
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(progressed),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(Failure::Peer(rank, format!("receiving from rank {rank}: {}", describe(&e)))),
+                Err(e) => {
+                    return Err(Failure::Peer(
+                        rank,
+                        format!("receiving from rank {rank}: {}", describe(&e)),
+                    ));
+                }
             }
         }
-        h.check_payload_crc(inc.crc).map_err(|e| Failure::Peer(rank, format!("from rank {rank}: {e}")))?;
+        h.check_payload_crc(inc.crc)
+            .map_err(|e| Failure::Peer(rank, format!("from rank {rank}: {e}")))?;
         let (h, into) = inc.frame.take().expect("set above");
         inc.header_done = 0;
         match into {

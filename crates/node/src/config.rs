@@ -90,7 +90,13 @@ pub struct TrainConfig {
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        Self { epochs: 1, batch_size: 128, seed: 0, eval_every_epochs: 1, max_steps: 0 }
+        Self {
+            epochs: 1,
+            batch_size: 128,
+            seed: 0,
+            eval_every_epochs: 1,
+            max_steps: 0,
+        }
     }
 }
 
@@ -108,7 +114,11 @@ pub struct CheckpointConfig {
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        Self { dir: None, every_epochs: 1, keep_last: 3 }
+        Self {
+            dir: None,
+            every_epochs: 1,
+            keep_last: 3,
+        }
     }
 }
 
@@ -173,14 +183,19 @@ fn default_true() -> bool {
 impl JobConfig {
     /// Reads `path`, applies `key=value` overrides and validates the result.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, JobError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| JobError::Config { path: path.to_path_buf(), why: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|e| JobError::Config {
+            path: path.to_path_buf(),
+            why: e.to_string(),
+        })?;
         Self::parse(&text, path, overrides)
     }
 
     /// Parses TOML text (`origin` names it in errors), applies overrides and validates.
     pub fn parse(text: &str, origin: &Path, overrides: &[String]) -> Result<Self, JobError> {
-        let err = |why: String| JobError::Config { path: origin.to_path_buf(), why };
+        let err = |why: String| JobError::Config {
+            path: origin.to_path_buf(),
+            why,
+        };
         let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| err(e.to_string()))?;
         for o in overrides {
             apply_override(&mut table, o).map_err(|why| err(format!("--set {o}: {why}")))?;
@@ -230,6 +245,9 @@ impl JobConfig {
         if c.heartbeat_timeout_ms < 100 || c.collective_timeout_ms < 100 {
             return Err("cluster timeouts must be at least 100 ms".into());
         }
+        if t.eval_every_epochs == 0 || self.checkpoint.every_epochs == 0 {
+            return Err("train.eval_every_epochs and checkpoint.every_epochs must be at least 1".into());
+        }
         if self.checkpoint.keep_last == 0 {
             return Err("checkpoint.keep_last must be at least 1".into());
         }
@@ -254,7 +272,9 @@ fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), String> {
     let (last, parents) = parts.split_last().ok_or("empty key")?;
     let mut cur = table;
     for p in parents {
-        let entry = cur.entry(p.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let entry = cur
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
         cur = entry.as_table_mut().ok_or_else(|| format!("{p} is not a table"))?;
     }
     cur.insert(last.to_string(), value);
@@ -279,7 +299,11 @@ mod tests {
 
     #[test]
     fn overrides_apply_to_nested_keys_with_typed_values() {
-        let o = ["train.epochs=3".to_string(), "optim.lr=0.1".into(), "model.hidden=[64]".into()];
+        let o = [
+            "train.epochs=3".to_string(),
+            "optim.lr=0.1".into(),
+            "model.hidden=[64]".into(),
+        ];
         let c = JobConfig::parse(BASE, Path::new("x.toml"), &o).expect("valid");
         assert_eq!(c.train.epochs, 3);
         assert_eq!(c.cluster.workers, 1);

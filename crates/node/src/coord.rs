@@ -114,15 +114,18 @@ fn accept_loop(listener: TcpListener, secret: Secret, tx: Sender<Input>) {
         let live = live.clone();
         live.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let spawned = thread::Builder::new().name(format!("conn-{conn}")).spawn(move || {
-            let own = PeerInfo { role: Role::Coordinator, rank: 0 };
+            let own = PeerInfo {
+                role: Role::Coordinator,
+                rank: 0,
+            };
             match net::accept_handshake(&mut stream, &secret, own) {
                 Ok(peer) => {
                     tracing::info!(conn, peer = %peer, addr = %peer_addr, "authenticated");
                     let _ = stream.set_nodelay(true);
-                    if let Ok(w) = stream.try_clone() {
-                        if tx.send(Input::Joined { conn, stream: w }).is_ok() {
-                            read_loop(conn, stream, &tx);
-                        }
+                    if let Ok(w) = stream.try_clone()
+                        && tx.send(Input::Joined { conn, stream: w }).is_ok()
+                    {
+                        read_loop(conn, stream, &tx);
                     }
                 }
                 Err(e) => tracing::warn!(peer = %peer_addr, error = %e, "refused an unauthenticated connection"),
@@ -153,4 +156,3 @@ fn read_loop(conn: ConnId, stream: TcpStream, tx: &Sender<Input>) {
     }
     let _ = tx.send(Input::Gone { conn });
 }
-

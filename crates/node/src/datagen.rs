@@ -25,7 +25,10 @@ pub struct GenRequest {
 
 /// `train.svm` → `train.test.svm` (the test split beside the training file).
 fn beside(out: &Path) -> PathBuf {
-    let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     match out.extension() {
         Some(ext) => out.with_file_name(format!("{stem}.test.{}", ext.to_string_lossy())),
         None => out.with_file_name(format!("{stem}.test")),
@@ -80,6 +83,9 @@ pub fn generate(req: &GenRequest) -> Result<String, JobError> {
 
 /// Summarises a data file.
 pub fn inspect(path: &Path, hash_bits: Option<u32>) -> Result<data::Summary, JobError> {
-    let opts = data::ReadOptions { hash_bits, ..Default::default() };
+    let opts = data::ReadOptions {
+        hash_bits,
+        ..Default::default()
+    };
     Ok(data::inspect(path, &opts)?)
 }

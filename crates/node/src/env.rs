@@ -67,16 +67,33 @@ mod tests {
 
     #[test]
     fn torchrun_variables() {
-        let e = env(&[("MASTER_ADDR", "10.0.0.1"), ("MASTER_PORT", "29500"), ("RANK", "3"), ("WORLD_SIZE", "8"), ("LOCAL_RANK", "1")]).expect("valid");
+        let e = env(&[
+            ("MASTER_ADDR", "10.0.0.1"),
+            ("MASTER_PORT", "29500"),
+            ("RANK", "3"),
+            ("WORLD_SIZE", "8"),
+            ("LOCAL_RANK", "1"),
+        ])
+        .expect("valid");
         assert_eq!(e.coordinator.as_deref(), Some("10.0.0.1:29500"));
         assert_eq!((e.rank, e.world, e.local_rank), (Some(3), Some(8), Some(1)));
     }
 
     #[test]
     fn dmlc_variables() {
-        let e = env(&[("DMLC_PS_ROOT_URI", "sched"), ("DMLC_PS_ROOT_PORT", "9000"), ("DMLC_NUM_WORKER", "4"), ("DMLC_ROLE", "worker"), ("DMLC_NUM_SERVER", "2")]).expect("valid");
+        let e = env(&[
+            ("DMLC_PS_ROOT_URI", "sched"),
+            ("DMLC_PS_ROOT_PORT", "9000"),
+            ("DMLC_NUM_WORKER", "4"),
+            ("DMLC_ROLE", "worker"),
+            ("DMLC_NUM_SERVER", "2"),
+        ])
+        .expect("valid");
         assert_eq!(e.coordinator.as_deref(), Some("sched:9000"));
-        assert_eq!((e.world, e.role.as_deref(), e.servers), (Some(4), Some("worker"), Some(2)));
+        assert_eq!(
+            (e.world, e.role.as_deref(), e.servers),
+            (Some(4), Some("worker"), Some(2))
+        );
     }
 
     #[test]

@@ -22,7 +22,12 @@ pub enum JobError {
     #[error("rank {rank}: {why}")]
     Peer { rank: u32, why: String },
     #[error("{op} at step {step} timed out after {waited_ms} ms waiting for rank {rank}")]
-    Stalled { op: String, step: u64, rank: u32, waited_ms: u64 },
+    Stalled {
+        op: String,
+        step: u64,
+        rank: u32,
+        waited_ms: u64,
+    },
     #[error("coordinator: {0}")]
     Coordinator(String),
     #[error(transparent)]
@@ -37,6 +42,9 @@ pub enum JobError {
 
 impl JobError {
     pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
-        Self::Io { what: what.into(), source }
+        Self::Io {
+            what: what.into(),
+            source,
+        }
     }
 }

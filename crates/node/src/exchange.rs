@@ -64,7 +64,11 @@ impl AllreduceExchange {
         coordinator: Arc<Mutex<TcpStream>>,
     ) -> Result<Self, JobError> {
         let (rank, world) = (comm.rank(), comm.world());
-        let (comm, inline) = if overlap { (Some(comm), None) } else { (None, Some(comm)) };
+        let (comm, inline) = if overlap {
+            (Some(comm), None)
+        } else {
+            (None, Some(comm))
+        };
         let (jobs_tx, jobs_rx) = mpsc::sync_channel::<Job>(BUCKETS_INFLIGHT_MAX);
         let (reply_tx, replies) = mpsc::sync_channel::<Reply>(BUCKETS_INFLIGHT_MAX);
         let thread = comm
@@ -129,7 +133,10 @@ impl AllreduceExchange {
     }
 
     fn comm_gone(&self) -> JobError {
-        JobError::Peer { rank: self.rank, why: "the communication thread stopped".into() }
+        JobError::Peer {
+            rank: self.rank,
+            why: "the communication thread stopped".into(),
+        }
     }
 }
 
@@ -186,7 +193,7 @@ impl Exchange for AllreduceExchange {
         match self.inline.as_mut() {
             Some(comm) => comm.all_reduce(grad, step, "gradient all-reduce"),
             None => {
-                self.gradient_ready(step, 0..grad.len(), &grad.to_vec())?;
+                self.gradient_ready(step, 0..grad.len(), grad)?;
                 self.finish_gradients(step, grad)
             }
         }

@@ -32,7 +32,11 @@ pub fn read_options(cfg: &JobConfig, split: data::Split) -> data::ReadOptions {
             Err(_) => data::LabelColumn::Name(col.clone()),
         };
     }
-    csv.header = if d.csv_header { data::Header::Auto } else { data::Header::Absent };
+    csv.header = if d.csv_header {
+        data::Header::Auto
+    } else {
+        data::Header::Absent
+    };
     data::ReadOptions {
         format: match d.format {
             DataFormat::Auto => None,
@@ -68,13 +72,13 @@ pub fn load_data(cfg: &JobConfig) -> Result<JobData, JobError> {
         None if d.train.is_dir() => Some(data::read_auto(&d.train, &test_opts)?),
         None => None,
     };
-    if let Some(t) = &test {
-        if t.dim() != train.dim() {
-            return Err(JobError::Config {
-                path: d.test.clone().unwrap_or_else(|| d.train.clone()),
-                why: format!("test data has {} features, training data {}", t.dim(), train.dim()),
-            });
-        }
+    if let Some(t) = &test
+        && t.dim() != train.dim()
+    {
+        return Err(JobError::Config {
+            path: d.test.clone().unwrap_or_else(|| d.train.clone()),
+            why: format!("test data has {} features, training data {}", t.dim(), train.dim()),
+        });
     }
     let meta = data::read_meta(&d.train)?.and_then(|m| serde_json::to_value(m).ok());
     Ok(JobData { train, test, meta })

@@ -73,7 +73,10 @@ impl Children {
                 Ok(())
             });
         }
-        let mut child = cmd.stdout(Stdio::piped()).spawn().map_err(|e| JobError::io(format!("starting {who}"), e))?;
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| JobError::io(format!("starting {who}"), e))?;
         let out = child.stdout.take().expect("stdout is piped");
         let exited = Arc::new(AtomicBool::new(false));
         self.procs.push((who, child.id(), exited.clone()));
@@ -158,7 +161,13 @@ impl LocalCluster {
         let mut children = Children { procs: Vec::new() };
         let mut coord = Command::new(&exe);
         coord
-            .args(["coordinator", "--listen", "127.0.0.1:0", "--world", &workers.to_string()])
+            .args([
+                "coordinator",
+                "--listen",
+                "127.0.0.1:0",
+                "--world",
+                &workers.to_string(),
+            ])
             .arg("--heartbeat-timeout-ms")
             .arg(heartbeat_timeout_ms.to_string())
             .env("SINTER_SECRET", &secret_hex);
@@ -176,7 +185,12 @@ impl LocalCluster {
                 .env("SINTER_SECRET", &secret_hex);
             children.spawn(Who::Worker(rank), w, &tx)?;
         }
-        Ok(Self { children, rx, _tx: tx, workers })
+        Ok(Self {
+            children,
+            rx,
+            _tx: tx,
+            workers,
+        })
     }
 
     /// Relays every JSON line a worker prints to `on_line(rank, value)` until all
@@ -230,9 +244,17 @@ pub fn run(cfg: &JobConfig, resume: Option<&Path>, obs: &mut dyn Observer) -> Re
     std::fs::create_dir_all(&run_dir).map_err(|e| JobError::io(format!("creating {}", run_dir.display()), e))?;
     let _cleanup = RemoveOnDrop(run_dir.clone());
     let job_file = run_dir.join("job.toml");
-    let text = toml::to_string(cfg).map_err(|e| JobError::Config { path: job_file.clone(), why: e.to_string() })?;
+    let text = toml::to_string(cfg).map_err(|e| JobError::Config {
+        path: job_file.clone(),
+        why: e.to_string(),
+    })?;
     std::fs::write(&job_file, text).map_err(|e| JobError::io(format!("writing {}", job_file.display()), e))?;
-    let mut args: Vec<OsString> = vec!["worker".into(), "--config".into(), job_file.clone().into(), "--json".into()];
+    let mut args: Vec<OsString> = vec![
+        "worker".into(),
+        "--config".into(),
+        job_file.clone().into(),
+        "--json".into(),
+    ];
     if let Some(dir) = resume {
         args.push("--resume".into());
         args.push(dir.into());
@@ -256,7 +278,10 @@ pub fn run(cfg: &JobConfig, resume: Option<&Path>, obs: &mut dyn Observer) -> Re
             }
         }
     })?;
-    summary.ok_or_else(|| JobError::Peer { rank: 0, why: "finished without a summary".into() })
+    summary.ok_or_else(|| JobError::Peer {
+        rank: 0,
+        why: "finished without a summary".into(),
+    })
 }
 
 fn wait_for_address(rx: &mpsc::Receiver<Msg>) -> Result<String, JobError> {
@@ -264,20 +289,27 @@ fn wait_for_address(rx: &mpsc::Receiver<Msg>) -> Result<String, JobError> {
     loop {
         match rx.recv_timeout(Duration::from_millis(SUPERVISE_TICK_MS)) {
             Ok(Msg::Line(Who::Coordinator, line)) => {
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                    if let Some(a) = v.get("listening").and_then(|a| a.as_str()) {
-                        return Ok(a.to_string());
-                    }
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                    && let Some(a) = v.get("listening").and_then(|a| a.as_str())
+                {
+                    return Ok(a.to_string());
                 }
             }
             Ok(Msg::Exited(who, status)) => {
-                return Err(JobError::Coordinator(format!("{who} {} before listening", describe(status))));
+                return Err(JobError::Coordinator(format!(
+                    "{who} {} before listening",
+                    describe(status)
+                )));
             }
             Ok(_) | Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return Err(JobError::Coordinator("lost the coordinator's output".into())),
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(JobError::Coordinator("lost the coordinator's output".into()));
+            }
         }
         if Instant::now() > deadline {
-            return Err(JobError::Coordinator(format!("did not start listening within {COORDINATOR_START_TIMEOUT_MS} ms")));
+            return Err(JobError::Coordinator(format!(
+                "did not start listening within {COORDINATOR_START_TIMEOUT_MS} ms"
+            )));
         }
     }
 }

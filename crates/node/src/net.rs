@@ -51,7 +51,10 @@ pub fn connect(addr: &str, timeout_ms: u64) -> Result<TcpStream, JobError> {
                 return Ok(s);
             }
             Err(e) if Instant::now() >= deadline => {
-                return Err(JobError::io(format!("connecting to {addr} (gave up after {timeout_ms} ms)"), e));
+                return Err(JobError::io(
+                    format!("connecting to {addr} (gave up after {timeout_ms} ms)"),
+                    e,
+                ));
             }
             // The peer may not be listening yet: wait a little and try again, within the deadline.
             Err(_) => std::thread::sleep(Duration::from_millis(CONNECT_RETRY_MS).min(left)),
@@ -94,7 +97,8 @@ fn set_buffer(s: &TcpStream, opt: libc::c_int) -> Result<(), JobError> {
 pub fn accept_handshake(s: &mut TcpStream, secret: &Secret, own: PeerInfo) -> Result<PeerInfo, JobError> {
     let (mut acc, challenge) = Acceptor::new(secret, own, nonce()?);
     with_deadline(s, HANDSHAKE_TIMEOUT_MS, |s| {
-        s.write_all(&challenge).map_err(|e| JobError::io("sending auth challenge", e))?;
+        s.write_all(&challenge)
+            .map_err(|e| JobError::io("sending auth challenge", e))?;
         drive(s, |input| acc.on_bytes(input))
     })
 }
@@ -121,7 +125,10 @@ fn drive(
         if header.kind != MessageType::Auth {
             return Err(JobError::Wire(wire::WireError::AuthFailed {
                 peer: None,
-                reason: wire::AuthFailure::UnexpectedMessage { expected: "an auth frame", got: "another frame" },
+                reason: wire::AuthFailure::UnexpectedMessage {
+                    expected: "an auth frame",
+                    got: "another frame",
+                },
             }));
         }
         let len = HEADER_BYTES + header.payload_bytes as usize;
@@ -148,17 +155,21 @@ fn with_deadline<T>(
 ) -> Result<T, JobError> {
     let t = Some(Duration::from_millis(timeout_ms));
     s.set_read_timeout(t).map_err(|e| JobError::io("set_read_timeout", e))?;
-    s.set_write_timeout(t).map_err(|e| JobError::io("set_write_timeout", e))?;
+    s.set_write_timeout(t)
+        .map_err(|e| JobError::io("set_write_timeout", e))?;
     let r = f(s);
-    s.set_read_timeout(None).map_err(|e| JobError::io("set_read_timeout", e))?;
-    s.set_write_timeout(None).map_err(|e| JobError::io("set_write_timeout", e))?;
+    s.set_read_timeout(None)
+        .map_err(|e| JobError::io("set_read_timeout", e))?;
+    s.set_write_timeout(None)
+        .map_err(|e| JobError::io("set_write_timeout", e))?;
     r
 }
 
 /// Writes one control message as a frame.
 pub fn send_control<T: Serialize>(s: &mut TcpStream, sender: u32, msg: &T) -> Result<(), JobError> {
     let bytes = wire::encode_control(sender, msg)?;
-    s.write_all(&bytes).map_err(|e| JobError::io("sending control message", e))
+    s.write_all(&bytes)
+        .map_err(|e| JobError::io("sending control message", e))
 }
 
 /// Reads exactly one control message and not a byte more, for a stream whose
@@ -166,13 +177,18 @@ pub fn send_control<T: Serialize>(s: &mut TcpStream, sender: u32, msg: &T) -> Re
 pub fn recv_control_exact<T: DeserializeOwned>(s: &mut TcpStream, timeout_ms: u64) -> Result<T, JobError> {
     with_deadline(s, timeout_ms, |s| {
         let mut h = [0u8; HEADER_BYTES];
-        s.read_exact(&mut h).map_err(|e| JobError::io("reading a control message", e))?;
+        s.read_exact(&mut h)
+            .map_err(|e| JobError::io("reading a control message", e))?;
         let header = FrameHeader::decode(&h)?;
         if header.kind != MessageType::Control {
-            return Err(JobError::Coordinator(format!("expected a control frame, got {}", header.kind)));
+            return Err(JobError::Coordinator(format!(
+                "expected a control frame, got {}",
+                header.kind
+            )));
         }
         let mut payload = vec![0u8; header.payload_bytes as usize];
-        s.read_exact(&mut payload).map_err(|e| JobError::io("reading a control message", e))?;
+        s.read_exact(&mut payload)
+            .map_err(|e| JobError::io("reading a control message", e))?;
         Ok(wire::decode_control(&header, &payload)?)
     })
 }
@@ -188,7 +204,12 @@ pub struct ControlReader {
 
 impl ControlReader {
     pub fn new(stream: TcpStream) -> Self {
-        Self { stream, decoder: FrameDecoder::new(), buf: vec![0; 64 * 1024], pending: Default::default() }
+        Self {
+            stream,
+            decoder: FrameDecoder::new(),
+            buf: vec![0; 64 * 1024],
+            pending: Default::default(),
+        }
     }
 
     /// The next control message; `None` when the peer closed the connection cleanly.
@@ -200,7 +221,10 @@ impl ControlReader {
         loop {
             if let Some(frame) = self.pending.pop_front() {
                 if frame.header.kind != MessageType::Control {
-                    return Err(JobError::Coordinator(format!("expected a control frame, got {}", frame.header.kind)));
+                    return Err(JobError::Coordinator(format!(
+                        "expected a control frame, got {}",
+                        frame.header.kind
+                    )));
                 }
                 return Ok(Some(wire::decode_control(&frame.header, &frame.payload)?));
             }
@@ -257,5 +281,7 @@ pub fn as_bytes_mut(v: &mut [f32]) -> &mut [u8] {
 }
 
 // Tensors travel as raw little-endian f32; a big-endian port must byte-swap.
-const _: () = assert!(cfg!(target_endian = "little"), "Sinter's tensor frames assume a little-endian host");
-
+const _: () = assert!(
+    cfg!(target_endian = "little"),
+    "Sinter's tensor frames assume a little-endian host"
+);

@@ -39,7 +39,14 @@ pub struct StepReport {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Report {
-    Start { rank: u32, world: u32, epochs: u32, steps_per_epoch: u64, params: usize, start_epoch: u32 },
+    Start {
+        rank: u32,
+        world: u32,
+        epochs: u32,
+        steps_per_epoch: u64,
+        params: usize,
+        start_epoch: u32,
+    },
     Step(StepReport),
     Epoch(EpochReport),
 }

@@ -39,9 +39,17 @@ pub fn save(
     let config = serde_json::to_value(cfg).unwrap_or(serde_json::Value::Null);
     let position = serde_json::to_value(pos).unwrap_or(serde_json::Value::Null);
     let mut snap = Snapshot::new(Manifest::new(pos.step, u64::from(pos.epoch), position, config));
-    let tensors = layout.tensors().iter().map(|t| NamedTensor::new(&t.name, &t.shape, params[t.range()].to_vec())).collect();
+    let tensors = layout
+        .tensors()
+        .iter()
+        .map(|t| NamedTensor::new(&t.name, &t.shape, params[t.range()].to_vec()))
+        .collect();
     snap.files.insert(PARAMS.into(), tensors);
-    let state = opt.state_tensors().into_iter().map(|(name, data)| NamedTensor::vector(name, data)).collect();
+    let state = opt
+        .state_tensors()
+        .into_iter()
+        .map(|(name, data)| NamedTensor::vector(name, data))
+        .collect();
     snap.files.insert(OPTIM.into(), state);
     let path = checkpoint::write(dir, &snap)?;
     checkpoint::prune(dir, keep_last)?;
@@ -52,15 +60,23 @@ pub fn save(
 pub fn load(dir: &Path, layout: &Layout, params: &mut [f32], opt: &mut optim::Optimizer) -> Result<Restored, JobError> {
     let (snap, skipped) = checkpoint::load_latest(dir)?;
     let path = dir.join(checkpoint::dir_name(snap.manifest.step));
-    let bad = |why: String| JobError::Resume { path: path.clone(), why };
+    let bad = |why: String| JobError::Resume {
+        path: path.clone(),
+        why,
+    };
     let position: Position = serde_json::from_value(snap.manifest.data_position.clone())
         .map_err(|e| bad(format!("manifest data_position: {e}")))?;
     // Check everything before changing anything.
     let mut found = Vec::with_capacity(layout.tensors().len());
     for t in layout.tensors() {
-        let saved = snap.tensor(PARAMS, &t.name).ok_or_else(|| bad(format!("no tensor `{}` in params", t.name)))?;
+        let saved = snap
+            .tensor(PARAMS, &t.name)
+            .ok_or_else(|| bad(format!("no tensor `{}` in params", t.name)))?;
         if saved.shape != t.shape {
-            return Err(bad(format!("tensor `{}` has shape {:?}; this model needs {:?}", t.name, saved.shape, t.shape)));
+            return Err(bad(format!(
+                "tensor `{}` has shape {:?}; this model needs {:?}",
+                t.name, saved.shape, t.shape
+            )));
         }
         found.push((t.range(), &saved.data));
     }
@@ -72,8 +88,15 @@ pub fn load(dir: &Path, layout: &Layout, params: &mut [f32], opt: &mut optim::Op
     for s in &skipped {
         tracing::warn!(path = %s.path.display(), error = %s.error, "skipped a damaged checkpoint");
     }
-    let skipped = skipped.iter().map(|s| format!("{}: {}", s.path.display(), s.error)).collect();
-    Ok(Restored { path, position, skipped })
+    let skipped = skipped
+        .iter()
+        .map(|s| format!("{}: {}", s.path.display(), s.error))
+        .collect();
+    Ok(Restored {
+        path,
+        position,
+        skipped,
+    })
 }
 
 /// `sinter checkpoint inspect`: one line per checkpoint, then the newest one's tensors.
@@ -87,7 +110,15 @@ pub fn describe(dir: &Path) -> Result<String, JobError> {
         match checkpoint::verify(&e.path) {
             Ok(m) => {
                 let bytes: u64 = m.files.iter().map(|f| f.bytes).sum();
-                let _ = writeln!(out, "{}  step {}  epoch {}  {} files  {} bytes  ok", e.path.display(), m.step, m.epoch, m.files.len(), bytes);
+                let _ = writeln!(
+                    out,
+                    "{}  step {}  epoch {}  {} files  {} bytes  ok",
+                    e.path.display(),
+                    m.step,
+                    m.epoch,
+                    m.files.len(),
+                    bytes
+                );
             }
             Err(err) => {
                 let _ = writeln!(out, "{}  DAMAGED: {err}", e.path.display());
@@ -114,7 +145,10 @@ pub fn verify_all(dir: &Path) -> Result<String, JobError> {
         let _ = writeln!(out, "{}  step {}  ok", e.path.display(), m.step);
     }
     if entries.is_empty() {
-        return Err(JobError::Resume { path: dir.to_path_buf(), why: "no checkpoints here".into() });
+        return Err(JobError::Resume {
+            path: dir.to_path_buf(),
+            why: "no checkpoints here".into(),
+        });
     }
     Ok(out)
 }

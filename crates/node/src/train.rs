@@ -115,8 +115,15 @@ impl Shard {
         let w = world as usize;
         let parts = tensor::shard_ranges(total_rows, w);
         let local = tensor::shard_ranges(global_batch, w);
-        let steps = (0..w).map(|r| parts[r].len() / local[r].len().max(1)).min().unwrap_or(0);
-        Self { rows: parts[rank as usize].clone(), local_batch: local[rank as usize].len(), steps_per_epoch: steps as u64 }
+        let steps = (0..w)
+            .map(|r| parts[r].len() / local[r].len().max(1))
+            .min()
+            .unwrap_or(0);
+        Self {
+            rows: parts[rank as usize].clone(),
+            local_batch: local[rank as usize].len(),
+            steps_per_epoch: steps as u64,
+        }
     }
 }
 
@@ -168,7 +175,17 @@ impl Trainer {
             });
         }
         let weight = shard.local_batch as f32 / cfg.train.batch_size as f32;
-        Ok(Self { cfg, model, params, grad, opt, data, shard, pos: Position::default(), weight })
+        Ok(Self {
+            cfg,
+            model,
+            params,
+            grad,
+            opt,
+            data,
+            shard,
+            pos: Position::default(),
+            weight,
+        })
     }
 
     pub fn params(&self) -> &[f32] {
@@ -225,16 +242,29 @@ impl Trainer {
                 test_acc: None,
                 test_auc: None,
                 test_logloss: None,
-                bayes_auc: self.data.meta.as_ref().and_then(|m| m.get("bayes_auc")).and_then(|v| v.as_f64()),
+                bayes_auc: self
+                    .data
+                    .meta
+                    .as_ref()
+                    .and_then(|m| m.get("bayes_auc"))
+                    .and_then(|v| v.as_f64()),
             };
             let last_epoch = self.pos.epoch == epochs || self.stop_requested();
-            if ex.rank() == 0 && (last_epoch || self.pos.epoch % self.cfg.train.eval_every_epochs == 0) {
+            if ex.rank() == 0 && (last_epoch || self.pos.epoch.is_multiple_of(self.cfg.train.eval_every_epochs)) {
                 self.evaluate(&mut report);
             }
             let ck = &self.cfg.checkpoint;
-            if ex.rank() == 0 && ck.dir.is_some() && (last_epoch || self.pos.epoch % ck.every_epochs == 0) {
+            if ex.rank() == 0 && ck.dir.is_some() && (last_epoch || self.pos.epoch.is_multiple_of(ck.every_epochs)) {
                 let dir = ck.dir.clone().unwrap_or_default();
-                checkpoint = Some(state::save(&dir, ck.keep_last, &self.cfg, self.model.layout(), &self.params, &self.opt, self.pos)?);
+                checkpoint = Some(state::save(
+                    &dir,
+                    ck.keep_last,
+                    &self.cfg,
+                    self.model.layout(),
+                    &self.params,
+                    &self.opt,
+                    self.pos,
+                )?);
             }
             report.wall_s = started.elapsed().as_secs_f64();
             obs.report(&Report::Epoch(report.clone()));
@@ -243,7 +273,13 @@ impl Trainer {
                 break;
             }
         }
-        Ok(Summary { epochs, steps: self.pos.step, wall_s: started.elapsed().as_secs_f64(), last, checkpoint })
+        Ok(Summary {
+            epochs,
+            steps: self.pos.step,
+            wall_s: started.elapsed().as_secs_f64(),
+            last,
+            checkpoint,
+        })
     }
 
     fn stop_requested(&self) -> bool {
@@ -270,12 +306,13 @@ impl Trainer {
             batch.gather(&self.data.train, idx);
             let step = self.pos.step;
             let loss = if local_sgd || ex.world() == 1 {
-                self.model.forward_backward(&self.params, batch, &mut self.grad, &mut |_, _| {})
+                self.model
+                    .forward_backward(&self.params, batch, &mut self.grad, &mut |_, _| {})
             } else {
                 self.exchange_step(step, batch, ex)?
             };
             self.opt.step(&mut self.params, &self.grad)?;
-            if local_sgd && (step + 1) % self.cfg.cluster.average_every as u64 == 0 {
+            if local_sgd && (step + 1).is_multiple_of(self.cfg.cluster.average_every as u64) {
                 ex.average_params(step, &mut self.params)?;
             }
             self.pos.step += 1;
@@ -309,7 +346,9 @@ impl Trainer {
     /// Backward pass with gradients handed to the exchange as they become final.
     fn exchange_step(&mut self, step: u64, batch: &Batch, ex: &mut dyn Exchange) -> Result<f32, JobError> {
         if !ex.overlaps() {
-            let loss = self.model.forward_backward(&self.params, batch, &mut self.grad, &mut |_, _| {});
+            let loss = self
+                .model
+                .forward_backward(&self.params, batch, &mut self.grad, &mut |_, _| {});
             if self.weight != 1.0 {
                 self.grad.dense.iter_mut().for_each(|g| *g *= self.weight);
             }
@@ -319,21 +358,23 @@ impl Trainer {
         let mut failed = None;
         let weight = self.weight;
         let mut scaled = Vec::new();
-        let loss = self.model.forward_backward(&self.params, batch, &mut self.grad, &mut |range, values| {
-            if failed.is_some() {
-                return;
-            }
-            let values = if weight == 1.0 {
-                values
-            } else {
-                scaled.clear();
-                scaled.extend(values.iter().map(|v| v * weight));
-                &scaled[..]
-            };
-            if let Err(e) = ex.gradient_ready(step, range, values) {
-                failed = Some(e);
-            }
-        });
+        let loss = self
+            .model
+            .forward_backward(&self.params, batch, &mut self.grad, &mut |range, values| {
+                if failed.is_some() {
+                    return;
+                }
+                let values = if weight == 1.0 {
+                    values
+                } else {
+                    scaled.clear();
+                    scaled.extend(values.iter().map(|v| v * weight));
+                    &scaled[..]
+                };
+                if let Err(e) = ex.gradient_ready(step, range, values) {
+                    failed = Some(e);
+                }
+            });
         if let Some(e) = failed {
             return Err(e);
         }
@@ -359,7 +400,11 @@ impl Trainer {
         } else {
             report.test_auc = Some(model::metrics::auc(&probs, &test.labels));
             report.test_logloss = Some(model::metrics::log_loss(&probs, &test.labels));
-            let correct = probs.iter().zip(&test.labels).filter(|(p, y)| (**p >= 0.5) == (**y == 1)).count();
+            let correct = probs
+                .iter()
+                .zip(&test.labels)
+                .filter(|(p, y)| (**p >= 0.5) == (**y == 1))
+                .count();
             report.test_acc = Some(correct as f64 / test.rows().max(1) as f64);
         }
     }
@@ -394,7 +439,11 @@ mod tests {
             let steps = shards[0].steps_per_epoch;
             assert!(shards.iter().all(|s| s.steps_per_epoch == steps));
             assert_eq!(shards.iter().map(|s| s.local_batch).sum::<usize>(), batch);
-            assert!(shards.iter().all(|s| s.local_batch as u64 * steps <= s.rows.len() as u64));
+            assert!(
+                shards
+                    .iter()
+                    .all(|s| s.local_batch as u64 * steps <= s.rows.len() as u64)
+            );
         }
         assert_eq!(Shard::new(60_000, 2, 0, 128).steps_per_epoch, 468);
     }

@@ -48,13 +48,24 @@ pub fn join(env: &ClusterEnv, secret: &Secret, cluster: &ClusterConfig) -> Resul
         why: "a worker needs the coordinator's address (MASTER_ADDR and MASTER_PORT, or DMLC_PS_ROOT_URI and DMLC_PS_ROOT_PORT)".into(),
     })?;
     let mut coord = net::connect(&coord_addr, RENDEZVOUS_TIMEOUT_MS)?;
-    let own = PeerInfo { role: Role::Worker, rank: env.rank.unwrap_or(u32::MAX) };
+    let own = PeerInfo {
+        role: Role::Worker,
+        rank: env.rank.unwrap_or(u32::MAX),
+    };
     net::connect_handshake(&mut coord, secret, own)?;
     // Peers reach us on the interface that reaches the coordinator.
     let local_ip = coord.local_addr().map_err(|e| JobError::io("local address", e))?.ip();
     let listener = net::listen(&format!("{local_ip}:0"))?;
-    let data_addr = listener.local_addr().map_err(|e| JobError::io("listener address", e))?.to_string();
-    let join = ToCoordinator::Join { role: Role::Worker, rank: env.rank, data_addr, pid: std::process::id() };
+    let data_addr = listener
+        .local_addr()
+        .map_err(|e| JobError::io("listener address", e))?
+        .to_string();
+    let join = ToCoordinator::Join {
+        role: Role::Worker,
+        rank: env.rank,
+        data_addr,
+        pid: std::process::id(),
+    };
     net::send_control(&mut coord, own.rank, &join)?;
     let mut reader = ControlReader::new(coord.try_clone().map_err(|e| JobError::io("cloning", e))?);
     let welcome = match reader.recv::<FromCoordinator>(Some(RENDEZVOUS_TIMEOUT_MS))? {
@@ -63,16 +74,36 @@ pub fn join(env: &ClusterEnv, secret: &Secret, cluster: &ClusterConfig) -> Resul
         other => return Err(JobError::Coordinator(format!("expected a welcome, got {other:?}"))),
     };
     welcome.check().map_err(JobError::Coordinator)?;
-    let FromCoordinator::Welcome { generation, rank, world, peers } = welcome else { unreachable!("matched above") };
+    let FromCoordinator::Welcome {
+        generation,
+        rank,
+        world,
+        peers,
+    } = welcome
+    else {
+        unreachable!("matched above")
+    };
     tracing::info!(rank, world, generation, "joined");
     let streams = mesh(rank, world, generation, &peers, &listener, secret)?;
     let coord = Arc::new(Mutex::new(coord));
     let step = Arc::new(AtomicU64::new(0));
     spawn_heartbeats(coord.clone(), rank, step.clone(), cluster.heartbeat_timeout_ms)?;
     spawn_abort_watch(reader, rank)?;
-    let comm =
-        Comm::new(rank, streams, collective::CollectiveConfig::default(), cluster.collective_timeout_ms, cluster.tensor_crc)?;
-    Ok(Member { rank, world, generation, coord, step, comm })
+    let comm = Comm::new(
+        rank,
+        streams,
+        collective::CollectiveConfig::default(),
+        cluster.collective_timeout_ms,
+        cluster.tensor_crc,
+    )?;
+    Ok(Member {
+        rank,
+        world,
+        generation,
+        coord,
+        step,
+        comm,
+    })
 }
 
 /// Tells the coordinator this worker is done (or failed), ending its part of the job.
@@ -89,13 +120,23 @@ pub fn report_end(coord: &Mutex<TcpStream>, rank: u32, result: Result<u64, &JobE
 }
 
 /// Runs one training worker until the job ends.
-pub fn run(cfg: JobConfig, env: &ClusterEnv, secret: &Secret, resume: Option<&Path>, obs: &mut dyn Observer) -> Result<Summary, JobError> {
+pub fn run(
+    cfg: JobConfig,
+    env: &ClusterEnv,
+    secret: &Secret,
+    resume: Option<&Path>,
+    obs: &mut dyn Observer,
+) -> Result<Summary, JobError> {
     // Load the data first: a bad file fails this worker before the cluster waits for it.
     let data = crate::job::load_data(&cfg)?;
     let member = join(env, secret, &cfg.cluster)?;
     let (rank, world) = (member.rank, member.world);
     if world != cfg.cluster.workers {
-        tracing::warn!(world, configured = cfg.cluster.workers, "cluster size differs from cluster.workers; using the coordinator's");
+        tracing::warn!(
+            world,
+            configured = cfg.cluster.workers,
+            "cluster size differs from cluster.workers; using the coordinator's"
+        );
     }
     let coord = member.coord.clone();
     let step = member.step.clone();
@@ -123,8 +164,18 @@ pub fn run(cfg: JobConfig, env: &ClusterEnv, secret: &Secret, resume: Option<&Pa
 
 /// Connects every pair of workers once: rank i dials every rank below it and
 /// accepts every rank above it. Returns one stream per peer, by rank.
-fn mesh(rank: u32, world: u32, generation: u64, peers: &[String], listener: &TcpListener, secret: &Secret) -> Result<Vec<Option<TcpStream>>, JobError> {
-    let own = PeerInfo { role: Role::Worker, rank };
+fn mesh(
+    rank: u32,
+    world: u32,
+    generation: u64,
+    peers: &[String],
+    listener: &TcpListener,
+    secret: &Secret,
+) -> Result<Vec<Option<TcpStream>>, JobError> {
+    let own = PeerInfo {
+        role: Role::Worker,
+        rank,
+    };
     let mut streams: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
     let expect_inbound = (world - 1 - rank) as usize;
     let (tx, rx) = mpsc::channel();
@@ -152,7 +203,10 @@ fn mesh(rank: u32, world: u32, generation: u64, peers: &[String], listener: &Tcp
         let mut s = net::connect(addr, RENDEZVOUS_TIMEOUT_MS)?;
         let them = net::connect_handshake(&mut s, secret, own)?;
         if them.rank != peer as u32 {
-            return Err(JobError::Peer { rank: peer as u32, why: format!("{addr} answered as {them}") });
+            return Err(JobError::Peer {
+                rank: peer as u32,
+                why: format!("{addr} answered as {them}"),
+            });
         }
         net::send_control(&mut s, rank, &PeerHello { generation, rank })?;
         streams[peer] = Some(s);
@@ -162,26 +216,47 @@ fn mesh(rank: u32, world: u32, generation: u64, peers: &[String], listener: &Tcp
         let left = deadline.saturating_duration_since(Instant::now());
         let (hello, s) = rx.recv_timeout(left).map_err(|_| {
             let missing: Vec<u32> = (rank + 1..world).filter(|r| streams[*r as usize].is_none()).collect();
-            JobError::Stalled { op: format!("connecting peers {missing:?}"), step: 0, rank: missing.first().copied().unwrap_or(rank), waited_ms: RENDEZVOUS_TIMEOUT_MS }
+            JobError::Stalled {
+                op: format!("connecting peers {missing:?}"),
+                step: 0,
+                rank: missing.first().copied().unwrap_or(rank),
+                waited_ms: RENDEZVOUS_TIMEOUT_MS,
+            }
         })??;
-        if hello.generation != generation || hello.rank <= rank || hello.rank >= world || streams[hello.rank as usize].is_some() {
-            return Err(JobError::Peer { rank: hello.rank, why: format!("unexpected hello {hello:?}") });
+        if hello.generation != generation
+            || hello.rank <= rank
+            || hello.rank >= world
+            || streams[hello.rank as usize].is_some()
+        {
+            return Err(JobError::Peer {
+                rank: hello.rank,
+                why: format!("unexpected hello {hello:?}"),
+            });
         }
         streams[hello.rank as usize] = Some(s);
     }
     Ok(streams)
 }
 
-fn spawn_heartbeats(coord: Arc<Mutex<TcpStream>>, rank: u32, step: Arc<AtomicU64>, timeout_ms: u64) -> Result<(), JobError> {
+fn spawn_heartbeats(
+    coord: Arc<Mutex<TcpStream>>,
+    rank: u32,
+    step: Arc<AtomicU64>,
+    timeout_ms: u64,
+) -> Result<(), JobError> {
     let every = Duration::from_millis((timeout_ms / HEARTBEATS_PER_TIMEOUT).max(10));
     thread::Builder::new()
         .name("heartbeat".into())
-        .spawn(move || loop {
-            thread::sleep(every);
-            let msg = ToCoordinator::Heartbeat { step: step.load(Ordering::Relaxed) };
-            let Ok(mut s) = coord.lock() else { return };
-            if net::send_control(&mut s, rank, &msg).is_err() {
-                return;
+        .spawn(move || {
+            loop {
+                thread::sleep(every);
+                let msg = ToCoordinator::Heartbeat {
+                    step: step.load(Ordering::Relaxed),
+                };
+                let Ok(mut s) = coord.lock() else { return };
+                if net::send_control(&mut s, rank, &msg).is_err() {
+                    return;
+                }
             }
         })
         .map(|_| ())
@@ -193,19 +268,23 @@ fn spawn_heartbeats(coord: Arc<Mutex<TcpStream>>, rank: u32, step: Arc<AtomicU64
 fn spawn_abort_watch(mut reader: ControlReader, rank: u32) -> Result<(), JobError> {
     thread::Builder::new()
         .name("coordinator-watch".into())
-        .spawn(move || loop {
-            match reader.recv::<FromCoordinator>(None) {
-                Ok(Some(FromCoordinator::Abort { reason, failed_rank, .. })) => {
-                    if failed_rank != Some(rank) {
-                        eprintln!("error: rank {rank} stopping: {reason}");
+        .spawn(move || {
+            loop {
+                match reader.recv::<FromCoordinator>(None) {
+                    Ok(Some(FromCoordinator::Abort {
+                        reason, failed_rank, ..
+                    })) => {
+                        if failed_rank != Some(rank) {
+                            eprintln!("error: rank {rank} stopping: {reason}");
+                        }
+                        std::process::exit(EXIT_ABORTED);
                     }
-                    std::process::exit(EXIT_ABORTED);
-                }
-                Ok(Some(FromCoordinator::Shutdown)) => return,
-                Ok(Some(other)) => tracing::warn!(?other, "unexpected message from the coordinator"),
-                Ok(None) | Err(_) => {
-                    eprintln!("error: rank {rank} stopping: lost the coordinator");
-                    std::process::exit(EXIT_ABORTED);
+                    Ok(Some(FromCoordinator::Shutdown)) => return,
+                    Ok(Some(other)) => tracing::warn!(?other, "unexpected message from the coordinator"),
+                    Ok(None) | Err(_) => {
+                        eprintln!("error: rank {rank} stopping: lost the coordinator");
+                        std::process::exit(EXIT_ABORTED);
+                    }
                 }
             }
         })

@@ -148,7 +148,14 @@ impl FrameHeader {
     /// (see [`FLAG_PAYLOAD_UNCHECKED`]).
     pub fn tensor_unchecked(tag: u64, sender: u32, payload_bytes: usize) -> Result<FrameHeader, WireError> {
         let payload_bytes = check_payload_bytes(MessageType::Tensor, payload_bytes)?;
-        Ok(FrameHeader { kind: MessageType::Tensor, flags: FLAG_PAYLOAD_UNCHECKED, tag, sender, payload_bytes, payload_crc: 0 })
+        Ok(FrameHeader {
+            kind: MessageType::Tensor,
+            flags: FLAG_PAYLOAD_UNCHECKED,
+            tag,
+            sender,
+            payload_bytes,
+            payload_crc: 0,
+        })
     }
 
     /// Whether the payload carries a crc to check.

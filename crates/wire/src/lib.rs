@@ -25,7 +25,6 @@ pub use control::{decode_control, encode_control};
 pub use decoder::{Frame, FrameDecoder};
 pub use error::WireError;
 pub use header::{
-    FLAG_PAYLOAD_UNCHECKED,
-    AUTH_PAYLOAD_BYTES_MAX, CONTROL_PAYLOAD_BYTES_MAX, FLAGS_KNOWN, FrameHeader, HEADER_BYTES, MAGIC, MessageType,
-    PROTOCOL_VERSION, TENSOR_PAYLOAD_BYTES_MAX, payload_crc, payload_crc_append,
+    AUTH_PAYLOAD_BYTES_MAX, CONTROL_PAYLOAD_BYTES_MAX, FLAG_PAYLOAD_UNCHECKED, FLAGS_KNOWN, FrameHeader, HEADER_BYTES,
+    MAGIC, MessageType, PROTOCOL_VERSION, TENSOR_PAYLOAD_BYTES_MAX, payload_crc, payload_crc_append,
 };
