@@ -26,6 +26,8 @@ use crate::train::{Summary, Trainer};
 pub const RENDEZVOUS_TIMEOUT_MS: u64 = 60_000;
 /// Heartbeats per heartbeat timeout.
 const HEARTBEATS_PER_TIMEOUT: u64 = 5;
+/// How long a finished worker waits for the others to finish.
+const SHUTDOWN_WAIT_MS: u64 = 60_000;
 /// Exit code of a worker told to stop because another one failed.
 pub const EXIT_ABORTED: i32 = 3;
 
@@ -38,6 +40,8 @@ pub struct Member {
     /// The step the heartbeats report.
     pub step: Arc<AtomicU64>,
     pub comm: Comm,
+    /// Fires when the coordinator says everyone has finished.
+    pub shutdown: mpsc::Receiver<()>,
 }
 
 /// Joins the cluster the environment names: authenticates with the coordinator,
@@ -88,7 +92,8 @@ pub fn join(env: &ClusterEnv, secret: &Secret, cluster: &ClusterConfig) -> Resul
     let coord = Arc::new(Mutex::new(coord));
     let step = Arc::new(AtomicU64::new(0));
     spawn_heartbeats(coord.clone(), rank, step.clone(), cluster.heartbeat_timeout_ms)?;
-    spawn_abort_watch(reader, rank)?;
+    let (shutdown_tx, shutdown) = mpsc::channel();
+    spawn_abort_watch(reader, rank, shutdown_tx)?;
     let comm = Comm::new(
         rank,
         streams,
@@ -102,15 +107,31 @@ pub fn join(env: &ClusterEnv, secret: &Secret, cluster: &ClusterConfig) -> Resul
         generation,
         coord,
         step,
+        shutdown,
         comm,
     })
 }
 
-/// Tells the coordinator this worker is done (or failed), ending its part of the job.
-pub fn report_end(coord: &Mutex<TcpStream>, rank: u32, result: Result<u64, &JobError>) -> Result<(), JobError> {
+/// Tells the coordinator this worker is done (or failed). After success, waits
+/// (bounded) for the coordinator's word that every worker has finished: a
+/// process that exits while a peer still reads from it may reset the
+/// connection and destroy frames the peer has not read yet.
+pub fn report_end(
+    coord: &Mutex<TcpStream>,
+    shutdown: &mpsc::Receiver<()>,
+    rank: u32,
+    result: Result<u64, &JobError>,
+) -> Result<(), JobError> {
     let mut c = coord.lock().expect("coordinator stream lock");
     match result {
-        Ok(steps) => net::send_control(&mut c, rank, &ToCoordinator::Finished { steps }),
+        Ok(steps) => {
+            net::send_control(&mut c, rank, &ToCoordinator::Finished { steps })?;
+            drop(c);
+            if shutdown.recv_timeout(Duration::from_millis(SHUTDOWN_WAIT_MS)).is_err() {
+                tracing::warn!(rank, waited_ms = SHUTDOWN_WAIT_MS, "no shutdown from the coordinator; exiting anyway");
+            }
+            Ok(())
+        }
         Err(e) => {
             // Best effort: the coordinator also sees this worker disconnect.
             let _ = net::send_control(&mut c, rank, &ToCoordinator::Failed { reason: e.to_string() });
@@ -138,10 +159,9 @@ pub fn run(
             "cluster size differs from cluster.workers; using the coordinator's"
         );
     }
-    let coord = member.coord.clone();
-    let step = member.step.clone();
+    let Member { coord, step, comm, shutdown, .. } = member;
     let mut ex = AllreduceExchange::new(
-        member.comm,
+        comm,
         cfg.cluster.overlap,
         cfg.cluster.bucket_bytes,
         cfg.cluster.collective_timeout_ms,
@@ -158,7 +178,7 @@ pub fn run(
         obs.report(r);
     };
     let result = trainer.run(&mut ex, &mut relay);
-    report_end(&coord, rank, result.as_ref().map(|s| s.steps))?;
+    report_end(&coord, &shutdown, rank, result.as_ref().map(|s| s.steps))?;
     result
 }
 
@@ -265,7 +285,7 @@ fn spawn_heartbeats(
 
 /// Watches the coordinator: an abort, or the coordinator's disappearance, ends
 /// this process at once (a collective may be blocked waiting for a dead peer).
-fn spawn_abort_watch(mut reader: ControlReader, rank: u32) -> Result<(), JobError> {
+fn spawn_abort_watch(mut reader: ControlReader, rank: u32, shutdown: mpsc::Sender<()>) -> Result<(), JobError> {
     thread::Builder::new()
         .name("coordinator-watch".into())
         .spawn(move || {
@@ -279,7 +299,10 @@ fn spawn_abort_watch(mut reader: ControlReader, rank: u32) -> Result<(), JobErro
                         }
                         std::process::exit(EXIT_ABORTED);
                     }
-                    Ok(Some(FromCoordinator::Shutdown)) => return,
+                    Ok(Some(FromCoordinator::Shutdown)) => {
+                    let _ = shutdown.send(());
+                    return;
+                }
                     Ok(Some(other)) => tracing::warn!(?other, "unexpected message from the coordinator"),
                     Ok(None) | Err(_) => {
                         eprintln!("error: rank {rank} stopping: lost the coordinator");
