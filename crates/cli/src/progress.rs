@@ -53,12 +53,12 @@ impl Console {
 impl Observer for Console {
     fn report(&mut self, r: &Report) {
         match r {
-            Report::Start {
-                epochs,
-                steps_per_epoch,
-                start_epoch,
-                ..
-            } => {
+            Report::Start { epochs, steps_per_epoch, start_epoch, world, rows_max_over_mean, nnz_max_over_mean, .. } => {
+                if *world > 1 && !self.quiet {
+                    eprintln!(
+                        "{world} workers; partition skew (max/mean): rows {rows_max_over_mean:.3}, non-zeros {nnz_max_over_mean:.3}"
+                    );
+                }
                 let bar = self.bar(u64::from(*epochs) * steps_per_epoch);
                 bar.set_position(u64::from(*start_epoch) * steps_per_epoch);
             }
@@ -88,8 +88,8 @@ impl Observer for Console {
                     }
                 }
                 match &self.bar {
-                    Some(bar) if !self.quiet => bar.println(line),
-                    _ if !self.quiet && !self.json => eprintln!("{line}"),
+                    Some(bar) if !bar.is_hidden() => bar.println(line),
+                    _ if !self.quiet => eprintln!("{line}"),
                     _ => {}
                 }
             }

@@ -17,8 +17,10 @@ pub enum JobError {
     Checkpoint(#[from] checkpoint::CheckpointError),
     #[error("cannot resume from {path}: {why}")]
     Resume { path: PathBuf, why: String },
-    #[error("{what}: {source}")]
-    Io { what: String, source: std::io::Error },
+    // Not a `source`: the message already shows the cause, and the binary
+    // prints the error chain, which would show it twice.
+    #[error("{what}: {err}")]
+    Io { what: String, err: std::io::Error },
     #[error("rank {rank}: {why}")]
     Peer { rank: u32, why: String },
     #[error("{op} at step {step} timed out after {waited_ms} ms waiting for rank {rank}")]
@@ -44,7 +46,7 @@ impl JobError {
     pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
         Self::Io {
             what: what.into(),
-            source,
+            err: source,
         }
     }
 }

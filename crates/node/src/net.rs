@@ -116,7 +116,14 @@ fn drive(
     mut step: impl FnMut(&mut &[u8]) -> Result<Option<AuthStep>, wire::WireError>,
 ) -> Result<PeerInfo, JobError> {
     let mut frame = [0u8; HEADER_BYTES + wire::AUTH_PAYLOAD_BYTES_MAX as usize];
-    let io = |e| JobError::io("auth handshake", e);
+    let io = |e: io::Error| match e.kind() {
+        // A peer that refuses our proof closes the connection without a word.
+        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => JobError::io(
+            "authentication failed: the peer closed the connection during the handshake (do both sides have the same secret?)",
+            e,
+        ),
+        _ => JobError::io("authentication handshake", e),
+    };
     loop {
         s.read_exact(&mut frame[..HEADER_BYTES]).map_err(io)?;
         let mut h = [0u8; HEADER_BYTES];

@@ -46,6 +46,10 @@ pub enum Report {
         steps_per_epoch: u64,
         params: usize,
         start_epoch: u32,
+        /// Data skew across workers: the largest partition over the mean, in rows
+        /// and in non-zeros (1.0 is perfect balance).
+        rows_max_over_mean: f64,
+        nnz_max_over_mean: f64,
     },
     Step(StepReport),
     Epoch(EpochReport),

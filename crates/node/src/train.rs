@@ -218,6 +218,7 @@ impl Trainer {
         let mut batch = Batch::for_dataset(&self.data.train);
         let mut last = None;
         let mut checkpoint = None;
+        let skew = partition_skew(&self.data.train, ex.world());
         obs.report(&Report::Start {
             rank: ex.rank(),
             world: ex.world(),
@@ -225,6 +226,8 @@ impl Trainer {
             steps_per_epoch: self.shard.steps_per_epoch,
             params: self.params.len(),
             start_epoch: self.pos.epoch,
+            rows_max_over_mean: skew.0,
+            nnz_max_over_mean: skew.1,
         });
         while self.pos.epoch < epochs {
             let epoch = self.pos.epoch;
@@ -415,6 +418,19 @@ fn model_kind(cfg: &JobConfig) -> String {
         .ok()
         .and_then(|v| v.get("kind").and_then(|k| k.as_str()).map(str::to_string))
         .unwrap_or_else(|| "?".into())
+}
+
+/// Max over mean of rows and of non-zeros across the `world` contiguous
+/// partitions that [`Shard::new`] cuts.
+pub fn partition_skew(ds: &Dataset, world: u32) -> (f64, f64) {
+    let parts = tensor::shard_ranges(ds.rows(), world as usize);
+    let rows: Vec<f64> = parts.iter().map(|r| r.len() as f64).collect();
+    let nnz: Vec<f64> = parts.iter().map(|r| r.clone().map(|i| ds.row_nnz(i) as f64).sum()).collect();
+    let ratio = |v: &[f64]| {
+        let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
+        if mean > 0.0 { v.iter().cloned().fold(0.0, f64::max) / mean } else { 1.0 }
+    };
+    (ratio(&rows), ratio(&nnz))
 }
 
 /// FNV-1a over the parameter bits: equal on every rank iff the parameters are bitwise equal
