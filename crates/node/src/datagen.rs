@@ -39,6 +39,11 @@ fn beside(out: &Path) -> PathBuf {
 pub fn generate(req: &GenRequest) -> Result<String, JobError> {
     let format: data::OutFormat = req.format.parse()?;
     let test_out = req.test_out.clone().unwrap_or_else(|| beside(&req.out));
+    for p in [&req.out, &test_out] {
+        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| JobError::io(format!("creating {}", dir.display()), e))?;
+        }
+    }
     let started = Instant::now();
     let report = match req.kind.as_str() {
         "click" => {
