@@ -55,6 +55,8 @@ struct Incoming {
     crc: u32,
     /// A complete frame read ahead, waiting for its `Recv`.
     staged: Option<FrameHeader>,
+    /// The peer closed its side between frames. Not an error until we need a frame from it.
+    closed: bool,
     staging: Vec<f32>,
 }
 
@@ -108,6 +110,7 @@ impl Comm {
                             payload_done: 0,
                             crc: 0,
                             staged: None,
+                            closed: false,
                             staging: Vec::new(),
                         },
                     })
@@ -251,7 +254,7 @@ impl Comm {
     fn wait(&self, left: Duration) -> Result<(), Failure> {
         let mut fds: Vec<libc::pollfd> = Vec::with_capacity(self.peers.len());
         for p in self.peers.iter().flatten() {
-            let mut events = libc::POLLIN;
+            let mut events = if p.incoming.closed { 0 } else { libc::POLLIN };
             if !p.sends.is_empty() {
                 events |= libc::POLLOUT;
             }
@@ -344,14 +347,34 @@ fn pump_recvs(
             continue;
         }
         let inc = &mut peer.incoming;
+        if inc.closed {
+            return match peer.recvs.front() {
+                Some(_) => Err(Failure::Peer(
+                    rank,
+                    format!("receiving from rank {rank}: connection closed"),
+                )),
+                None => Ok(progressed),
+            };
+        }
         if inc.frame.is_none() {
             // Read the header.
             while inc.header_done < HEADER_BYTES {
                 match peer.stream.read(&mut inc.header[inc.header_done..]) {
+                    // A close between frames is an error only once a frame is expected from this peer.
+                    Ok(0) if inc.header_done == 0 => {
+                        inc.closed = true;
+                        return match peer.recvs.front() {
+                            Some(_) => Err(Failure::Peer(
+                                rank,
+                                format!("receiving from rank {rank}: connection closed"),
+                            )),
+                            None => Ok(true),
+                        };
+                    }
                     Ok(0) => {
                         return Err(Failure::Peer(
                             rank,
-                            format!("receiving from rank {rank}: connection closed"),
+                            format!("receiving from rank {rank}: connection closed mid-frame"),
                         ));
                     }
                     Ok(n) => {
@@ -530,6 +553,106 @@ impl Drop for Comm {
     fn drop(&mut self) {
         for p in self.peers.iter().flatten() {
             let _ = p.stream.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// A full mesh of loopback connections between `n` ranks (no handshake: that is `net`'s job).
+    fn mesh(n: usize) -> Vec<Vec<Option<TcpStream>>> {
+        let mut m: Vec<Vec<Option<TcpStream>>> = (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
+        for i in 0..n {
+            for j in i + 1..n {
+                let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+                let a = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+                let (b, _) = l.accept().expect("accept");
+                m[i][j] = Some(a);
+                m[j][i] = Some(b);
+            }
+        }
+        m
+    }
+
+    fn comms(n: usize, segment_elems: usize, timeout_ms: u64, crc: bool) -> Vec<Comm> {
+        let cfg = CollectiveConfig {
+            segment_elems,
+            ..CollectiveConfig::default()
+        };
+        mesh(n)
+            .into_iter()
+            .enumerate()
+            .map(|(r, s)| Comm::new(r as u32, s, cfg.clone(), timeout_ms, crc).expect("comm"))
+            .collect()
+    }
+
+    #[test]
+    fn all_reduce_over_tcp_equals_the_sequential_sum() {
+        for (n, len, seg, crc) in [
+            (2, 1, 64, true),
+            (2, 100_003, 4096, false),
+            (3, 70_001, 1000, true),
+            (4, 5000, 256, true),
+            (4, 9, 64, false),
+        ] {
+            let handles: Vec<_> = comms(n, seg, 10_000, crc)
+                .into_iter()
+                .map(|mut c| {
+                    std::thread::spawn(move || {
+                        let r = c.rank();
+                        let mut buf: Vec<f32> = (0..len).map(|i| ((i % 13) as u32 * (r + 1)) as f32).collect();
+                        // Two ops back to back: the second must not see frames of the first.
+                        c.all_reduce(&mut buf, 0, "test")
+                            .unwrap_or_else(|e| panic!("n {n} len {len} seg {seg}: first all-reduce: {e}"));
+                        c.all_reduce(&mut buf, 1, "test")
+                            .unwrap_or_else(|e| panic!("n {n} len {len} seg {seg}: second all-reduce: {e}"));
+                        buf
+                    })
+                })
+                .collect();
+            let sum_ranks: u32 = (1..=n as u32).sum();
+            for h in handles {
+                let buf = h.join().expect("rank thread");
+                for (i, v) in buf.iter().enumerate() {
+                    let once = ((i % 13) as u32 * sum_ranks) as f32;
+                    assert_eq!(*v, once * n as f32, "n {n} len {len} index {i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_silent_peer_is_named_after_the_deadline() {
+        let mut cs = comms(2, 1024, 300, true);
+        let silent = cs.pop().expect("rank 1");
+        let mut c0 = cs.pop().expect("rank 0");
+        let started = Instant::now();
+        let err = c0
+            .all_reduce(&mut [1.0; 1000], 7, "gradient all-reduce")
+            .expect_err("rank 1 never joins");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        match err {
+            JobError::Stalled { rank, step, .. } => assert_eq!((rank, step), (1, 7)),
+            other => panic!("{other}"),
+        }
+        drop(silent);
+        assert!(
+            c0.all_reduce(&mut [1.0; 10], 8, "x").is_err(),
+            "a failed Comm stays failed"
+        );
+    }
+
+    #[test]
+    fn a_peer_that_goes_away_is_named() {
+        let mut cs = comms(2, 1024, 5_000, true);
+        drop(cs.pop());
+        let mut c0 = cs.pop().expect("rank 0");
+        match c0.all_reduce(&mut [1.0; 1000], 3, "gradient all-reduce") {
+            Err(JobError::Peer { rank: 1, why }) => assert!(why.contains("closed"), "{why}"),
+            other => panic!("{other:?}"),
         }
     }
 }
