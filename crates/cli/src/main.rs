@@ -197,10 +197,29 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // One write: the workers of a local cluster share the launcher's stderr,
+            // and a message written in pieces interleaves with theirs.
+            let _ = std::io::Write::write_all(
+                &mut std::io::stderr(),
+                format!("error: {}\n", describe_chain(&e)).as_bytes(),
+            );
             ExitCode::from(exit_code(&e))
         }
     }
+}
+
+/// The error and its causes, once each: many library errors already quote their
+/// cause in their own message, and printing the chain would repeat it.
+fn describe_chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !out.contains(&c) {
+            out.push_str(": ");
+            out.push_str(&c);
+        }
+    }
+    out
 }
 
 fn init_logging() {
@@ -209,6 +228,8 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal, not in logs captured to a file or a pipe.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
 }
@@ -284,11 +305,18 @@ fn coordinator(a: CoordinatorArgs) -> Result<()> {
     )?;
     match outcome {
         node::coord::Outcome::Finished => Ok(()),
-        node::coord::Outcome::Failed { rank, reason } => Err(node::JobError::Peer {
-            rank: rank.unwrap_or(u32::MAX),
-            why: reason,
+        node::coord::Outcome::Failed { rank, reason } => {
+            // The launcher reads this line to name the rank at fault.
+            println!(
+                "{}",
+                serde_json::json!({ "event": "failed", "rank": rank, "reason": reason })
+            );
+            Err(node::JobError::Peer {
+                rank: rank.unwrap_or(u32::MAX),
+                why: reason,
+            }
+            .into())
         }
-        .into()),
     }
 }
 

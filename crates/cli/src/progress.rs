@@ -53,7 +53,15 @@ impl Console {
 impl Observer for Console {
     fn report(&mut self, r: &Report) {
         match r {
-            Report::Start { epochs, steps_per_epoch, start_epoch, world, rows_max_over_mean, nnz_max_over_mean, .. } => {
+            Report::Start {
+                epochs,
+                steps_per_epoch,
+                start_epoch,
+                world,
+                rows_max_over_mean,
+                nnz_max_over_mean,
+                ..
+            } => {
                 if *world > 1 && !self.quiet {
                     eprintln!(
                         "{world} workers; partition skew (max/mean): rows {rows_max_over_mean:.3}, non-zeros {nnz_max_over_mean:.3}"

@@ -148,7 +148,12 @@ pub fn allreduce_worker(
         }
         Ok(())
     })();
-    worker::report_end(&m.coord, &m.shutdown, rank, result.as_ref().map(|()| sizes.len() as u64))?;
+    worker::report_end(
+        &m.coord,
+        &m.shutdown,
+        rank,
+        result.as_ref().map(|()| sizes.len() as u64),
+    )?;
     result.map(|()| out)
 }
 

@@ -26,6 +26,8 @@ use crate::train::Summary;
 const SUPERVISE_TICK_MS: u64 = 50;
 /// Time children get between SIGTERM and SIGKILL.
 const STOP_GRACE_MS: u64 = 2_000;
+/// After a worker exits with an error, how long to wait for the coordinator's verdict.
+const VERDICT_WAIT_MS: u64 = 1_000;
 /// The longest the coordinator may take to say where it listens.
 const COORDINATOR_START_TIMEOUT_MS: u64 = 10_000;
 
@@ -215,15 +217,17 @@ impl LocalCluster {
                         on_line(rank, v);
                     }
                 }
-                Msg::Line(Who::Coordinator, _) => {}
+                Msg::Line(Who::Coordinator, line) => {
+                    if let Some(failure) = coordinator_failure(&line) {
+                        self.children.stop_all();
+                        return Err(failure);
+                    }
+                }
                 Msg::Exited(who, status) => {
                     if !status.success() {
+                        let failure = self.blame(who, status);
                         self.children.stop_all();
-                        let why = format!("{who} {}", describe(status));
-                        return Err(match who {
-                            Who::Worker(rank) => JobError::Peer { rank, why },
-                            Who::Coordinator => JobError::Coordinator(why),
-                        });
+                        return Err(failure);
                     }
                     match who {
                         Who::Worker(_) => finished += 1,
@@ -236,6 +240,46 @@ impl LocalCluster {
             }
         }
     }
+}
+
+impl LocalCluster {
+    /// Who is at fault when `who` exited with `status`: a worker killed by a signal
+    /// is; a worker that exited with an error may only have been told to stop, so the
+    /// coordinator's verdict, if it comes within a short wait, names the rank instead.
+    fn blame(&mut self, who: Who, status: ExitStatus) -> JobError {
+        let own = || {
+            let why = format!("{who} {}", describe(status));
+            match who {
+                Who::Worker(rank) => JobError::Peer { rank, why },
+                Who::Coordinator => JobError::Coordinator(why),
+            }
+        };
+        if status.signal().is_some() {
+            return own();
+        }
+        let deadline = Instant::now() + Duration::from_millis(VERDICT_WAIT_MS);
+        while let Ok(msg) = self.rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            if let Msg::Line(Who::Coordinator, line) = msg {
+                if let Some(failure) = coordinator_failure(&line) {
+                    return failure;
+                }
+            }
+        }
+        own()
+    }
+}
+
+/// The coordinator's `{"event":"failed","rank":R,"reason":...}` line as an error.
+fn coordinator_failure(line: &str) -> Option<JobError> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    if v.get("event")?.as_str()? != "failed" {
+        return None;
+    }
+    let why = v.get("reason").and_then(|r| r.as_str()).unwrap_or("failed").to_string();
+    Some(match v.get("rank").and_then(|r| r.as_u64()) {
+        Some(rank) => JobError::Peer { rank: rank as u32, why },
+        None => JobError::Coordinator(why),
+    })
 }
 
 /// Runs a whole local cluster for `cfg` and returns rank 0's summary.

@@ -425,10 +425,17 @@ fn model_kind(cfg: &JobConfig) -> String {
 pub fn partition_skew(ds: &Dataset, world: u32) -> (f64, f64) {
     let parts = tensor::shard_ranges(ds.rows(), world as usize);
     let rows: Vec<f64> = parts.iter().map(|r| r.len() as f64).collect();
-    let nnz: Vec<f64> = parts.iter().map(|r| r.clone().map(|i| ds.row_nnz(i) as f64).sum()).collect();
+    let nnz: Vec<f64> = parts
+        .iter()
+        .map(|r| r.clone().map(|i| ds.row_nnz(i) as f64).sum())
+        .collect();
     let ratio = |v: &[f64]| {
         let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
-        if mean > 0.0 { v.iter().cloned().fold(0.0, f64::max) / mean } else { 1.0 }
+        if mean > 0.0 {
+            v.iter().cloned().fold(0.0, f64::max) / mean
+        } else {
+            1.0
+        }
     };
     (ratio(&rows), ratio(&nnz))
 }

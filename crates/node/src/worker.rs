@@ -128,7 +128,11 @@ pub fn report_end(
             net::send_control(&mut c, rank, &ToCoordinator::Finished { steps })?;
             drop(c);
             if shutdown.recv_timeout(Duration::from_millis(SHUTDOWN_WAIT_MS)).is_err() {
-                tracing::warn!(rank, waited_ms = SHUTDOWN_WAIT_MS, "no shutdown from the coordinator; exiting anyway");
+                tracing::warn!(
+                    rank,
+                    waited_ms = SHUTDOWN_WAIT_MS,
+                    "no shutdown from the coordinator; exiting anyway"
+                );
             }
             Ok(())
         }
@@ -159,7 +163,13 @@ pub fn run(
             "cluster size differs from cluster.workers; using the coordinator's"
         );
     }
-    let Member { coord, step, comm, shutdown, .. } = member;
+    let Member {
+        coord,
+        step,
+        comm,
+        shutdown,
+        ..
+    } = member;
     let mut ex = AllreduceExchange::new(
         comm,
         cfg.cluster.overlap,
@@ -295,17 +305,17 @@ fn spawn_abort_watch(mut reader: ControlReader, rank: u32, shutdown: mpsc::Sende
                         reason, failed_rank, ..
                     })) => {
                         if failed_rank != Some(rank) {
-                            eprintln!("error: rank {rank} stopping: {reason}");
+                            say(&format!("error: rank {rank} stopping: {reason}\n"));
                         }
                         std::process::exit(EXIT_ABORTED);
                     }
                     Ok(Some(FromCoordinator::Shutdown)) => {
-                    let _ = shutdown.send(());
-                    return;
-                }
+                        let _ = shutdown.send(());
+                        return;
+                    }
                     Ok(Some(other)) => tracing::warn!(?other, "unexpected message from the coordinator"),
                     Ok(None) | Err(_) => {
-                        eprintln!("error: rank {rank} stopping: lost the coordinator");
+                        say(&format!("error: rank {rank} stopping: lost the coordinator\n"));
                         std::process::exit(EXIT_ABORTED);
                     }
                 }
@@ -313,4 +323,11 @@ fn spawn_abort_watch(mut reader: ControlReader, rank: u32, shutdown: mpsc::Sende
         })
         .map(|_| ())
         .map_err(|e| JobError::io("spawning the coordinator watch", e))
+}
+
+/// Writes a whole line to stderr in one call: the processes of a local cluster
+/// share one terminal, and a line written in pieces interleaves with theirs.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(line.as_bytes());
 }

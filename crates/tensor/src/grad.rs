@@ -41,8 +41,15 @@ impl Gradient {
             .iter()
             .enumerate()
             .filter(|(_, t)| t.kind == crate::ParamKind::Table)
-            .map(|(i, t)| SparseRows { tensor: i, row_len: t.row_len(), ..SparseRows::default() })
+            .map(|(i, t)| SparseRows {
+                tensor: i,
+                row_len: t.row_len(),
+                ..SparseRows::default()
+            })
             .collect();
-        Self { dense: vec![0.0; layout.len()], sparse }
+        Self {
+            dense: vec![0.0; layout.len()],
+            sparse,
+        }
     }
 }

@@ -63,7 +63,12 @@ impl Layout {
             self.tensors.iter().all(|t| t.name != name),
             "duplicate parameter name {name}"
         );
-        self.tensors.push(ParamTensor { name, shape: shape.to_vec(), kind, offset });
+        self.tensors.push(ParamTensor {
+            name,
+            shape: shape.to_vec(),
+            kind,
+            offset,
+        });
         self.tensors.last().expect("just pushed").range()
     }
 

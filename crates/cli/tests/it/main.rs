@@ -1,0 +1,10 @@
+//! Integration tests of the `sinter` binary: real processes on loopback, a
+//! temp dir each, every wait with a deadline (see `support`).
+
+mod bad_input;
+mod checkpoint;
+mod cluster;
+mod data;
+mod netns;
+mod support;
+mod train;
