@@ -62,7 +62,7 @@ for d in rows:
         lat[(rnd, n, cls)][sysname] = us
 L = []
 L.append(f"# Issue 3 benchmarks — {sh('date -u +%FT%TZ')}\n")
-L.append("Machine: " + sh("lscpu | sed -n 's/^Model name: *//p'") + f", {sh('nproc')} cores, " + sh("free -g | awk '/Mem/{print $2}'") + " GiB, kernel " + platform.release() + "; " + sh("rustc --version") + f"; sinter commit {sh('git rev-parse --short HEAD')}; torch " + sh(torch_py + " -c 'import torch; print(torch.__version__)'") + ", " + sh("mpirun --version | head -1") + "\n")
+L.append("Machine: " + sh("lscpu | sed -n 's/^Model name: *//p'") + f", {sh('nproc --all')} cores, " + sh("free -g | awk '/Mem/{print $2}'") + " GiB, kernel " + platform.release() + "; " + sh("rustc --version") + f"; sinter commit {sh('git rev-parse --short HEAD')}; torch " + sh(torch_py + " -c 'import torch; print(torch.__version__)'") + ", " + sh("mpirun --version | head -1") + "\n")
 L.append("Command: `bench/issue3.sh " + str(rounds) + "` (every figure below comes from that one run; raw lines in `" + raw.split('/')[-1] + "`).\n")
 L.append("Method: the peers' own scripts from `../shared/peers/`; Sinter uses the same convention (barrier before each iteration, slowest rank's time, median; algbw = bytes / time).\n")
 L.append("## All-reduce, loopback, algorithm bandwidth (GB/s)\n")
