@@ -565,14 +565,12 @@ mod tests {
     /// A full mesh of loopback connections between `n` ranks (no handshake: that is `net`'s job).
     fn mesh(n: usize) -> Vec<Vec<Option<TcpStream>>> {
         let mut m: Vec<Vec<Option<TcpStream>>> = (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
-        for i in 0..n {
-            for j in i + 1..n {
-                let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-                let a = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
-                let (b, _) = l.accept().expect("accept");
-                m[i][j] = Some(a);
-                m[j][i] = Some(b);
-            }
+        for (i, j) in (0..n).flat_map(|i| (i + 1..n).map(move |j| (i, j))) {
+            let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let a = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+            let (b, _) = l.accept().expect("accept");
+            m[i][j] = Some(a);
+            m[j][i] = Some(b);
         }
         m
     }

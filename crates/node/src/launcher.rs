@@ -259,10 +259,10 @@ impl LocalCluster {
         }
         let deadline = Instant::now() + Duration::from_millis(VERDICT_WAIT_MS);
         while let Ok(msg) = self.rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            if let Msg::Line(Who::Coordinator, line) = msg {
-                if let Some(failure) = coordinator_failure(&line) {
-                    return failure;
-                }
+            if let Msg::Line(Who::Coordinator, line) = msg
+                && let Some(failure) = coordinator_failure(&line)
+            {
+                return failure;
             }
         }
         own()
