@@ -10,7 +10,8 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::support::{
-    Finished, KillOnDrop, Proc, ProcId, RUN_TIMEOUT, descendants, event, example, poll_until, run, sinter, temp_dir,
+    Finished, KillOnDrop, Proc, ProcId, RUN_TIMEOUT, descendants, event, example, find_event, poll_until, run, sinter,
+    temp_dir,
 };
 
 /// How soon after a worker fails the whole job must have ended (issue 3).
@@ -104,6 +105,48 @@ fn stalled_worker_ends_the_job_within_the_timeouts_naming_its_rank() {
     let out = launcher.wait(FAILURE_EXIT_TIMEOUT);
     // Should rank 1 still be there, the assertion fails and `started` kills it on drop.
     assert_failed_naming_rank_1(&out, &started, dir.path());
+    assert_eq!(out.code(), Some(3), "a peer failure exits with code 3: {}", out.shown());
+}
+
+// issue 3: Ctrl-C stops every process cleanly, with the documented exit code.
+#[test]
+fn interrupt_stops_the_whole_cluster_with_exit_code_130() {
+    let dir = temp_dir();
+    let (launcher, started, _) = start_long_job(dir.path(), &[]);
+    launcher.signal(libc::SIGINT);
+    let out = launcher.wait(FAILURE_EXIT_TIMEOUT);
+    assert_eq!(out.code(), Some(130), "{}", out.shown());
+    out.assert_no_panic();
+    let alive: Vec<&ProcId> = started.0.iter().filter(|p| p.alive()).collect();
+    assert!(alive.is_empty(), "still running after the launcher exited: {alive:?}");
+}
+
+// issue 3: periodic model averaging (local SGD) trains and ends on parameters every rank agrees on
+// (the coordinator compares their checksums at each epoch end and would fail the job otherwise).
+#[test]
+fn local_sgd_cluster_finishes_with_agreeing_parameters() {
+    let dir = temp_dir();
+    let out = run(
+        "sinter train local_sgd",
+        sinter(dir.path()).arg("train").arg(example("fashion-mlp.toml")).args([
+            "--workers",
+            "2",
+            "--json",
+            "-q",
+            "--set",
+            "train.epochs=1",
+            "--set",
+            "cluster.sync=\"local_sgd\"",
+            "--set",
+            "cluster.average_every=4",
+        ]),
+        RUN_TIMEOUT,
+    );
+    out.assert_success();
+    let lines = out.json_lines();
+    let epoch = find_event(&lines, "epoch").unwrap_or_else(|| panic!("no epoch line: {}", out.shown()));
+    let acc = epoch["test_acc"].as_f64().expect("test_acc");
+    assert!(acc > 0.75, "local SGD reached only {acc}");
 }
 
 /// A coordinator on 127.0.0.1:0 and the `(host, port)` it printed.
