@@ -296,20 +296,14 @@ fn pump_sends(peer: &mut Peer, rank: u32, buf: &[f32], events: &mut Vec<Event>) 
             } else {
                 peer.stream.write(&payload[out.done - HEADER_BYTES..])
             };
-            match r {
-                Ok(0) => {
-                    return Err(Failure::Peer(
-                        rank,
-                        format!("sending to rank {rank}: connection closed"),
-                    ));
-                }
-                Ok(n) => {
+            match moved(r, rank, "sending to")? {
+                Io::Moved(n) => {
                     out.done += n;
                     progressed = true;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(progressed),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(Failure::Peer(rank, format!("sending to rank {rank}: {}", describe(&e)))),
+                Io::Closed => return Err(closed(rank, "sending to", "")),
+                Io::Again => return Ok(progressed),
+                Io::Retry => {}
             }
         }
         events.push(Event::Sent {
@@ -349,46 +343,33 @@ fn pump_recvs(
         let inc = &mut peer.incoming;
         if inc.closed {
             return match peer.recvs.front() {
-                Some(_) => Err(Failure::Peer(
-                    rank,
-                    format!("receiving from rank {rank}: connection closed"),
-                )),
+                Some(_) => Err(closed(rank, "receiving from", "")),
                 None => Ok(progressed),
             };
         }
         if inc.frame.is_none() {
             // Read the header.
             while inc.header_done < HEADER_BYTES {
-                match peer.stream.read(&mut inc.header[inc.header_done..]) {
-                    // A close between frames is an error only once a frame is expected from this peer.
-                    Ok(0) if inc.header_done == 0 => {
-                        inc.closed = true;
-                        return match peer.recvs.front() {
-                            Some(_) => Err(Failure::Peer(
-                                rank,
-                                format!("receiving from rank {rank}: connection closed"),
-                            )),
-                            None => Ok(true),
-                        };
-                    }
-                    Ok(0) => {
-                        return Err(Failure::Peer(
-                            rank,
-                            format!("receiving from rank {rank}: connection closed mid-frame"),
-                        ));
-                    }
-                    Ok(n) => {
+                match moved(
+                    peer.stream.read(&mut inc.header[inc.header_done..]),
+                    rank,
+                    "receiving from",
+                )? {
+                    Io::Moved(n) => {
                         inc.header_done += n;
                         progressed = true;
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(progressed),
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        return Err(Failure::Peer(
-                            rank,
-                            format!("receiving from rank {rank}: {}", describe(&e)),
-                        ));
+                    // A close between frames is an error only once a frame is expected from this peer.
+                    Io::Closed if inc.header_done == 0 => {
+                        inc.closed = true;
+                        return match peer.recvs.front() {
+                            Some(_) => Err(closed(rank, "receiving from", "")),
+                            None => Ok(true),
+                        };
                     }
+                    Io::Closed => return Err(closed(rank, "receiving from", " mid-frame")),
+                    Io::Again => return Ok(progressed),
+                    Io::Retry => {}
                 }
             }
             let h =
@@ -469,14 +450,8 @@ fn pump_recvs(
                     }
                 }
             };
-            match r {
-                Ok(0) => {
-                    return Err(Failure::Peer(
-                        rank,
-                        format!("receiving from rank {rank}: connection closed"),
-                    ));
-                }
-                Ok(n) => {
+            match moved(r, rank, "receiving from")? {
+                Io::Moved(n) => {
                     if h.payload_checked() && !matches!(into, Into_::Posted { op: RecvOp::Reduce, .. }) {
                         let dst: &[u8] = match into {
                             Into_::Staging => net::as_bytes(&inc.staging),
@@ -487,14 +462,9 @@ fn pump_recvs(
                     inc.payload_done += n;
                     progressed = true;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(progressed),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    return Err(Failure::Peer(
-                        rank,
-                        format!("receiving from rank {rank}: {}", describe(&e)),
-                    ));
-                }
+                Io::Closed => return Err(closed(rank, "receiving from", " mid-frame")),
+                Io::Again => return Ok(progressed),
+                Io::Retry => {}
             }
         }
         h.check_payload_crc(inc.crc)
@@ -506,6 +476,31 @@ fn pump_recvs(
             Into_::Staging => inc.staged = Some(h),
         }
     }
+}
+
+/// What one nonblocking read or write did.
+enum Io {
+    Moved(usize),
+    /// The peer closed the connection (a read or write of 0 bytes).
+    Closed,
+    /// The socket would block: wait in poll(2).
+    Again,
+    /// Interrupted by a signal: try again at once.
+    Retry,
+}
+
+fn moved(r: io::Result<usize>, rank: u32, doing: &str) -> Result<Io, Failure> {
+    match r {
+        Ok(0) => Ok(Io::Closed),
+        Ok(n) => Ok(Io::Moved(n)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Io::Again),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(Io::Retry),
+        Err(e) => Err(Failure::Peer(rank, format!("{doing} rank {rank}: {}", describe(&e)))),
+    }
+}
+
+fn closed(rank: u32, doing: &str, when: &str) -> Failure {
+    Failure::Peer(rank, format!("{doing} rank {rank}: connection closed{when}"))
 }
 
 fn check_frame(rank: u32, h: &FrameHeader, tag: Tag, elems: usize) -> Result<(), Failure> {
