@@ -25,6 +25,8 @@ use wire::{FrameHeader, HEADER_BYTES, MessageType};
 use crate::error::JobError;
 use crate::net;
 
+/// How long the progress loop keeps polling the sockets without sleeping.
+const SPIN_BEFORE_POLL_US: u64 = 30;
 /// Elements reduced per read on the receive path: fits in L2 beside the destination.
 const REDUCE_PIECE_ELEMS: usize = 16 * 1024;
 
@@ -185,6 +187,7 @@ impl Comm {
     fn drive(&mut self, engine: &mut Collective, buf: &mut [f32], deadline: Instant) -> Result<(), Failure> {
         let mut events: Vec<Event> = Vec::new();
         let mut done = false;
+        let mut idle_since: Option<Instant> = None;
         self.issue(engine.start(), buf, &mut done)?;
         loop {
             if done {
@@ -202,13 +205,22 @@ impl Comm {
                 self.issue(cmds, buf, &mut done)?;
             }
             if progressed || done {
+                idle_since = None;
                 continue;
             }
-            let left = deadline.saturating_duration_since(Instant::now());
+            let now = Instant::now();
+            // Spin a little before sleeping: a frame due in microseconds arrives sooner than
+            // poll(2) wakes a sleeping thread.
+            if now.duration_since(*idle_since.get_or_insert(now)) < Duration::from_micros(SPIN_BEFORE_POLL_US) {
+                std::hint::spin_loop();
+                continue;
+            }
+            let left = deadline.saturating_duration_since(now);
             if left.is_zero() {
                 return Err(Failure::Timeout);
             }
             self.wait(left)?;
+            idle_since = None;
         }
     }
 
