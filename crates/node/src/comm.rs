@@ -210,9 +210,10 @@ impl Comm {
             }
             let now = Instant::now();
             // Spin a little before sleeping: a frame due in microseconds arrives sooner than
-            // poll(2) wakes a sleeping thread.
+            // poll(2) wakes a sleeping thread. Yielding, not busy-waiting, so that a peer
+            // sharing this core gets to send that frame.
             if now.duration_since(*idle_since.get_or_insert(now)) < Duration::from_micros(SPIN_BEFORE_POLL_US) {
-                std::hint::spin_loop();
+                std::thread::yield_now();
                 continue;
             }
             let left = deadline.saturating_duration_since(now);
