@@ -139,6 +139,8 @@ pub struct Trainer {
     pos: Position,
     /// This worker's share of the global mean gradient: local_batch / global_batch.
     weight: f32,
+    /// Scratch for weighted gradient ranges handed to an overlapping exchange.
+    scaled: Vec<f32>,
 }
 
 impl Trainer {
@@ -185,6 +187,7 @@ impl Trainer {
             shard,
             pos: Position::default(),
             weight,
+            scaled: Vec::new(),
         })
     }
 
@@ -360,7 +363,7 @@ impl Trainer {
         }
         let mut failed = None;
         let weight = self.weight;
-        let mut scaled = Vec::new();
+        let scaled = &mut self.scaled;
         let loss = self
             .model
             .forward_backward(&self.params, batch, &mut self.grad, &mut |range, values| {

@@ -173,6 +173,12 @@ impl Proc {
 
     /// Kills the child, waits (bounded) for it to be reaped and fails the test.
     fn fail(&mut self, why: &str) -> ! {
+        self.kill_and_reap();
+        panic!("{why}\n{}", self.shown());
+    }
+
+    /// SIGKILL, then waits (bounded by `REAP_TIMEOUT`) until the child is reaped.
+    fn kill_and_reap(&mut self) {
         self.signal(libc::SIGKILL);
         let deadline = Instant::now() + REAP_TIMEOUT;
         while self.status.is_none() {
@@ -184,7 +190,6 @@ impl Proc {
                 Err(_) => break,
             }
         }
-        panic!("{why}\n{}", self.shown());
     }
 
     /// Waits for a stdout line (printed so far or later) that is JSON satisfying `pred`, and returns it.
@@ -248,17 +253,7 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         if self.status.is_none() {
-            self.signal(libc::SIGKILL);
-            let deadline = Instant::now() + REAP_TIMEOUT;
-            while self.status.is_none() {
-                match self
-                    .events
-                    .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                {
-                    Ok(e) => self.take(e),
-                    Err(_) => break,
-                }
-            }
+            self.kill_and_reap();
         }
     }
 }
