@@ -5,7 +5,7 @@
 //! - inline (the default): after the backward pass, the whole gradient is
 //!   all-reduced in place by the training thread. On a machine with no spare
 //!   core (2 workers on 2 cores) the extra thread and the bucket copies cost
-//!   more than the overlap gains; measured in `bench/results/`.
+//!   more than the overlap gains (figures in `examples/fashion-mlp.toml`).
 //!
 //! **Invariant:** every rank forms the same buckets in the same order (same
 //! layout, same `bucket_bytes`), so collectives line up without negotiation.
