@@ -58,6 +58,14 @@ pub trait Model: Send {
 
     /// Number of classes the model predicts (2 for binary models).
     fn num_classes(&self) -> usize;
+
+    /// The distinct rows of the model's `Table` tensors that a pass over
+    /// `batch` reads, ascending, into `rows` (cleared first). Every table of
+    /// a model is indexed by the same row ids. A parameter-server worker
+    /// pulls exactly these rows before the step. Dense models touch none.
+    fn touched_rows(&self, _batch: &Batch, rows: &mut Vec<u32>) {
+        rows.clear();
+    }
 }
 
 #[cfg(test)]

@@ -66,6 +66,15 @@ impl<'a> Csr<'a> {
     }
 }
 
+/// The distinct table rows (`index & mask`) of a sparse batch, ascending.
+fn touched(kind: &str, batch: &Batch, mask: u32, rows: &mut Vec<u32>) {
+    let csr = Csr::of(kind, batch);
+    rows.clear();
+    rows.extend(csr.indices.iter().map(|&i| i & mask));
+    rows.sort_unstable();
+    rows.dedup();
+}
+
 /// Maps the table rows one step touches to their position in the step's
 /// [`SparseRows`]: an open-addressing hash table sized to the batch's
 /// non-zeros, not to the table, so that it stays in the L2 cache whatever
@@ -225,6 +234,10 @@ impl SparseLogReg {
 }
 
 impl Model for SparseLogReg {
+    fn touched_rows(&self, batch: &Batch, rows: &mut Vec<u32>) {
+        touched("logreg", batch, (self.w.len() - 1) as u32, rows);
+    }
+
     fn layout(&self) -> &Layout {
         &self.layout
     }
@@ -364,6 +377,10 @@ impl FactorizationMachine {
 }
 
 impl Model for FactorizationMachine {
+    fn touched_rows(&self, batch: &Batch, rows: &mut Vec<u32>) {
+        touched("fm", batch, (self.w.len() - 1) as u32, rows);
+    }
+
     fn layout(&self) -> &Layout {
         &self.layout
     }

@@ -1,0 +1,535 @@
+//! One parameter-server shard as an engine: it takes decoded pulls and
+//! pushes and returns replies; the runtime owns the sockets.
+//!
+//! Consistency is a rule about when a pull may be answered. Each worker's
+//! clock is the number of steps it has pushed; a pull carries the step it
+//! reads for. With `visible` = the number of steps every worker's update is
+//! in (BSP: steps applied; SSP and async: the slowest worker's clock):
+//! - BSP: answer when `visible ≥ clock` (one step, summed over workers, is
+//!   applied as one optimizer step once every worker has pushed it);
+//! - SSP with bound s: answer when `visible + s ≥ clock`; each push is
+//!   applied on arrival as its own optimizer step;
+//! - async: answer at once.
+//!
+//! A pull that may not be answered yet is deferred and answered by the push
+//! that makes it visible. The slowest worker is never starved: its own pull
+//! has `clock = visible`. The staleness of every answered pull,
+//! `clock − visible`, is recorded in a histogram.
+//!
+//! **Invariant:** pushes from one worker arrive in clock order (0, 1, 2, …);
+//! anything else is a protocol error naming the worker.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
+
+use serde::{Deserialize, Serialize};
+use tensor::{Layout, SparseRows};
+
+use crate::error::PsError;
+use crate::local::LocalLayout;
+use crate::msg::{Pull, Push};
+use crate::placement::{Placement, mix64, split_key};
+
+/// Staleness histogram buckets: 0, 1, …, `STALENESS_BUCKETS − 2`, and "that or more".
+pub const STALENESS_BUCKETS: usize = 33;
+
+/// When a pull may be answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Consistency {
+    /// Bulk-synchronous: every worker's step-k update before anyone reads step k+1.
+    Bsp,
+    /// Stale-synchronous: a worker may read up to `staleness` steps ahead of the slowest.
+    Ssp { staleness: u32 },
+    /// No waiting.
+    Async,
+}
+
+/// A reply for the runtime to send.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Output {
+    Pulled {
+        worker: u32,
+        req: u64,
+        clock: u64,
+        dense: Vec<f32>,
+        values: Vec<f32>,
+    },
+    Pushed {
+        worker: u32,
+        clock: u64,
+    },
+}
+
+/// Load and staleness seen by one shard.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShardStats {
+    pub pulls: u64,
+    pub pushes: u64,
+    /// Keys pulled plus keys pushed.
+    pub keys: u64,
+    /// Payload bytes received plus sent (keys and values).
+    pub bytes: u64,
+    /// Answered pulls by staleness (see [`STALENESS_BUCKETS`]); evaluation pulls are not counted.
+    pub staleness: Vec<u64>,
+    /// Most pulls deferred at once.
+    pub deferred_max: u64,
+    /// Optimizer steps applied.
+    pub steps_applied: u64,
+}
+
+/// A fast hasher for integer keys (the keys are already spread by [`mix64`]).
+#[derive(Default)]
+pub struct MixHasher(u64);
+
+impl Hasher for MixHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = mix64(self.0 ^ *b as u64);
+        }
+    }
+    fn write_u32(&mut self, i: u32) {
+        self.0 = mix64(i as u64);
+    }
+    fn write_u64(&mut self, i: u64) {
+        self.0 = mix64(i);
+    }
+}
+
+pub type MixMap<K, V> = HashMap<K, V, BuildHasherDefault<MixHasher>>;
+
+/// The sum of every worker's push for one BSP step.
+#[derive(Default)]
+struct Pending {
+    pushes: u32,
+    dense: Vec<f32>,
+    /// Per local table: local row → slot in `rows` / `values`.
+    slots: Vec<MixMap<u32, u32>>,
+    rows: Vec<Vec<u32>>,
+    values: Vec<Vec<f32>>,
+}
+
+pub struct Shard {
+    index: u32,
+    workers: u32,
+    consistency: Consistency,
+    map: LocalLayout,
+    values: Vec<f32>,
+    opt: optim::Optimizer,
+    /// Steps pushed, per worker.
+    clocks: Vec<u64>,
+    /// BSP: steps applied.
+    applied: u64,
+    pending: BTreeMap<u64, Pending>,
+    deferred: Vec<(u32, Pull)>,
+    stats: ShardStats,
+    /// Scratch for building the optimizer's sparse rows.
+    scratch: Vec<SparseRows>,
+}
+
+impl Shard {
+    /// Shard `index` of `placement`, holding the values `init` (a local buffer, see
+    /// [`LocalLayout::gather`]) and a fresh optimizer.
+    pub fn new(
+        index: u32,
+        workers: u32,
+        consistency: Consistency,
+        optim: &optim::OptimConfig,
+        layout: &Layout,
+        placement: &Placement,
+        init: Vec<f32>,
+    ) -> Result<Self, PsError> {
+        if index >= placement.shards() || workers == 0 {
+            return Err(PsError::Placement(format!(
+                "shard {index} of {} with {workers} workers",
+                placement.shards()
+            )));
+        }
+        let map = LocalLayout::new(layout, placement, index);
+        if init.len() != map.local.len() {
+            return Err(PsError::Placement(format!(
+                "shard {index} holds {} values; got {} to start from",
+                map.local.len(),
+                init.len()
+            )));
+        }
+        let opt = optim::Optimizer::new(optim, &map.local)?;
+        let scratch = map
+            .tables
+            .iter()
+            .map(|t| SparseRows {
+                tensor: t.local_tensor,
+                row_len: t.row_len,
+                ..SparseRows::default()
+            })
+            .collect();
+        Ok(Self {
+            index,
+            workers,
+            consistency,
+            map,
+            values: init,
+            opt,
+            clocks: vec![0; workers as usize],
+            applied: 0,
+            pending: BTreeMap::new(),
+            deferred: Vec::new(),
+            stats: ShardStats {
+                staleness: vec![0; STALENESS_BUCKETS],
+                ..ShardStats::default()
+            },
+            scratch,
+        })
+    }
+
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    pub fn layout(&self) -> &LocalLayout {
+        &self.map
+    }
+
+    /// The shard's values (local layout).
+    pub fn values(&self) -> &[f32] {
+        &self.values
+    }
+
+    pub fn optimizer(&self) -> &optim::Optimizer {
+        &self.opt
+    }
+
+    pub fn stats(&self) -> &ShardStats {
+        &self.stats
+    }
+
+    /// Steps whose every worker update is in the values.
+    pub fn visible(&self) -> u64 {
+        match self.consistency {
+            Consistency::Bsp => self.applied,
+            _ => self.clocks.iter().copied().min().unwrap_or(0),
+        }
+    }
+
+    /// Pulls waiting for a slower worker.
+    pub fn deferred(&self) -> usize {
+        self.deferred.len()
+    }
+
+    fn check_worker(&self, worker: u32) -> Result<(), PsError> {
+        if worker >= self.workers {
+            return Err(PsError::Protocol {
+                worker,
+                why: format!("no such worker (the job has {})", self.workers),
+            });
+        }
+        Ok(())
+    }
+
+    fn may_answer(&self, p: &Pull) -> bool {
+        let visible = self.visible();
+        match (p.wait_all, self.consistency) {
+            (true, _) | (false, Consistency::Bsp) => visible >= p.clock,
+            (false, Consistency::Ssp { staleness }) => visible + staleness as u64 >= p.clock,
+            (false, Consistency::Async) => true,
+        }
+    }
+
+    /// A worker asks for values. Answered now, or later by the push that allows it.
+    pub fn on_pull(&mut self, worker: u32, pull: Pull) -> Result<Vec<Output>, PsError> {
+        self.check_worker(worker)?;
+        // Refuse foreign keys now, not when the deferred pull is answered.
+        for &k in &pull.keys {
+            self.local_offset(worker, k)?;
+        }
+        self.stats.pulls += 1;
+        if self.may_answer(&pull) {
+            return Ok(vec![self.answer(worker, pull)?]);
+        }
+        self.deferred.push((worker, pull));
+        self.stats.deferred_max = self.stats.deferred_max.max(self.deferred.len() as u64);
+        Ok(Vec::new())
+    }
+
+    /// A worker's gradient for its next step.
+    pub fn on_push(&mut self, worker: u32, push: Push) -> Result<Vec<Output>, PsError> {
+        self.check_worker(worker)?;
+        let expected = self.clocks[worker as usize];
+        if push.clock != expected {
+            return Err(PsError::Protocol {
+                worker,
+                why: format!("pushed step {} but its next step is {expected}", push.clock),
+            });
+        }
+        if !push.dense.is_empty() && push.dense.len() != self.map.dense_len {
+            return Err(PsError::Protocol {
+                worker,
+                why: format!(
+                    "pushed {} dense values; shard {} holds {}",
+                    push.dense.len(),
+                    self.index,
+                    self.map.dense_len
+                ),
+            });
+        }
+        self.stats.pushes += 1;
+        self.stats.keys += push.keys.len() as u64;
+        self.stats.bytes += (push.keys.len() * 8 + (push.dense.len() + push.values.len()) * 4) as u64;
+        match self.consistency {
+            Consistency::Bsp => self.accumulate(worker, push)?,
+            _ => self.apply_one(worker, &push)?,
+        }
+        self.clocks[worker as usize] += 1;
+        let mut out = vec![Output::Pushed {
+            worker,
+            clock: expected,
+        }];
+        self.release(&mut out)?;
+        Ok(out)
+    }
+
+    /// Answers every deferred pull that may now be answered, oldest first.
+    fn release(&mut self, out: &mut Vec<Output>) -> Result<(), PsError> {
+        if self.deferred.is_empty() {
+            return Ok(());
+        }
+        let waiting = std::mem::take(&mut self.deferred);
+        for (w, p) in waiting {
+            if self.may_answer(&p) {
+                out.push(self.answer(w, p)?);
+            } else {
+                self.deferred.push((w, p));
+            }
+        }
+        Ok(())
+    }
+
+    fn answer(&mut self, worker: u32, pull: Pull) -> Result<Output, PsError> {
+        if !pull.wait_all {
+            let s = pull.clock.saturating_sub(self.visible()) as usize;
+            self.stats.staleness[s.min(STALENESS_BUCKETS - 1)] += 1;
+        }
+        let dense = if pull.dense {
+            self.values[..self.map.dense_len].to_vec()
+        } else {
+            Vec::new()
+        };
+        let mut values = Vec::new();
+        for &k in &pull.keys {
+            let (at, len) = self.local_offset(worker, k)?;
+            values.extend_from_slice(&self.values[at..at + len]);
+        }
+        self.stats.keys += pull.keys.len() as u64;
+        self.stats.bytes += (pull.keys.len() * 8 + (dense.len() + values.len()) * 4) as u64;
+        Ok(Output::Pulled {
+            worker,
+            req: pull.req,
+            clock: pull.clock,
+            dense,
+            values,
+        })
+    }
+
+    /// (local table index, local row) of a key this shard owns.
+    fn locate(&self, worker: u32, key: u64) -> Result<(usize, u32), PsError> {
+        let (tensor, row) = split_key(key);
+        self.map
+            .tables
+            .iter()
+            .position(|t| t.tensor == tensor)
+            .and_then(|i| self.map.tables[i].local_row(row).map(|r| (i, r)))
+            .ok_or_else(|| PsError::Protocol {
+                worker,
+                why: format!("key {key:#x} (tensor {tensor}, row {row}) is not on shard {}", self.index),
+            })
+    }
+
+    /// Element offset and row length of a key's row in the local buffer.
+    fn local_offset(&self, worker: u32, key: u64) -> Result<(usize, usize), PsError> {
+        let (t, r) = self.locate(worker, key)?;
+        let t = &self.map.tables[t];
+        Ok((t.offset + r as usize * t.row_len, t.row_len))
+    }
+
+    /// Async and SSP: one push is one optimizer step.
+    fn apply_one(&mut self, worker: u32, push: &Push) -> Result<(), PsError> {
+        for s in &mut self.scratch {
+            s.clear();
+        }
+        let mut at = 0;
+        for &k in &push.keys {
+            let (t, r) = self.locate(worker, k)?;
+            let s = &mut self.scratch[t];
+            s.rows.push(r);
+            s.values.extend_from_slice(&push.values[at..at + s.row_len]);
+            at += s.row_len;
+        }
+        let dense = (!push.dense.is_empty()).then_some(&push.dense[..]);
+        self.step(dense)
+    }
+
+    /// BSP: adds a push into its step's sum; applies every complete step in order.
+    fn accumulate(&mut self, worker: u32, push: Push) -> Result<(), PsError> {
+        let tables = self.map.tables.len();
+        let mut located = Vec::with_capacity(push.keys.len());
+        for &k in &push.keys {
+            located.push(self.locate(worker, k)?);
+        }
+        let p = self.pending.entry(push.clock).or_insert_with(|| Pending {
+            slots: vec![MixMap::default(); tables],
+            rows: vec![Vec::new(); tables],
+            values: vec![Vec::new(); tables],
+            ..Pending::default()
+        });
+        if !push.dense.is_empty() {
+            if p.dense.is_empty() {
+                p.dense = push.dense;
+            } else {
+                p.dense.iter_mut().zip(&push.dense).for_each(|(a, b)| *a += b);
+            }
+        }
+        let mut at = 0;
+        for (t, r) in located {
+            let row_len = self.map.tables[t].row_len;
+            let src = &push.values[at..at + row_len];
+            at += row_len;
+            let n = p.rows[t].len() as u32;
+            let slot = *p.slots[t].entry(r).or_insert(n) as usize;
+            if slot == n as usize {
+                p.rows[t].push(r);
+                p.values[t].extend_from_slice(src);
+            } else {
+                p.values[t][slot * row_len..(slot + 1) * row_len]
+                    .iter_mut()
+                    .zip(src)
+                    .for_each(|(a, b)| *a += b);
+            }
+        }
+        p.pushes += 1;
+        while self.pending.get(&self.applied).is_some_and(|p| p.pushes == self.workers) {
+            let p = self.pending.remove(&self.applied).expect("checked");
+            for (s, (rows, values)) in self.scratch.iter_mut().zip(p.rows.into_iter().zip(p.values)) {
+                s.rows = rows;
+                s.values = values;
+            }
+            let dense = (!p.dense.is_empty()).then_some(&p.dense[..]);
+            self.step(dense)?;
+            self.applied += 1;
+        }
+        Ok(())
+    }
+
+    /// One optimizer step from `dense` (the whole dense part, if any) and the scratch rows.
+    fn step(&mut self, dense: Option<&[f32]>) -> Result<(), PsError> {
+        let n = self.map.dense_len;
+        if let Some(g) = dense {
+            self.opt.step_range(&mut self.values[..n], g, 0..n)?;
+        }
+        for s in &self.scratch {
+            if !s.rows.is_empty() {
+                self.opt.step_sparse(&mut self.values, s)?;
+            }
+        }
+        self.opt.finish_step();
+        self.stats.steps_applied += 1;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::placement::{PlacementSpec, key};
+    use tensor::ParamKind;
+
+    fn setup(workers: u32, c: Consistency) -> (Layout, Placement, Shard) {
+        let mut l = Layout::new();
+        l.push("w", &[3], ParamKind::Dense);
+        l.push("emb", &[8, 2], ParamKind::Table);
+        let p = Placement::new(PlacementSpec::hashed(1, 8), &l).unwrap();
+        let ll = LocalLayout::new(&l, &p, 0);
+        let init = vec![0.0; ll.local.len()];
+        let sgd: optim::OptimConfig = serde_json::from_str(r#"{"kind":"sgd","lr":1.0}"#).unwrap();
+        let s = Shard::new(0, workers, c, &sgd, &l, &p, init).unwrap();
+        (l, p, s)
+    }
+
+    fn push(clock: u64, g: f32) -> Push {
+        Push {
+            clock,
+            dense: vec![g; 3],
+            keys: vec![key(1, 5)],
+            values: vec![g, 2.0 * g],
+        }
+    }
+
+    fn pull(clock: u64) -> Pull {
+        Pull {
+            req: clock,
+            clock,
+            wait_all: false,
+            dense: true,
+            keys: vec![key(1, 5)],
+        }
+    }
+
+    #[test]
+    fn bsp_sums_a_step_over_workers_and_defers_reads_until_it_is_applied() {
+        let (_, _, mut s) = setup(2, Consistency::Bsp);
+        assert_eq!(s.on_pull(0, pull(0)).unwrap().len(), 1, "step 0 reads at once");
+        s.on_push(0, push(0, 1.0)).unwrap();
+        assert!(s.on_pull(0, pull(1)).unwrap().is_empty(), "worker 1 has not pushed step 0");
+        let out = s.on_push(1, push(0, 2.0)).unwrap();
+        assert_eq!(out.len(), 2, "ack and the released pull: {out:?}");
+        let Output::Pulled { dense, values, .. } = &out[1] else { panic!("{out:?}") };
+        assert_eq!(dense, &vec![-3.0; 3], "one SGD step on the sum");
+        assert_eq!(values, &vec![-3.0, -6.0]);
+        assert_eq!(s.stats().steps_applied, 1);
+        assert_eq!(s.stats().staleness[0], 2);
+    }
+
+    #[test]
+    fn ssp_lets_a_worker_run_ahead_by_the_bound_and_no_further() {
+        let (_, _, mut s) = setup(2, Consistency::Ssp { staleness: 2 });
+        for c in 0..2 {
+            s.on_push(0, push(c, 1.0)).unwrap();
+        }
+        assert_eq!(s.on_pull(0, pull(2)).unwrap().len(), 1, "2 ahead of worker 1: allowed");
+        s.on_push(0, push(2, 1.0)).unwrap();
+        assert!(s.on_pull(0, pull(3)).unwrap().is_empty(), "3 ahead: waits");
+        // The slowest worker is never made to wait.
+        assert_eq!(s.on_pull(1, pull(0)).unwrap().len(), 1);
+        let out = s.on_push(1, push(0, 1.0)).unwrap();
+        assert!(matches!(out[1], Output::Pulled { worker: 0, clock: 3, .. }), "{out:?}");
+        assert_eq!(s.stats().staleness[2], 2, "read 2 ahead, twice");
+        assert_eq!(s.stats().staleness[0], 1);
+        assert_eq!(s.stats().steps_applied, 4, "each push is a step");
+    }
+
+    #[test]
+    fn async_never_waits_but_wait_all_does() {
+        let (_, _, mut s) = setup(2, Consistency::Async);
+        for c in 0..10 {
+            s.on_push(0, push(c, 1.0)).unwrap();
+        }
+        assert_eq!(s.on_pull(0, pull(10)).unwrap().len(), 1);
+        assert_eq!(s.stats().staleness[10], 1);
+        let mut p = pull(10);
+        p.wait_all = true;
+        assert!(s.on_pull(0, p).unwrap().is_empty());
+    }
+
+    #[test]
+    fn protocol_errors_name_the_worker() {
+        let (_, _, mut s) = setup(2, Consistency::Async);
+        let e = s.on_push(1, push(3, 1.0)).unwrap_err().to_string();
+        assert!(e.contains("worker 1") && e.contains("pushed step 3"), "{e}");
+        let e = s.on_push(7, push(0, 1.0)).unwrap_err().to_string();
+        assert!(e.contains("worker 7"), "{e}");
+        let mut p = push(0, 1.0);
+        p.dense.push(0.0);
+        assert!(s.on_push(0, p).unwrap_err().to_string().contains("dense values"));
+    }
+}
