@@ -23,5 +23,5 @@ pub use error::PsError;
 pub use local::LocalLayout;
 pub use msg::{Message, Pull, Push};
 pub use placement::{Placement, PlacementSpec, balance_hot_keys, key, split_key};
-pub use shard::{Consistency, Output, Shard, ShardStats};
+pub use shard::{Consistency, Output, Shard, ShardStats, staleness_bucket, staleness_bucket_floor};
 pub use sketch::HotKeys;

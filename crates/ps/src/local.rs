@@ -100,6 +100,45 @@ impl LocalLayout {
         }
     }
 
+    /// Copies the local tensor `name` (an optimizer state tensor shaped like
+    /// the parameter it belongs to) into its places in the global tensor of
+    /// the same name, `global` (which holds that whole tensor).
+    pub fn scatter_tensor(&self, layout: &Layout, name: &str, local: &[f32], global: &mut [f32]) -> bool {
+        self.map_tensor(layout, name, |l, g| global[g].copy_from_slice(&local[l]))
+    }
+
+    /// Copies this shard's part of the global tensor `name` (whole, in `global`) into `out`.
+    pub fn gather_tensor(&self, layout: &Layout, name: &str, global: &[f32], out: &mut Vec<f32>) -> bool {
+        out.clear();
+        self.map_tensor(layout, name, |_, g| out.extend_from_slice(&global[g]))
+    }
+
+    /// Calls `f(local range, global range)` for every run of elements of tensor `name`
+    /// this shard holds, in local order; ranges are relative to the tensor's start.
+    /// False when neither the layout nor this shard has the tensor.
+    fn map_tensor(&self, layout: &Layout, name: &str, mut f: impl FnMut(Range<usize>, Range<usize>)) -> bool {
+        let Some((gi, gt)) = layout.tensors().iter().enumerate().find(|(_, t)| t.name == name) else {
+            return false;
+        };
+        match gt.kind {
+            ParamKind::Dense => {
+                let Some((r, _)) = self.dense.iter().find(|(r, _)| r.start >= gt.offset && r.end <= gt.offset + gt.len())
+                else {
+                    return false;
+                };
+                f(0..r.len(), r.start - gt.offset..r.end - gt.offset);
+            }
+            ParamKind::Table => {
+                let Some(t) = self.table(gi) else { return false };
+                for (i, &row) in t.rows.iter().enumerate() {
+                    let g = row as usize * t.row_len;
+                    f(i * t.row_len..(i + 1) * t.row_len, g..g + t.row_len);
+                }
+            }
+        }
+        true
+    }
+
     /// The local table of global tensor `tensor`.
     pub fn table(&self, tensor: usize) -> Option<&LocalTable> {
         self.tables.iter().find(|t| t.tensor == tensor)
@@ -164,6 +203,19 @@ mod tests {
             }
             assert_eq!(total, l.len(), "every element on exactly one shard");
             assert_eq!(back, global);
+            // Tensor by tensor, as optimizer state travels.
+            for t in l.tensors() {
+                let whole = global[t.range()].to_vec();
+                let mut rebuilt = vec![-1.0f32; t.len()];
+                for s in 0..shards {
+                    let ll = LocalLayout::new(&l, &p, s);
+                    let mut part = Vec::new();
+                    if ll.gather_tensor(&l, &t.name, &whole, &mut part) {
+                        assert!(ll.scatter_tensor(&l, &t.name, &part, &mut rebuilt));
+                    }
+                }
+                assert_eq!(rebuilt, whole, "{}", t.name);
+            }
         }
     }
 }

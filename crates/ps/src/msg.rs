@@ -33,6 +33,7 @@ const KIND_PULLED: u8 = 3;
 const KIND_PUSHED: u8 = 4;
 const FLAG_DENSE: u8 = 1;
 const FLAG_WAIT_ALL: u8 = 2;
+const FLAG_SNAPSHOT: u8 = 4;
 
 /// A worker asks for parameters.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -46,6 +47,9 @@ pub struct Pull {
     /// Whether the shard's dense part is wanted.
     pub dense: bool,
     pub keys: Vec<u64>,
+    /// Instead of keys: elements `offset..offset + len` of the shard's image
+    /// (values then optimizer state), for a checkpoint. Carried as the two keys.
+    pub snapshot: Option<(u64, u64)>,
 }
 
 /// A worker's gradient for one step.
@@ -103,7 +107,16 @@ fn put_f32(out: &mut Vec<u8>, v: &[f32]) {
 
 /// Encodes a [`Pull`] whose keys are `keys` (the `keys` field of `p` is ignored).
 pub fn encode_pull(p: &Pull, keys: &[u64], out: &mut Vec<u8>) {
-    let flags = if p.dense { FLAG_DENSE } else { 0 } | if p.wait_all { FLAG_WAIT_ALL } else { 0 };
+    let mut flags = if p.dense { FLAG_DENSE } else { 0 } | if p.wait_all { FLAG_WAIT_ALL } else { 0 };
+    let snap;
+    let keys = match p.snapshot {
+        Some((offset, len)) => {
+            flags |= FLAG_SNAPSHOT;
+            snap = [offset, len];
+            &snap[..]
+        }
+        None => keys,
+    };
     head(out, KIND_PULL, flags, keys.len(), p.clock, p.req, 0, 0);
     put_keys(out, keys);
 }
@@ -150,7 +163,7 @@ pub fn decode(bytes: &[u8], layout: Option<&Layout>) -> Result<Message, PsError>
         return Err(bad(format!("{} bytes, shorter than the {HEAD_BYTES}-byte head", bytes.len())));
     }
     let (kind, flags) = (bytes[0], bytes[1]);
-    if bytes[2] != 0 || bytes[3] != 0 || flags & !(FLAG_DENSE | FLAG_WAIT_ALL) != 0 {
+    if bytes[2] != 0 || bytes[3] != 0 || flags & !(FLAG_DENSE | FLAG_WAIT_ALL | FLAG_SNAPSHOT) != 0 {
         return Err(bad(format!("unknown flags {flags:#x} or non-zero reserved bytes")));
     }
     let n_keys = u32_at(bytes, 4);
@@ -174,9 +187,13 @@ pub fn decode(bytes: &[u8], layout: Option<&Layout>) -> Result<Message, PsError>
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
         .collect();
+    let snapshot = flags & FLAG_SNAPSHOT != 0;
+    if snapshot && (kind != KIND_PULL || n_keys != 2 || flags & FLAG_DENSE != 0) {
+        return Err(bad("a snapshot request is a pull of exactly two numbers (offset, length)"));
+    }
     let expected_values = match layout {
-        Some(l) => Some(check_keys(&keys, l)?),
-        None => None,
+        Some(l) if !snapshot => Some(check_keys(&keys, l)?),
+        _ => None,
     };
     match kind {
         KIND_PULL => {
@@ -188,7 +205,8 @@ pub fn decode(bytes: &[u8], layout: Option<&Layout>) -> Result<Message, PsError>
                 clock,
                 wait_all: flags & FLAG_WAIT_ALL != 0,
                 dense: flags & FLAG_DENSE != 0,
-                keys,
+                snapshot: snapshot.then(|| (keys[0], keys[1])),
+                keys: if snapshot { Vec::new() } else { keys },
             }))
         }
         KIND_PUSH => {
@@ -256,9 +274,20 @@ mod tests {
             wait_all: true,
             dense: true,
             keys: vec![key(1, 0), key(1, 9)],
+            snapshot: None,
         };
         encode_pull(&pull, &pull.keys, &mut b);
         assert_eq!(decode(&b, Some(&l)).unwrap(), Message::Pull(pull));
+        let snap = Pull {
+            req: 1,
+            clock: 2,
+            wait_all: true,
+            dense: false,
+            keys: vec![],
+            snapshot: Some((u64::MAX, 7)),
+        };
+        encode_pull(&snap, &[], &mut b);
+        assert_eq!(decode(&b, Some(&l)).unwrap(), Message::Pull(snap));
         encode_push(5, &[1.0, 2.0], &[key(1, 3)], &[0.5, 0.25, -1.0], &mut b);
         assert_eq!(
             decode(&b, Some(&l)).unwrap(),

@@ -110,7 +110,7 @@ impl Placement {
     pub fn new(spec: PlacementSpec, layout: &Layout) -> Result<Self, PsError> {
         spec.validate()?;
         let mut ring: Vec<(u64, u32)> = (0..spec.shards)
-            .flat_map(|s| (0..spec.vnodes).map(move |v| (mix64(((s as u64) << 32) ^ v as u64 ^ 0x5EED_0F_7A81), s)))
+            .flat_map(|s| (0..spec.vnodes).map(move |v| (mix64(((s as u64) << 32) ^ v as u64 ^ 0x005E_ED0F_7A81), s)))
             .collect();
         ring.sort_unstable();
         let hot = spec.hot.iter().copied().collect();

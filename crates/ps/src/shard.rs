@@ -30,8 +30,22 @@ use crate::local::LocalLayout;
 use crate::msg::{Pull, Push};
 use crate::placement::{Placement, mix64, split_key};
 
-/// Staleness histogram buckets: 0, 1, …, `STALENESS_BUCKETS − 2`, and "that or more".
-pub const STALENESS_BUCKETS: usize = 33;
+/// Staleness histogram: buckets 0..16 count staleness 0..15 exactly; bucket
+/// 16 + k counts 2^(k+4) ..< 2^(k+5); the last bucket also takes anything larger.
+pub const STALENESS_BUCKETS: usize = 44;
+
+/// The histogram bucket of a staleness (see [`STALENESS_BUCKETS`]).
+pub fn staleness_bucket(s: u64) -> usize {
+    if s < 16 {
+        return s as usize;
+    }
+    (16 + (63 - s.leading_zeros() as usize) - 4).min(STALENESS_BUCKETS - 1)
+}
+
+/// The smallest staleness bucket `b` counts.
+pub fn staleness_bucket_floor(b: usize) -> u64 {
+    if b < 16 { b as u64 } else { 1u64 << (b - 16 + 4) }
+}
 
 /// When a pull may be answered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,6 +85,8 @@ pub struct ShardStats {
     pub bytes: u64,
     /// Answered pulls by staleness (see [`STALENESS_BUCKETS`]); evaluation pulls are not counted.
     pub staleness: Vec<u64>,
+    /// The largest staleness of any answered pull.
+    pub staleness_max: u64,
     /// Most pulls deferred at once.
     pub deferred_max: u64,
     /// Optimizer steps applied.
@@ -213,6 +229,62 @@ impl Shard {
         }
     }
 
+    /// The shard's whole state as one buffer: its values, then every optimizer
+    /// state tensor in [`optim::Optimizer::state_tensors`] order (the step
+    /// count last). A worker that builds the same optimizer over the same
+    /// local layout knows every part's name and length.
+    pub fn image(&self) -> Vec<f32> {
+        let mut out = self.values.clone();
+        for (_, t) in self.opt.state_tensors() {
+            out.extend_from_slice(t);
+        }
+        out
+    }
+
+    /// Elements in [`Shard::image`].
+    pub fn image_len(&self) -> usize {
+        self.values.len() + self.opt.state_tensors().iter().map(|(_, t)| t.len()).sum::<usize>()
+    }
+
+    /// Replaces values and optimizer state by an image (as [`Shard::image`] lays
+    /// it out) and starts every worker's clock at `clock`, to resume a run.
+    pub fn restore(&mut self, image: &[f32], clock: u64) -> Result<(), PsError> {
+        if image.len() != self.image_len() {
+            return Err(PsError::Placement(format!(
+                "shard {} state holds {} values; the image has {}",
+                self.index,
+                self.image_len(),
+                image.len()
+            )));
+        }
+        let n = self.values.len();
+        let mut at = n;
+        let mut named: Vec<(String, &[f32])> = Vec::new();
+        for (name, t) in self.opt.state_tensors() {
+            named.push((name, &image[at..at + t.len()]));
+            at += t.len();
+        }
+        self.opt.load_state(named)?;
+        self.values.copy_from_slice(&image[..n]);
+        self.clocks.iter_mut().for_each(|c| *c = clock);
+        self.applied = clock;
+        Ok(())
+    }
+
+    /// Replaces the values (local layout), keeping the optimizer state and clocks.
+    pub fn restore_values(&mut self, values: &[f32]) -> Result<(), PsError> {
+        if values.len() != self.values.len() {
+            return Err(PsError::Placement(format!(
+                "shard {} holds {} values; got {}",
+                self.index,
+                self.values.len(),
+                values.len()
+            )));
+        }
+        self.values.copy_from_slice(values);
+        Ok(())
+    }
+
     /// Pulls waiting for a slower worker.
     pub fn deferred(&self) -> usize {
         self.deferred.len()
@@ -307,9 +379,29 @@ impl Shard {
     }
 
     fn answer(&mut self, worker: u32, pull: Pull) -> Result<Output, PsError> {
-        if !pull.wait_all {
-            let s = pull.clock.saturating_sub(self.visible()) as usize;
-            self.stats.staleness[s.min(STALENESS_BUCKETS - 1)] += 1;
+        if !pull.wait_all && pull.snapshot.is_none() {
+            let s = pull.clock.saturating_sub(self.visible());
+            self.stats.staleness[staleness_bucket(s)] += 1;
+            self.stats.staleness_max = self.stats.staleness_max.max(s);
+        }
+        if let Some((offset, len)) = pull.snapshot {
+            let image = self.image();
+            let range = usize::try_from(offset)
+                .ok()
+                .zip(usize::try_from(len).ok())
+                .and_then(|(o, l)| Some(o..o.checked_add(l)?))
+                .filter(|r| r.end <= image.len())
+                .ok_or_else(|| PsError::Protocol {
+                    worker,
+                    why: format!("snapshot part {offset}+{len} outside the {} values of shard {}", image.len(), self.index),
+                })?;
+            return Ok(Output::Pulled {
+                worker,
+                req: pull.req,
+                clock: pull.clock,
+                dense: Vec::new(),
+                values: image[range].to_vec(),
+            });
         }
         let dense = if pull.dense {
             self.values[..self.map.dense_len].to_vec()
@@ -472,7 +564,31 @@ mod tests {
             wait_all: false,
             dense: true,
             keys: vec![key(1, 5)],
+            snapshot: None,
         }
+    }
+
+    #[test]
+    fn an_image_restores_values_state_and_clocks() {
+        let (l, p, mut s) = setup(2, Consistency::Bsp);
+        s.on_push(0, push(0, 1.0)).unwrap();
+        s.on_push(1, push(0, 1.0)).unwrap();
+        let image = s.image();
+        assert_eq!(image.len(), s.image_len());
+        let ll = LocalLayout::new(&l, &p, 0);
+        let sgd: optim::OptimConfig = serde_json::from_str(r#"{"kind":"sgd","lr":1.0}"#).unwrap();
+        let mut t = Shard::new(0, 3, Consistency::Bsp, &sgd, &l, &p, vec![0.0; ll.local.len()]).unwrap();
+        t.restore(&image, 1).unwrap();
+        assert_eq!(t.values(), s.values());
+        assert_eq!(t.visible(), 1);
+        assert!(t.on_push(2, push(0, 1.0)).is_err(), "clocks resume at 1");
+        let mut snap = pull(1);
+        snap.snapshot = Some((1, 2));
+        match &s.on_pull(0, snap).unwrap()[0] {
+            Output::Pulled { values, .. } => assert_eq!(values[..], image[1..3]),
+            o => panic!("{o:?}"),
+        }
+        assert!(t.restore(&image[1..], 0).is_err());
     }
 
     #[test]
@@ -516,9 +632,23 @@ mod tests {
         }
         assert_eq!(s.on_pull(0, pull(10)).unwrap().len(), 1);
         assert_eq!(s.stats().staleness[10], 1);
+        assert_eq!(s.stats().staleness_max, 10);
         let mut p = pull(10);
         p.wait_all = true;
         assert!(s.on_pull(0, p).unwrap().is_empty());
+    }
+
+    #[test]
+    fn staleness_buckets_are_exact_then_powers_of_two() {
+        assert_eq!((0..16).map(staleness_bucket).collect::<Vec<_>>(), (0..16).collect::<Vec<_>>());
+        assert_eq!(staleness_bucket(16), 16);
+        assert_eq!(staleness_bucket(31), 16);
+        assert_eq!(staleness_bucket(32), 17);
+        assert_eq!(staleness_bucket(4434), 16 + 12 - 4);
+        assert_eq!(staleness_bucket(u64::MAX), STALENESS_BUCKETS - 1);
+        for b in 0..STALENESS_BUCKETS {
+            assert_eq!(staleness_bucket(staleness_bucket_floor(b)), b);
+        }
     }
 
     #[test]
