@@ -11,6 +11,15 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use node::config::JobConfig;
 
+/// Prints a line on stdout. A reader that went away (`sinter checkpoint inspect DIR | head`)
+/// is not an error, and must not stop a training run that prints JSON lines.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 /// Exit codes (documented in the README).
 mod exit {
     pub const FAILURE: u8 = 1;
@@ -44,6 +53,23 @@ enum Command {
     /// Run one worker of a cluster; finds the coordinator through MASTER_ADDR/MASTER_PORT
     /// (or DMLC_PS_ROOT_URI/DMLC_PS_ROOT_PORT) and takes RANK/WORLD_SIZE if set.
     Worker(WorkerArgs),
+    /// Run one parameter-server shard of a cluster; finds the coordinator through
+    /// DMLC_PS_ROOT_URI/DMLC_PS_ROOT_PORT (or MASTER_ADDR/MASTER_PORT). Takes its
+    /// model, optimizer and placement from worker 0: no config file needed.
+    Server(ServerArgs),
+}
+
+#[derive(Args)]
+struct ServerArgs {
+    /// Must match the coordinator's.
+    #[arg(long, default_value_t = 5_000)]
+    heartbeat_timeout_ms: u64,
+    /// A reply a worker does not take within this long fails the server.
+    #[arg(long, default_value_t = 30_000)]
+    write_timeout_ms: u64,
+    /// File holding the shared secret (default: the SINTER_SECRET variable).
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -54,6 +80,9 @@ struct CoordinatorArgs {
     /// Number of workers; default $WORLD_SIZE (or $DMLC_NUM_WORKER).
     #[arg(long)]
     world: Option<u32>,
+    /// Number of parameter-server shards; default $DMLC_NUM_SERVER, else 0.
+    #[arg(long)]
+    servers: Option<u32>,
     #[arg(long, default_value_t = 5_000)]
     heartbeat_timeout_ms: u64,
     #[arg(long, default_value_t = 120_000)]
@@ -67,6 +96,71 @@ struct CoordinatorArgs {
 enum BenchCommand {
     /// All-reduce bandwidth and latency between worker processes (nccl-tests convention).
     Allreduce(AllreduceArgs),
+    /// Parameter-server key updates/s, pull/push latency and per-shard load.
+    Ps(PsArgs),
+    /// Gradient codecs on one core: encode and decode GB/s, compression ratio and
+    /// error, on real gradients (the Fashion-MNIST MLP's first SGD steps).
+    Codec(CodecArgs),
+}
+
+#[derive(Args)]
+struct CodecArgs {
+    /// Gradients to compress, e.g. 25MiB (f32 bytes).
+    #[arg(long, default_value = "25MiB")]
+    size: String,
+    /// Codecs, comma-separated (default: every codec family; see `codec::CodecSpec`).
+    #[arg(long, value_delimiter = ',')]
+    codecs: Vec<String>,
+    /// Fashion-MNIST IDX directory.
+    #[arg(long, default_value = "data/fashion-mnist")]
+    data: PathBuf,
+    /// Least time per codec and direction; the fastest run counts.
+    #[arg(long, default_value_t = 1000)]
+    min_time_ms: u64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// One JSON object per codec on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct PsArgs {
+    #[arg(long, default_value_t = 2)]
+    servers: u32,
+    #[arg(long, default_value_t = 2)]
+    workers: u32,
+    /// Distinct keys in each pull and push.
+    #[arg(long, default_value_t = 1000)]
+    keys_per_push: usize,
+    /// Zipf exponent of key popularity.
+    #[arg(long, default_value_t = 1.2)]
+    zipf: f64,
+    /// The table has 2^key_bits rows.
+    #[arg(long, default_value_t = 22)]
+    key_bits: u32,
+    /// Pull+push steps per worker.
+    #[arg(long, default_value_t = 2000)]
+    steps: u64,
+    /// Hot keys placed to balance the shards (0: consistent hashing alone).
+    #[arg(long, default_value_t = 1024)]
+    hot_keys: usize,
+    /// bsp, ssp or async.
+    #[arg(long, default_value = "async")]
+    consistency: String,
+    #[arg(long, default_value_t = 4)]
+    staleness: u32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// The shard engines in this process without a network: the ceiling.
+    #[arg(long)]
+    inproc: bool,
+    /// One JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Internal: run as one bench worker of a cluster.
+    #[arg(long, hide = true)]
+    worker: bool,
 }
 
 #[derive(Args)]
@@ -89,6 +183,9 @@ struct AllreduceArgs {
     /// Send tensor payloads without a crc32c (headers are still checked).
     #[arg(long)]
     no_tensor_crc: bool,
+    /// How workers on this machine exchange tensors: auto (shared memory) or tcp.
+    #[arg(long, default_value = "auto")]
+    transport: node::config::Transport,
 }
 
 #[derive(Args)]
@@ -122,6 +219,9 @@ struct TrainArgs {
     /// Number of worker processes (overrides `cluster.workers`).
     #[arg(long)]
     workers: Option<u32>,
+    /// Number of parameter-server shards (overrides `cluster.servers`; 0 = all-reduce).
+    #[arg(long)]
+    servers: Option<u32>,
     /// No progress bar.
     #[arg(long, short)]
     quiet: bool,
@@ -192,7 +292,10 @@ fn main() -> ExitCode {
         Command::Checkpoint(c) => checkpoint_command(c),
         Command::Coordinator(a) => coordinator(a),
         Command::Worker(a) => worker(a),
+        Command::Server(a) => server(a),
         Command::Bench(BenchCommand::Allreduce(a)) => bench_allreduce(a),
+        Command::Bench(BenchCommand::Ps(a)) => bench_ps(a),
+        Command::Bench(BenchCommand::Codec(a)) => bench_codec(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -237,7 +340,9 @@ fn init_logging() {
 fn exit_code(e: &anyhow::Error) -> u8 {
     match e.downcast_ref::<node::JobError>() {
         Some(node::JobError::Config { .. }) => exit::USAGE,
-        Some(node::JobError::Peer { .. } | node::JobError::Stalled { .. }) => exit::PEER,
+        Some(node::JobError::Peer { .. } | node::JobError::Stalled { .. } | node::JobError::Server { .. }) => {
+            exit::PEER
+        }
         Some(node::JobError::Interrupted) => exit::INTERRUPTED,
         _ => exit::FAILURE,
     }
@@ -248,12 +353,18 @@ fn train(a: TrainArgs) -> Result<()> {
     if let Some(w) = a.workers {
         overrides.push(format!("cluster.workers={w}"));
     }
+    if let Some(s) = a.servers {
+        overrides.push(format!("cluster.servers={s}"));
+    }
     let cfg = JobConfig::load(&a.config, &overrides)?;
     tracing::info!(config = ?cfg, "effective config");
     let mut console = progress::Console::new(a.json, a.quiet);
     let summary = node::job::run(cfg, a.resume.as_deref(), &mut console);
     console.finish();
     let summary = summary?;
+    if !summary.servers.is_empty() && !a.json && !a.quiet {
+        eprintln!("{}", node::server::describe_shards(&summary.servers));
+    }
     let mut done = serde_json::to_value(&summary).context("summary to JSON")?;
     done["event"] = "done".into();
     console.json_line(&done);
@@ -290,7 +401,7 @@ fn coordinator(a: CoordinatorArgs) -> Result<()> {
     let secret = load_secret(a.secret_file.as_deref())?;
     let listener = node::net::listen(&listen)?;
     let addr = listener.local_addr().context("listener address")?;
-    println!(
+    out!(
         "{}",
         serde_json::json!({ "listening": addr.to_string(), "world": world })
     );
@@ -298,6 +409,7 @@ fn coordinator(a: CoordinatorArgs) -> Result<()> {
         listener,
         node::coord::CoordinatorConfig {
             world,
+            servers: a.servers.or(env.servers).unwrap_or(0),
             heartbeat_timeout_ms: a.heartbeat_timeout_ms,
             rendezvous_timeout_ms: a.rendezvous_timeout_ms,
         },
@@ -307,21 +419,46 @@ fn coordinator(a: CoordinatorArgs) -> Result<()> {
         node::coord::Outcome::Finished => Ok(()),
         node::coord::Outcome::Failed { rank, reason } => {
             // The launcher reads this line to name the rank at fault.
-            println!(
+            out!(
                 "{}",
                 serde_json::json!({ "event": "failed", "rank": rank, "reason": reason })
             );
-            Err(node::JobError::Peer {
-                rank: rank.unwrap_or(u32::MAX),
-                why: reason,
+            Err(match rank {
+                Some(rank) => node::JobError::Peer { rank, why: reason },
+                None => node::JobError::Coordinator(reason),
             }
             .into())
         }
     }
 }
 
+fn server(a: ServerArgs) -> Result<()> {
+    let secret = load_secret(a.secret_file.as_deref())?;
+    let env = node::env::ClusterEnv::from_process()?;
+    let report = node::server::run(
+        &env,
+        &secret,
+        &node::server::ServerOptions {
+            heartbeat_timeout_ms: a.heartbeat_timeout_ms,
+            write_timeout_ms: a.write_timeout_ms,
+        },
+    )?;
+    let mut line = serde_json::to_value(&report).context("server report to JSON")?;
+    line["event"] = "server".into();
+    out!("{line}");
+    Ok(())
+}
+
 fn worker(a: WorkerArgs) -> Result<()> {
+    // ps-lite's convention: one command line for every role, DMLC_ROLE picks it.
     let cfg = JobConfig::load(&a.config, &a.overrides)?;
+    if std::env::var("DMLC_ROLE").is_ok_and(|r| r == "server") {
+        return server(ServerArgs {
+            heartbeat_timeout_ms: cfg.cluster.heartbeat_timeout_ms,
+            write_timeout_ms: cfg.cluster.collective_timeout_ms.max(30_000),
+            secret_file: cfg.cluster.secret_file.clone(),
+        });
+    }
     let secret = load_secret(cfg.cluster.secret_file.as_deref())?;
     let env = node::env::ClusterEnv::from_process()?;
     let mut console = progress::Console::new(a.json, true);
@@ -336,9 +473,9 @@ fn bench_allreduce(a: AllreduceArgs) -> Result<()> {
     let sizes = node::bench::parse_sizes(&a.sizes).map_err(|e| anyhow::anyhow!("--sizes: {e}"))?;
     let print = |r: &node::bench::AllreduceResult, json: bool| {
         if json {
-            println!("{}", serde_json::to_string(r).unwrap_or_default());
+            out!("{}", serde_json::to_string(r).unwrap_or_default());
         } else {
-            println!(
+            out!(
                 "{:>12} B  {} workers  {:<18} algbw {:>7.3} GB/s  busbw {:>7.3} GB/s  p50 {:>10.1} us  {}",
                 r.bytes,
                 r.workers,
@@ -353,7 +490,7 @@ fn bench_allreduce(a: AllreduceArgs) -> Result<()> {
     if a.worker {
         let env = node::env::ClusterEnv::from_process()?;
         let secret = load_secret(None)?;
-        for r in node::bench::allreduce_worker(&env, &secret, &sizes, a.timeout_ms, !a.no_tensor_crc)? {
+        for r in node::bench::allreduce_worker(&env, &secret, &sizes, a.timeout_ms, !a.no_tensor_crc, a.transport)? {
             print(&r, true);
         }
         return Ok(());
@@ -373,6 +510,8 @@ fn bench_allreduce(a: AllreduceArgs) -> Result<()> {
     if a.no_tensor_crc {
         args.push("--no-tensor-crc".into());
     }
+    args.push("--transport".into());
+    args.push(a.transport.to_string().into());
     let mut cluster = node::launcher::LocalCluster::start(a.workers, 5_000, &args)?;
     cluster.supervise(&mut |rank, v| {
         if rank == 0
@@ -381,6 +520,135 @@ fn bench_allreduce(a: AllreduceArgs) -> Result<()> {
             print(&r, a.json);
         }
     })?;
+    Ok(())
+}
+
+fn bench_codec(a: CodecArgs) -> Result<()> {
+    let bytes = match node::bench::parse_sizes(&a.size).map_err(|e| anyhow::anyhow!("--size: {e}"))?[..] {
+        [b] => b,
+        _ => anyhow::bail!("--size takes one size, e.g. 25MiB"),
+    };
+    let names: Vec<String> = if a.codecs.is_empty() {
+        node::bench_codec::DEFAULT_SPECS.iter().map(|s| s.to_string()).collect()
+    } else {
+        a.codecs.clone()
+    };
+    let rows = node::bench_codec::run(&node::bench_codec::CodecBench {
+        data: a.data,
+        elems: bytes / 4,
+        specs: names,
+        min_time: std::time::Duration::from_millis(a.min_time_ms),
+        seed: a.seed,
+    })?;
+    for r in &rows {
+        if a.json {
+            out!("{}", serde_json::to_string(r).context("row to JSON")?);
+        } else {
+            out!(
+                "{:<16} {:>10} f32  encode {:>7.2} GB/s  decode {:>7.2} GB/s  ratio {:>7.1}  rel_error {:.3e}",
+                r.row.codec, r.row.elems, r.row.encode_gbps, r.row.decode_gbps, r.row.ratio, r.row.rel_error
+            );
+        }
+    }
+    if !a.json && let Some(r) = rows.first() {
+        out!("gradients: {}", r.gradients);
+    }
+    Ok(())
+}
+
+fn bench_ps(a: PsArgs) -> Result<()> {
+    let consistency: node::config::ConsistencyMode =
+        serde_json::from_value(serde_json::Value::String(a.consistency.clone()))
+            .map_err(|_| anyhow::anyhow!("--consistency must be bsp, ssp or async, not `{}`", a.consistency))?;
+    let spec = node::bench_ps::PsBenchSpec {
+        servers: a.servers,
+        workers: a.workers,
+        keys_per_push: a.keys_per_push,
+        zipf: a.zipf,
+        key_bits: a.key_bits,
+        steps: a.steps,
+        hot_keys: a.hot_keys,
+        consistency,
+        staleness: a.staleness,
+        seed: a.seed,
+    };
+    anyhow::ensure!(
+        (1..=24).contains(&a.key_bits) && a.keys_per_push > 0 && a.keys_per_push <= 1 << (a.key_bits - 1),
+        "--key-bits must be in 1..=24 and --keys-per-push in 1..=2^(key_bits-1)"
+    );
+    anyhow::ensure!(
+        a.servers > 0 && a.workers > 0 && a.zipf > 0.0,
+        "--servers, --workers and --zipf must be positive"
+    );
+    let print = |r: &node::bench_ps::PsBenchResult| {
+        if a.json {
+            out!("{}", serde_json::to_string(r).unwrap_or_default());
+        } else {
+            out!(
+                "{:<8} {} servers {} workers  {:>12.0} key updates/s  pull p50 {:>8.1} us p99 {:>8.1} us  push p50 {:>8.1} us p99 {:>8.1} us  load max/mean keys {:.3} bytes {:.3} requests {:.3}",
+                r.mode,
+                r.servers,
+                r.workers,
+                r.key_updates_per_s,
+                r.pull_p50_us,
+                r.pull_p99_us,
+                r.push_p50_us,
+                r.push_p99_us,
+                r.keys_max_over_mean,
+                r.bytes_max_over_mean,
+                r.requests_max_over_mean
+            );
+        }
+    };
+    if a.inproc {
+        print(&node::bench_ps::inproc(&spec)?);
+        return Ok(());
+    }
+    let env = node::env::ClusterEnv::from_process()?;
+    if a.worker {
+        let secret = load_secret(None)?;
+        let r = node::bench_ps::worker(&spec, &env, &secret)?;
+        out!("{}", serde_json::to_string(&r).context("result to JSON")?);
+        return Ok(());
+    }
+    let mut args: Vec<std::ffi::OsString> = vec!["bench".into(), "ps".into(), "--worker".into()];
+    for (k, v) in [
+        ("--servers", a.servers.to_string()),
+        ("--workers", a.workers.to_string()),
+        ("--keys-per-push", a.keys_per_push.to_string()),
+        ("--zipf", a.zipf.to_string()),
+        ("--key-bits", a.key_bits.to_string()),
+        ("--steps", a.steps.to_string()),
+        ("--hot-keys", a.hot_keys.to_string()),
+        ("--consistency", a.consistency.clone()),
+        ("--staleness", a.staleness.to_string()),
+        ("--seed", a.seed.to_string()),
+    ] {
+        args.push(k.into());
+        args.push(v.into());
+    }
+    let mut cluster = node::launcher::LocalCluster::start_with_servers(a.workers, a.servers, 5_000, &args)?;
+    let mut workers = Vec::new();
+    let mut servers = Vec::new();
+    cluster.supervise_all(
+        &mut |_, v| {
+            if let Ok(r) = serde_json::from_value::<node::bench_ps::PsBenchResult>(v) {
+                workers.push(r);
+            }
+        },
+        &mut |_, v| {
+            if let Ok(r) = serde_json::from_value::<node::server::ServerReport>(v) {
+                servers.push(r);
+            }
+        },
+    )?;
+    anyhow::ensure!(
+        workers.len() == a.workers as usize && servers.len() == a.servers as usize,
+        "got {} worker and {} server reports",
+        workers.len(),
+        servers.len()
+    );
+    print(&node::bench_ps::combine(&spec, &workers, &servers));
     Ok(())
 }
 
@@ -400,11 +668,11 @@ fn data_command(d: DataCommand) -> Result<()> {
             seed: g.seed,
             format: g.format,
         })
-        .map(|report| println!("{report}"))
+        .map(|report| out!("{report}"))
         .map_err(Into::into),
         DataCommand::Inspect { path, hash_bits } => {
             let summary = node::datagen::inspect(&path, hash_bits)?;
-            println!("{summary}");
+            out!("{summary}");
             Ok(())
         }
     }
@@ -413,11 +681,11 @@ fn data_command(d: DataCommand) -> Result<()> {
 fn checkpoint_command(c: CheckpointCommand) -> Result<()> {
     match c {
         CheckpointCommand::Inspect { dir } => {
-            println!("{}", node::state::describe(&dir)?);
+            out!("{}", node::state::describe(&dir)?);
             Ok(())
         }
         CheckpointCommand::Verify { dir } => {
-            println!("{}", node::state::verify_all(&dir)?);
+            out!("{}", node::state::verify_all(&dir)?);
             Ok(())
         }
     }

@@ -76,15 +76,25 @@ impl Observer for Console {
                 }
                 let bar = self.bar(s.steps_per_epoch);
                 bar.set_prefix(format!("epoch {}", s.epoch));
-                bar.set_message(format!("loss {:.4}  {:.0} samples/s", s.loss, s.samples_per_s));
+                let mut msg = format!("loss {:.4}  {:.0} samples/s", s.loss, s.samples_per_s);
+                if let Some(c) = &s.comm {
+                    msg.push_str(&comm_summary(c));
+                }
+                bar.set_message(msg);
                 let done = u64::from(s.epoch - 1) * s.steps_per_epoch + s.step_in_epoch;
                 bar.set_position(done.min(bar.length().unwrap_or(done)));
             }
-            Report::Epoch(e) => {
-                let mut line = format!(
-                    "epoch {}  train_loss {:.4}  {:.0} samples/s  {:.1} s",
-                    e.epoch, e.train_loss, e.samples_per_s, e.wall_s
-                );
+            Report::Epoch(e) | Report::Eval(e) => {
+                let mut line = match r {
+                    Report::Eval(_) => format!(
+                        "epoch {} step {}  train_loss {:.4}  {:.1} s",
+                        e.epoch, e.step, e.train_loss, e.wall_s
+                    ),
+                    _ => format!(
+                        "epoch {}  train_loss {:.4}  {:.0} samples/s  {:.1} s",
+                        e.epoch, e.train_loss, e.samples_per_s, e.wall_s
+                    ),
+                };
                 for (k, v) in [
                     ("test_acc", e.test_acc),
                     ("test_auc", e.test_auc),
@@ -94,6 +104,9 @@ impl Observer for Console {
                     if let Some(v) = v {
                         line.push_str(&format!("  {k} {v:.4}"));
                     }
+                }
+                if let Some(c) = &e.comm {
+                    line.push_str(&comm_summary(c));
                 }
                 match &self.bar {
                     Some(bar) if !bar.is_hidden() => bar.println(line),
@@ -108,5 +121,27 @@ impl Observer for Console {
         {
             self.json_line(&v);
         }
+    }
+}
+
+/// Traffic per step as the bar and the epoch lines show it.
+fn comm_summary(c: &node::report::CommReport) -> String {
+    let mut s = format!(
+        "  sent {}/step (recv {}/step)",
+        bytes(c.sent_per_step),
+        bytes(c.received_per_step)
+    );
+    if c.ratio != 1.0 || c.rel_error != 0.0 {
+        s.push_str(&format!("  {:.1}× less than f32  rel_err {:.3}", c.ratio, c.rel_error));
+    }
+    s
+}
+
+fn bytes(b: f64) -> String {
+    match b {
+        b if b >= 1e9 => format!("{:.2} GB", b / 1e9),
+        b if b >= 1e6 => format!("{:.2} MB", b / 1e6),
+        b if b >= 1e3 => format!("{:.1} kB", b / 1e3),
+        b => format!("{b:.0} B"),
     }
 }

@@ -16,6 +16,7 @@ const DEFAULT_SPECS: &[&str] = &[
     "qsgd:7",
     "sign",
     "topk:0.01",
+    "topk:0.01:f16",
     "topk:0.001",
     "randk:0.01",
     "threshold:0.003",

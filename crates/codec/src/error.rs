@@ -41,17 +41,14 @@ pub enum CodecError {
     IndexOutOfRange {
         codec: CodecId,
         position: usize,
-        index: u32,
+        index: u64,
         elems: usize,
     },
-    #[error(
-        "{codec} message: index {index} at position {position} follows {previous}; indices must be strictly increasing"
-    )]
-    IndexOrder {
+    #[error("{codec} message: index at position {position}: {why}")]
+    IndexEncoding {
         codec: CodecId,
         position: usize,
-        index: u32,
-        previous: u32,
+        why: &'static str,
     },
     #[error("encode: {elems} elements exceed the limit of {max} per message")]
     TooManyElements { elems: usize, max: usize },

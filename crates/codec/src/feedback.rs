@@ -128,7 +128,10 @@ mod tests {
     fn load_state_refuses_the_wrong_length_and_changes_nothing() {
         let mut ef = ErrorFeedback::new(4);
         ef.compress(
-            &CodecSpec::TopK { fraction: 0.25 },
+            &CodecSpec::TopK {
+                fraction: 0.25,
+                values: crate::SparseValues::F32,
+            },
             &[1.0, 2.0, 3.0, 4.0],
             0,
             &mut Vec::new(),

@@ -188,8 +188,3 @@ pub(crate) fn put_f32s(dst: &mut [u8], v: &[f32]) {
 pub(crate) fn get_f32(b: &[u8]) -> f32 {
     f32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
-
-#[inline(always)]
-pub(crate) fn get_u32(b: &[u8]) -> u32 {
-    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
-}

@@ -9,8 +9,9 @@
 //! | `int8[:B]` | 1 + 4/B | `\|err\| ≤ max\|x\|/127` of the bucket | yes |
 //! | `qsgd:S[:B]` | ½, 1 or 2 (S ≤ 7, ≤ 127, more) + 4/B | `\|err\| ≤ ‖x‖₂/S` of the bucket | yes |
 //! | `sign[:B]` | 1/8 + 4/B | `‖err‖² = ‖x‖² − ‖x‖₁²/B` per bucket | no |
-//! | `topk:F`, `randk:F` | 8·F | `‖err‖² ≤ (1 − F)‖x‖²` (randk: expected) | no |
-//! | `threshold:T` | 8 per `\|x\| > T` | `\|err\| ≤ T` | no |
+//! | `topk:F`, `randk:F` | (4 + g)·F, g ≈ 1.3 index bytes at F = 1% | `‖err‖² ≤ (1 − F)‖x‖²` (randk: expected) | no |
+//! | `topk:F:f16`, `randk:F:f16` | (2 + g)·F | the same, plus `2^-10·\|x\|` per kept element | no |
+//! | `threshold:T[:f16]` | 4 + g (2 + g) per `\|x\| > T` | `\|err\| ≤ T` | no |
 //! | `powersgd:R` | 4·R·(rows + cols) / n | `‖err‖_F ≤ ‖x‖_F` | no |
 //!
 //! [`CodecSpec`] has the details of each; the modules say how each works.
@@ -55,7 +56,7 @@
 //! factors (see [`PowerSgd`]), never its messages.
 //!
 //! Numbers: 25 MiB of gradients (6.5M f32) are 12.5 MiB in fp16, 6.3 MiB in
-//! int8, 0.8 MiB in sign and 0.5 MiB with top-1%. The targets, one core: fp16,
+//! int8, 0.8 MiB in sign and about 0.35 MiB with top-1% (0.2 MiB with `:f16`). The targets, one core: fp16,
 //! bf16, int8 and sign at ≥ 2 GB/s of f32 input each way, top-1% ≥ 0.5 GB/s;
 //! [`bench::run`] measures them.
 
@@ -77,7 +78,7 @@ pub use feedback::ErrorFeedback;
 pub use float::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
 pub use header::{CodecId, ELEMS_MAX, FORMAT_VERSION, HEADER_BYTES};
 pub use powersgd::PowerSgd;
-pub use spec::{BUCKET_MAX, CodecSpec, CompressConfig, DEFAULT_BUCKET, LEVELS_MAX, RANK_MAX};
+pub use spec::{BUCKET_MAX, CodecSpec, CompressConfig, DEFAULT_BUCKET, LEVELS_MAX, RANK_MAX, SparseValues};
 
 use kernel::{Add, Set, Sink, Sub};
 
@@ -109,9 +110,9 @@ pub fn encode_shaped(
         CodecSpec::Int8 { bucket } => int8::encode(values, bucket as usize, seed, out),
         CodecSpec::Qsgd { levels, bucket } => qsgd::encode(values, levels, bucket as usize, seed, out),
         CodecSpec::Sign { bucket } => sign::encode(values, bucket as usize, out),
-        CodecSpec::TopK { fraction } => sparse::encode_topk(values, fraction, out),
-        CodecSpec::RandK { fraction } => sparse::encode_randk(values, fraction, seed, out),
-        CodecSpec::Threshold { threshold } => sparse::encode_threshold(values, threshold, out),
+        CodecSpec::TopK { fraction, values: v } => sparse::encode_topk(values, fraction, v, out),
+        CodecSpec::RandK { fraction, values: v } => sparse::encode_randk(values, fraction, v, seed, out),
+        CodecSpec::Threshold { threshold, values: v } => sparse::encode_threshold(values, threshold, v, out),
         CodecSpec::PowerSgd { rank } => {
             let (rows, cols) = matrix_shape(shape, values.len());
             if powersgd::compresses(rank as usize, rows, cols) {
@@ -152,8 +153,9 @@ fn decode_into<S: Sink>(bytes: &[u8], out: &mut [f32]) -> Result<(), CodecError>
 }
 
 /// The exact message length for `n` elements, for codecs where it depends
-/// on `n` alone; `None` for `threshold` (data-dependent) and `powersgd`
-/// (shape-dependent). Top-k and random-k always keep the same `k` of `n`.
+/// on `n` alone; `None` for the sparse codecs (their varint indices take
+/// what the gaps between kept elements need: see [`sparse_len_max`]) and
+/// `powersgd` (shape-dependent).
 pub fn compressed_len(spec: &CodecSpec, n: usize) -> Option<usize> {
     let h = HEADER_BYTES;
     Some(match *spec {
@@ -162,11 +164,23 @@ pub fn compressed_len(spec: &CodecSpec, n: usize) -> Option<usize> {
         CodecSpec::Int8 { bucket } => h + 4 + 4 * n.div_ceil(bucket.max(1) as usize) + n,
         CodecSpec::Qsgd { levels, bucket } => h + 8 + qsgd::payload_bytes(n, levels, bucket.max(1) as usize),
         CodecSpec::Sign { bucket } => h + 4 + sign::payload_bytes(n, bucket.max(1) as usize),
-        CodecSpec::TopK { fraction } | CodecSpec::RandK { fraction } => {
-            sparse::message_bytes(sparse::keep_count(fraction, n))
+        CodecSpec::TopK { .. } | CodecSpec::RandK { .. } | CodecSpec::Threshold { .. } | CodecSpec::PowerSgd { .. } => {
+            return None;
         }
-        CodecSpec::Threshold { .. } | CodecSpec::PowerSgd { .. } => return None,
     })
+}
+
+/// The longest message `topk` or `randk` can make for `n` elements: its
+/// `k` indices at the 5 bytes a varint may take. (A bound, for buffers;
+/// [`compressed_len`] is exact where lengths are fixed.)
+pub fn sparse_len_max(spec: &CodecSpec, n: usize) -> Option<usize> {
+    match *spec {
+        CodecSpec::TopK { fraction, values } | CodecSpec::RandK { fraction, values } => {
+            let k = sparse::keep_count(fraction, n);
+            Some(HEADER_BYTES + 16 + (5 + values.bytes()) * k)
+        }
+        _ => None,
+    }
 }
 
 /// Everything [`encode_shaped`] can refuse, checked before anything is written.
@@ -217,8 +231,11 @@ mod tests {
             "sign",
             "sign:16",
             "topk:0.01",
+            "topk:0.01:f16",
             "randk:0.1",
+            "randk:0.1:f16",
             "threshold:0.5",
+            "threshold:0.5:f16",
             "powersgd:2",
         ]
         .iter()
@@ -260,7 +277,16 @@ mod tests {
             encode(&spec, &x, 1, &mut out).expect("encode");
             match compressed_len(&spec, x.len()) {
                 Some(len) => assert_eq!(len, out.len(), "{spec}"),
-                None => assert!(matches!(spec, CodecSpec::Threshold { .. } | CodecSpec::PowerSgd { .. })),
+                None => assert!(matches!(
+                    spec,
+                    CodecSpec::TopK { .. }
+                        | CodecSpec::RandK { .. }
+                        | CodecSpec::Threshold { .. }
+                        | CodecSpec::PowerSgd { .. }
+                )),
+            }
+            if let Some(max) = sparse_len_max(&spec, x.len()) {
+                assert!(out.len() <= max, "{spec}: {} > {max}", out.len());
             }
         }
     }
@@ -273,7 +299,11 @@ mod tests {
             err.to_string(),
             "encode: shape [4, 2] holds 8 elements, the values have 6"
         );
-        let err = encode(&CodecSpec::TopK { fraction: 3.0 }, &[1.0], 0, &mut out).expect_err("spec");
+        let spec = CodecSpec::TopK {
+            fraction: 3.0,
+            values: SparseValues::F32,
+        };
+        let err = encode(&spec, &[1.0], 0, &mut out).expect_err("spec");
         assert_eq!(
             err.to_string(),
             "compression spec \"topk:3\": fraction must be in (0, 1], got 3"

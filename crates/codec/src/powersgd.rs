@@ -69,6 +69,12 @@ impl PowerSgd {
         self.rank
     }
 
+    /// Whether a `rows × cols` matrix is worth factoring at `rank` (else send it as f32):
+    /// both sides above 1 and the factors smaller than the matrix.
+    pub fn compresses(rank: usize, rows: usize, cols: usize) -> bool {
+        compresses(rank, rows, cols)
+    }
+
     pub fn rows(&self) -> usize {
         self.rows
     }

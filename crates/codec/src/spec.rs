@@ -20,7 +20,7 @@ pub const LEVELS_MAX: u32 = 32767;
 pub const RANK_MAX: usize = 256;
 
 const EXPECTED: &str = "expected one of none, fp16, bf16, int8[:BUCKET], qsgd:LEVELS[:BUCKET], sign[:BUCKET], \
-                        topk:FRACTION, randk:FRACTION, threshold:T, powersgd:RANK";
+                        topk:FRACTION[:f16], randk:FRACTION[:f16], threshold:T[:f16], powersgd:RANK";
 
 /// A codec and its parameters. Parsed from and printed as the strings in
 /// the table; `parse(display(s)) == s`. Serde reads and writes the string.
@@ -33,15 +33,20 @@ const EXPECTED: &str = "expected one of none, fp16, bf16, int8[:BUCKET], qsgd:LE
 /// | `int8[:B]` | per bucket of B (512) `scale = max\|x\|/127` and i8 levels, stochastic rounding | `\|err\| ≤ scale` per element | yes |
 /// | `qsgd:S[:B]` | per bucket of B (512) the L2 norm, sign and level in 0..=S, stochastic | `\|err\| ≤ norm/S` per element; `E‖err‖² ≤ min(B/S², √B/S)‖x‖²` | yes |
 /// | `sign[:B]` | 1 bit per element and per bucket of B (512, a multiple of 8) the mean `\|x\|` | `‖err‖² = ‖x‖² − ‖x‖₁²/B` per bucket | no |
-/// | `topk:F` | the `round(F·n)` (≥ 1) largest `\|x\|` | `‖err‖² ≤ (1 − k/n)‖x‖²` | no |
-/// | `randk:F` | `round(F·n)` (≥ 1) elements at random, not rescaled | `E‖err‖² = (1 − k/n)‖x‖²` | no |
-/// | `threshold:T` | every `\|x\| > T` | `\|err\| ≤ T` per element | no |
+/// | `topk:F[:f16]` | the `round(F·n)` (≥ 1) largest `\|x\|` | `‖err‖² ≤ (1 − k/n)‖x‖²` | no |
+/// | `randk:F[:f16]` | `round(F·n)` (≥ 1) elements at random, not rescaled | `E‖err‖² = (1 − k/n)‖x‖²` | no |
+/// | `threshold:T[:f16]` | every `\|x\| > T` | `\|err\| ≤ T` per element | no |
 /// | `powersgd:R` | rank-R factors of the matrix | `‖err‖_F ≤ ‖x‖_F` | no |
 ///
 /// Bounds hold up to f32 rounding: the quantised codecs compute `x / step`
 /// in f32, which may move a bound by `levels · 2^-24` of a step; "unbiased"
 /// means to within 2^-16 of a step. Sparse codecs keeping more than half of
 /// the elements make messages larger than the f32 they carry.
+///
+/// The sparse codecs send kept values as f32 (exact, the bounds above), or
+/// with `:f16` ([`SparseValues::F16`]) as IEEE half of `x / s`, `s` the
+/// largest finite kept `|x|`, which adds `|err| ≤ 2^-10·|x| + 2^-24·s` per
+/// kept element (error feedback carries it to the next step like the rest).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub enum CodecSpec {
@@ -61,12 +66,15 @@ pub enum CodecSpec {
     },
     TopK {
         fraction: f64,
+        values: SparseValues,
     },
     RandK {
         fraction: f64,
+        values: SparseValues,
     },
     Threshold {
         threshold: f32,
+        values: SparseValues,
     },
     PowerSgd {
         rank: u32,
@@ -121,10 +129,10 @@ impl CodecSpec {
             Self::Sign { bucket } if !(8..=BUCKET_MAX).contains(&(bucket as usize)) || !bucket.is_multiple_of(8) => {
                 format!("bucket must be a multiple of 8 in 8..={BUCKET_MAX}, got {bucket}")
             }
-            Self::TopK { fraction } | Self::RandK { fraction } if !(fraction > 0.0 && fraction <= 1.0) => {
+            Self::TopK { fraction, .. } | Self::RandK { fraction, .. } if !(fraction > 0.0 && fraction <= 1.0) => {
                 format!("fraction must be in (0, 1], got {fraction}")
             }
-            Self::Threshold { threshold } if !(threshold >= 0.0 && threshold.is_finite()) => {
+            Self::Threshold { threshold, .. } if !(threshold >= 0.0 && threshold.is_finite()) => {
                 format!("threshold must be finite and ≥ 0, got {threshold}")
             }
             Self::PowerSgd { rank } if !(1..=RANK_MAX).contains(&(rank as usize)) => {
@@ -148,8 +156,10 @@ impl fmt::Display for CodecSpec {
             Self::Int8 { bucket } | Self::Sign { bucket } => write!(f, "{name}:{bucket}"),
             Self::Qsgd { levels, bucket } if bucket == DEFAULT_BUCKET => write!(f, "{name}:{levels}"),
             Self::Qsgd { levels, bucket } => write!(f, "{name}:{levels}:{bucket}"),
-            Self::TopK { fraction } | Self::RandK { fraction } => write!(f, "{name}:{fraction}"),
-            Self::Threshold { threshold } => write!(f, "{name}:{threshold}"),
+            Self::TopK { fraction, values } | Self::RandK { fraction, values } => {
+                write!(f, "{name}:{fraction}{}", values.suffix())
+            }
+            Self::Threshold { threshold, values } => write!(f, "{name}:{threshold}{}", values.suffix()),
             Self::PowerSgd { rank } => write!(f, "{name}:{rank}"),
         }
     }
@@ -182,6 +192,13 @@ impl FromStr for CodecSpec {
             args[i]
                 .parse::<f64>()
                 .map_err(|_| fail(format!("{what} must be a number, got {:?}", args[i])))
+        };
+        let sparse_values = |i: usize| -> Result<SparseValues, CodecError> {
+            match args.get(i).copied() {
+                None | Some("f32") => Ok(SparseValues::F32),
+                Some("f16") => Ok(SparseValues::F16),
+                Some(other) => Err(fail(format!("values must be f32 or f16, got {other:?}"))),
+            }
         };
         let spec = match name {
             "none" | "fp16" | "bf16" => {
@@ -221,23 +238,28 @@ impl FromStr for CodecSpec {
                 Self::Qsgd { levels, bucket }
             }
             "topk" => {
-                arity(1, 1, "topk:FRACTION, e.g. topk:0.01")?;
+                arity(1, 2, "topk:FRACTION or topk:FRACTION:f16, e.g. topk:0.01")?;
                 Self::TopK {
                     fraction: real(0, "fraction")?,
+                    values: sparse_values(1)?,
                 }
             }
             "randk" => {
-                arity(1, 1, "randk:FRACTION, e.g. randk:0.01")?;
+                arity(1, 2, "randk:FRACTION or randk:FRACTION:f16, e.g. randk:0.01")?;
                 Self::RandK {
                     fraction: real(0, "fraction")?,
+                    values: sparse_values(1)?,
                 }
             }
             "threshold" => {
-                arity(1, 1, "threshold:T, e.g. threshold:0.001")?;
+                arity(1, 2, "threshold:T or threshold:T:f16, e.g. threshold:0.001")?;
                 let t = args[0]
                     .parse::<f32>()
                     .map_err(|_| fail(format!("threshold must be a number, got {:?}", args[0])))?;
-                Self::Threshold { threshold: t }
+                Self::Threshold {
+                    threshold: t,
+                    values: sparse_values(1)?,
+                }
             }
             "powersgd" => {
                 arity(1, 1, "powersgd:RANK, e.g. powersgd:4")?;
@@ -252,6 +274,36 @@ impl FromStr for CodecSpec {
             other => other,
         })?;
         Ok(spec)
+    }
+}
+
+/// How the sparse codecs (`topk`, `randk`, `threshold`) send the values they
+/// keep; the indices are always delta varints (see the `sparse` module).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum SparseValues {
+    /// As given: 4 bytes each, exact.
+    #[default]
+    F32,
+    /// `x / s` as IEEE half, `s` the largest finite kept `|x|` (sent once):
+    /// 2 bytes each, `|err| ≤ 2^-10·|x| + 2^-24·s`.
+    F16,
+}
+
+impl SparseValues {
+    /// What a spec string appends: nothing for the default.
+    fn suffix(self) -> &'static str {
+        match self {
+            Self::F32 => "",
+            Self::F16 => ":f16",
+        }
+    }
+
+    /// Bytes per kept value.
+    pub fn bytes(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 => 2,
+        }
     }
 }
 
@@ -315,9 +367,34 @@ mod tests {
             ("qsgd:4:64", CodecSpec::Qsgd { levels: 4, bucket: 64 }),
             ("sign", CodecSpec::Sign { bucket: 512 }),
             ("sign:1024", CodecSpec::Sign { bucket: 1024 }),
-            ("topk:0.01", CodecSpec::TopK { fraction: 0.01 }),
-            ("randk:0.5", CodecSpec::RandK { fraction: 0.5 }),
-            ("threshold:0.001", CodecSpec::Threshold { threshold: 0.001 }),
+            (
+                "topk:0.01",
+                CodecSpec::TopK {
+                    fraction: 0.01,
+                    values: SparseValues::F32,
+                },
+            ),
+            (
+                "topk:0.01:f16",
+                CodecSpec::TopK {
+                    fraction: 0.01,
+                    values: SparseValues::F16,
+                },
+            ),
+            (
+                "randk:0.5",
+                CodecSpec::RandK {
+                    fraction: 0.5,
+                    values: SparseValues::F32,
+                },
+            ),
+            (
+                "threshold:0.001:f16",
+                CodecSpec::Threshold {
+                    threshold: 0.001,
+                    values: SparseValues::F16,
+                },
+            ),
             ("powersgd:4", CodecSpec::PowerSgd { rank: 4 }),
         ];
         for (s, spec) in cases {
@@ -353,6 +430,8 @@ mod tests {
             ("threshold:inf", "threshold must be finite"),
             ("powersgd:0", "rank must be in 1..=256"),
             ("fp16:3", "expected fp16 without parameters"),
+            ("topk:0.1:f8", "values must be f32 or f16, got \"f8\""),
+            ("topk:0.1:f16:x", "expected topk:FRACTION or topk:FRACTION:f16"),
         ];
         for (s, want) in cases {
             let err = s.parse::<CodecSpec>().expect_err(s).to_string();
@@ -364,7 +443,13 @@ mod tests {
     #[test]
     fn sits_in_toml_as_a_string() {
         let cfg: CompressConfig = toml::from_str("compress = \"topk:0.01\"\nerror_feedback = true\n").expect("toml");
-        assert_eq!(cfg.compress, CodecSpec::TopK { fraction: 0.01 });
+        assert_eq!(
+            cfg.compress,
+            CodecSpec::TopK {
+                fraction: 0.01,
+                values: SparseValues::F32
+            }
+        );
         assert!(cfg.error_feedback());
         let cfg: CompressConfig = toml::from_str("compress = \"int8\"").expect("toml");
         assert!(!cfg.error_feedback());

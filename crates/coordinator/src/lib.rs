@@ -15,7 +15,10 @@ pub type ConnId = u64;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
+    /// Worker processes.
     pub world: u32,
+    /// Parameter-server shards (0: all-reduce jobs have none).
+    pub servers: u32,
     /// A worker not heard from for this long is declared dead.
     pub heartbeat_timeout_ms: u64,
     /// All workers must have joined within this long of the first event.
@@ -53,6 +56,7 @@ pub enum Outcome {
 
 #[derive(Clone, Debug)]
 struct Member {
+    role: Role,
     rank: Option<u32>,
     data_addr: String,
     pid: u32,
@@ -80,6 +84,7 @@ pub struct Coordinator {
 impl Coordinator {
     pub fn new(cfg: Config) -> Self {
         assert!(cfg.world > 0, "a job needs at least one worker");
+        assert!(cfg.servers <= wire::msg::PEERS_MAX as u32, "too many servers");
         Self {
             cfg,
             phase: Phase::Rendezvous,
@@ -134,7 +139,12 @@ impl Coordinator {
                 if let Some(m) = self.members.get_mut(&conn) {
                     m.finished = true;
                 }
-                if self.phase == Phase::Running && self.members.values().all(|m| m.finished) {
+                let workers_done = self
+                    .members
+                    .values()
+                    .filter(|m| m.role == Role::Worker)
+                    .all(|m| m.finished);
+                if self.phase == Phase::Running && workers_done {
                     self.phase = Phase::Over;
                     let mut cmds: Vec<Command> = self
                         .members
@@ -149,10 +159,13 @@ impl Coordinator {
                 }
                 Vec::new()
             }
-            ToCoordinator::Failed { reason } => {
-                let rank = self.members.get(&conn).and_then(|m| m.rank);
-                self.fail(rank, format!("rank {} failed: {reason}", show(rank)))
-            }
+            ToCoordinator::Failed { reason } => match self.members.get(&conn) {
+                Some(m) => {
+                    let (rank, who) = (m.worker_rank(), m.who());
+                    self.fail(rank, format!("{who} failed: {reason}"))
+                }
+                None => Vec::new(),
+            },
         }
     }
 
@@ -161,8 +174,8 @@ impl Coordinator {
     fn reject_note(&mut self, conn: ConnId, why: &str) -> Vec<Command> {
         match self.members.get(&conn) {
             Some(m) => {
-                let rank = m.rank;
-                self.fail(rank, format!("rank {} sent a malformed message: {why}", show(rank)))
+                let (rank, who) = (m.worker_rank(), m.who());
+                self.fail(rank, format!("{who} sent a malformed message: {why}"))
             }
             None => Vec::new(),
         }
@@ -177,7 +190,12 @@ impl Coordinator {
         data_addr: String,
         pid: u32,
     ) -> Vec<Command> {
-        if role != Role::Worker || self.phase != Phase::Rendezvous || self.members.contains_key(&conn) {
+        let wanted = match role {
+            Role::Worker => self.cfg.world,
+            Role::Server => self.cfg.servers,
+            _ => 0,
+        };
+        if wanted == 0 || self.phase != Phase::Rendezvous || self.members.contains_key(&conn) {
             let reason = format!("unexpected join from a {role:?} (pid {pid}) while {:?}", self.phase);
             return vec![
                 Command::Send {
@@ -192,25 +210,27 @@ impl Coordinator {
             ];
         }
         if let Some(r) = rank {
-            let taken = self.members.values().any(|m| m.rank == Some(r));
-            if r >= self.cfg.world || taken {
+            let taken = self.members.values().any(|m| m.role == role && m.rank == Some(r));
+            if r >= wanted || taken {
                 let why = if taken {
                     "is taken by another worker"
                 } else {
                     "is outside the world"
                 };
+                let (blamed, what) = match role {
+                    Role::Worker => (Some(r), "WORLD_SIZE"),
+                    _ => (None, "DMLC_NUM_SERVER"),
+                };
                 return self.fail(
-                    Some(r),
-                    format!(
-                        "worker pid {pid} asked for rank {r}, which {why} (WORLD_SIZE {})",
-                        self.cfg.world
-                    ),
+                    blamed,
+                    format!("{role:?} pid {pid} asked for rank {r}, which {why} ({what} {wanted})"),
                 );
             }
         }
         self.members.insert(
             conn,
             Member {
+                role,
                 rank,
                 data_addr,
                 pid,
@@ -218,22 +238,35 @@ impl Coordinator {
                 finished: false,
             },
         );
-        if self.members.len() < self.cfg.world as usize {
+        if self.members.len() < (self.cfg.world + self.cfg.servers) as usize {
             return Vec::new();
         }
-        // Everyone is here: give the unranked the free ranks in order of arrival.
-        let taken: Vec<u32> = self.members.values().filter_map(|m| m.rank).collect();
-        let mut free = (0..self.cfg.world).filter(|r| !taken.contains(r));
-        for m in self.members.values_mut() {
-            if m.rank.is_none() {
-                m.rank = free.next();
+        // Everyone is here: give the unranked the free ranks of their role in order of arrival.
+        let mut addrs = |role: Role, n: u32| {
+            let taken: Vec<u32> = self
+                .members
+                .values()
+                .filter(|m| m.role == role)
+                .filter_map(|m| m.rank)
+                .collect();
+            let mut free = (0..n).filter(|r| !taken.contains(r));
+            let mut addrs = vec![String::new(); n as usize];
+            for m in self.members.values_mut().filter(|m| m.role == role) {
+                if m.rank.is_none() {
+                    m.rank = free.next();
+                }
+                addrs[m.rank.expect("assigned above") as usize] = m.data_addr.clone();
             }
-        }
+            addrs
+        };
+        let peers = addrs(Role::Worker, self.cfg.world);
+        let servers = addrs(Role::Server, self.cfg.servers);
         self.generation += 1;
         self.phase = Phase::Running;
-        let mut peers = vec![String::new(); self.cfg.world as usize];
-        for m in self.members.values() {
-            peers[m.rank.expect("assigned above") as usize] = m.data_addr.clone();
+        // Members start heartbeats on the welcome; an early joiner's silence while
+        // the others were still loading their data is not a failure.
+        for m in self.members.values_mut() {
+            m.last_heard_ms = now_ms;
         }
         self.members
             .iter()
@@ -244,13 +277,14 @@ impl Coordinator {
                     rank: m.rank.expect("assigned above"),
                     world: self.cfg.world,
                     peers: peers.clone(),
+                    servers: servers.clone(),
                 },
             })
             .collect()
     }
 
     fn on_epoch_done(&mut self, conn: ConnId, epoch: u32, checksum: u64) -> Vec<Command> {
-        let Some(rank) = self.members.get(&conn).and_then(|m| m.rank) else {
+        let Some(rank) = self.members.get(&conn).and_then(|m| m.worker_rank()) else {
             return Vec::new();
         };
         let seen = self.checksums.entry(epoch).or_default();
@@ -277,25 +311,25 @@ impl Coordinator {
         if m.finished {
             return Vec::new();
         }
-        let (rank, pid) = (m.rank, m.pid);
+        let (rank, who, pid) = (m.worker_rank(), m.who(), m.pid);
         if self.phase == Phase::Rendezvous {
             self.members.remove(&conn);
             return Vec::new();
         }
         self.members.remove(&conn);
-        self.fail(
-            rank,
-            format!("rank {} (pid {pid}) disconnected before finishing", show(rank)),
-        )
+        self.fail(rank, format!("{who} (pid {pid}) disconnected before finishing"))
     }
 
     fn on_tick(&mut self, now_ms: u64, started_ms: u64) -> Vec<Command> {
         match self.phase {
             Phase::Rendezvous if now_ms.saturating_sub(started_ms) > self.cfg.rendezvous_timeout_ms => {
+                let count = |role| self.members.values().filter(|m| m.role == role).count();
                 let reason = format!(
-                    "only {} of {} workers joined within {} ms",
-                    self.members.len(),
+                    "only {} of {} workers and {} of {} servers joined within {} ms",
+                    count(Role::Worker),
                     self.cfg.world,
+                    count(Role::Server),
+                    self.cfg.servers,
                     self.cfg.rendezvous_timeout_ms
                 );
                 self.fail(None, reason)
@@ -305,13 +339,12 @@ impl Coordinator {
                     .members
                     .values()
                     .filter(|m| !m.finished)
-                    .map(|m| (now_ms.saturating_sub(m.last_heard_ms), m.rank))
+                    .map(|m| (now_ms.saturating_sub(m.last_heard_ms), m))
                     .filter(|(silent, _)| *silent > self.cfg.heartbeat_timeout_ms)
-                    .max_by_key(|(silent, _)| *silent);
+                    .max_by_key(|(silent, _)| *silent)
+                    .map(|(silent, m)| (silent, m.worker_rank(), m.who()));
                 match late {
-                    Some((silent, rank)) => {
-                        self.fail(rank, format!("rank {} sent no heartbeat for {silent} ms", show(rank)))
-                    }
+                    Some((silent, rank, who)) => self.fail(rank, format!("{who} sent no heartbeat for {silent} ms")),
                     None => Vec::new(),
                 }
             }
@@ -343,6 +376,21 @@ fn show(rank: Option<u32>) -> String {
     rank.map_or_else(|| "?".into(), |r| r.to_string())
 }
 
+impl Member {
+    /// The rank to blame in an [`Outcome`]: workers only (a server is named in the reason).
+    fn worker_rank(&self) -> Option<u32> {
+        if self.role == Role::Worker { self.rank } else { None }
+    }
+
+    /// How errors name this member: `rank 3` for a worker, `server 1` for a shard.
+    fn who(&self) -> String {
+        match self.role {
+            Role::Server => format!("server {}", show(self.rank)),
+            _ => format!("rank {}", show(self.rank)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -350,6 +398,7 @@ mod tests {
     fn cfg(world: u32) -> Config {
         Config {
             world,
+            servers: 0,
             heartbeat_timeout_ms: 1000,
             rendezvous_timeout_ms: 5000,
         }
@@ -397,7 +446,8 @@ mod tests {
                         generation: 1,
                         rank: 1,
                         world: 2,
-                        peers: peers.clone()
+                        peers: peers.clone(),
+                        servers: vec![],
                     }
                 },
                 Command::Send {
@@ -406,7 +456,8 @@ mod tests {
                         generation: 1,
                         rank: 0,
                         world: 2,
-                        peers
+                        peers,
+                        servers: vec![],
                     }
                 },
             ]
@@ -443,6 +494,16 @@ mod tests {
         }
         assert!(c.is_over());
         assert!(c.on_event(1600, Event::Tick).is_empty(), "nothing after the end");
+    }
+
+    #[test]
+    fn heartbeat_deadline_starts_when_the_job_starts_not_at_join() {
+        let mut c = Coordinator::new(cfg(2));
+        c.on_event(0, join_on(10, None, "a:1"));
+        // The second worker takes longer than a heartbeat timeout to join.
+        c.on_event(3000, join_on(11, None, "b:1"));
+        assert!(c.on_event(3500, Event::Tick).is_empty(), "the first joiner is not late");
+        assert!(!c.is_over());
     }
 
     #[test]
@@ -516,7 +577,7 @@ mod tests {
         c.on_event(0, join_on(1, None, "a:1"));
         assert!(c.on_event(4000, Event::Tick).is_empty());
         match c.on_event(6000, Event::Tick).last() {
-            Some(Command::Exit(Outcome::Failed { reason, .. })) => assert!(reason.contains("only 1 of 3"), "{reason}"),
+            Some(Command::Exit(Outcome::Failed { reason, .. })) => assert!(reason.contains("only 1 of 3 workers"), "{reason}"),
             other => panic!("{other:?}"),
         }
     }

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::config::ClusterConfig;
+use crate::config::{ClusterConfig, Transport};
 use crate::env::ClusterEnv;
 use crate::error::JobError;
 use crate::net::Secret;
@@ -34,6 +34,9 @@ pub struct AllreduceResult {
     pub correct: bool,
     /// Whether tensor payloads carried a crc32c.
     pub tensor_crc: bool,
+    /// How rank 0 reached its peers: `shm`, `tcp`, or `mixed`.
+    #[serde(default)]
+    pub transport: String,
 }
 
 /// Parses sizes like `4KiB,1MiB,25MiB,100MiB` (also KB/MB/GB, decimal) into bytes.
@@ -76,14 +79,23 @@ pub fn allreduce_worker(
     sizes: &[usize],
     timeout_ms: u64,
     tensor_crc: bool,
+    transport: Transport,
 ) -> Result<Vec<AllreduceResult>, JobError> {
     let cluster = ClusterConfig {
         collective_timeout_ms: timeout_ms,
         tensor_crc,
+        transport,
         ..ClusterConfig::default()
     };
     let mut m = worker::join(env, secret, &cluster)?;
     let (rank, world) = (m.rank, m.world);
+    let links: Vec<&str> = m.comm.transports().into_iter().flatten().map(|t| t.as_str()).collect();
+    let transport = match links.first() {
+        None => "none",
+        Some(first) if links.iter().all(|l| l == first) => first,
+        Some(_) => "mixed",
+    }
+    .to_string();
     let mut out = Vec::new();
     let result = (|| {
         for &bytes in sizes {
@@ -137,6 +149,7 @@ pub fn allreduce_worker(
                     mean_us,
                     correct,
                     tensor_crc,
+                    transport: transport.clone(),
                 });
             }
             if !correct {

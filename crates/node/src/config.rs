@@ -24,6 +24,9 @@ pub struct JobConfig {
     pub checkpoint: CheckpointConfig,
     #[serde(default)]
     pub cluster: ClusterConfig,
+    /// What crosses the wire: codecs per parameter group (`crate::compress`).
+    #[serde(default)]
+    pub compress: crate::compress::CompressSection,
 }
 
 /// Where the data comes from and how to read it.
@@ -86,6 +89,9 @@ pub struct TrainConfig {
     pub eval_every_epochs: u32,
     /// Stop after this many steps in total (0: no limit). For smoke tests and benchmarks.
     pub max_steps: u64,
+    /// Also evaluate (rank 0) every this many steps within an epoch, reported
+    /// as `eval` lines (0: only per epoch). All-reduce jobs; for learning curves.
+    pub eval_every_steps: u64,
 }
 
 impl Default for TrainConfig {
@@ -96,6 +102,7 @@ impl Default for TrainConfig {
             seed: 0,
             eval_every_epochs: 1,
             max_steps: 0,
+            eval_every_steps: 0,
         }
     }
 }
@@ -145,6 +152,23 @@ pub struct ClusterConfig {
     /// Whether tensor frames carry a crc32c of their payload (headers always do).
     /// Off trades end-to-end checking for ~20% more all-reduce bandwidth on loopback.
     pub tensor_crc: bool,
+    /// How ranks on the same machine (same boot, same network namespace) exchange
+    /// tensors: `auto` uses shared memory (falling back to TCP, with the reason
+    /// logged, when a segment cannot be made), `tcp` always uses TCP.
+    pub transport: Transport,
+    /// Parameter-server shards. 0: workers all-reduce; more: workers pull
+    /// parameters from and push gradients to this many `sinter server` processes.
+    pub servers: u32,
+    /// Parameter server: when a worker may read (`bsp`, `ssp` or `async`).
+    pub consistency: ConsistencyMode,
+    /// Parameter server, `ssp`: how many steps a worker may run ahead of the slowest.
+    pub staleness: u32,
+    /// Parameter server: how many of the most frequent table rows (found by a
+    /// frequency sketch over rank 0's partition) are placed explicitly to
+    /// balance shard load; 0 places every row by consistent hashing.
+    pub hot_keys: usize,
+    /// Parameter server: virtual nodes per shard on the consistent-hash ring.
+    pub vnodes: u32,
     /// File holding the shared secret peers authenticate with; the
     /// `SINTER_SECRET` environment variable is used when absent; the launcher
     /// makes a fresh one for a local cluster.
@@ -162,6 +186,12 @@ impl Default for ClusterConfig {
             heartbeat_timeout_ms: 5_000,
             collective_timeout_ms: 8_000,
             tensor_crc: true,
+            transport: Transport::Auto,
+            servers: 0,
+            consistency: ConsistencyMode::Bsp,
+            staleness: 4,
+            hot_keys: 1024,
+            vnodes: ps::placement::VNODES_DEFAULT,
             secret_file: None,
         }
     }
@@ -174,6 +204,60 @@ pub enum SyncMode {
     Allreduce,
     /// Local SGD: `average_every` local steps, then average the parameters.
     LocalSgd,
+}
+
+/// When a parameter-server worker may read (see `ps::shard`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsistencyMode {
+    Bsp,
+    Ssp,
+    Async,
+}
+
+impl ClusterConfig {
+    /// The parameter servers' consistency rule.
+    pub fn consistency(&self) -> ps::Consistency {
+        match self.consistency {
+            ConsistencyMode::Bsp => ps::Consistency::Bsp,
+            ConsistencyMode::Ssp => ps::Consistency::Ssp {
+                staleness: self.staleness,
+            },
+            ConsistencyMode::Async => ps::Consistency::Async,
+        }
+    }
+}
+
+/// `cluster.transport`: how co-located ranks exchange tensors.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// Shared memory with ranks on the same machine, TCP with the others.
+    #[default]
+    Auto,
+    /// TCP with every rank.
+    Tcp,
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Transport::Auto => "auto",
+            Transport::Tcp => "tcp",
+        })
+    }
+}
+
+impl std::str::FromStr for Transport {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Transport::Auto),
+            "tcp" => Ok(Transport::Tcp),
+            _ => Err(format!("unknown transport `{s}` (auto or tcp)")),
+        }
+    }
 }
 
 fn default_true() -> bool {
@@ -239,6 +323,18 @@ impl JobConfig {
                 t.batch_size, c.workers
             ));
         }
+        if c.servers > crate::SERVERS_MAX {
+            return Err(format!("cluster.servers must be in 0..={}", crate::SERVERS_MAX));
+        }
+        if c.servers > 0 && c.sync == SyncMode::LocalSgd {
+            return Err("cluster.sync = \"local_sgd\" averages parameters between workers; it does not combine with cluster.servers".into());
+        }
+        if c.hot_keys > crate::HOT_KEYS_MAX {
+            return Err(format!("cluster.hot_keys must be at most {}", crate::HOT_KEYS_MAX));
+        }
+        if c.vnodes == 0 || c.vnodes > ps::placement::VNODES_MAX {
+            return Err(format!("cluster.vnodes must be in 1..={}", ps::placement::VNODES_MAX));
+        }
         if c.average_every == 0 {
             return Err("cluster.average_every must be at least 1".into());
         }
@@ -250,6 +346,28 @@ impl JobConfig {
         }
         if self.checkpoint.keep_last == 0 {
             return Err("checkpoint.keep_last must be at least 1".into());
+        }
+        self.compress.validate()?;
+        if self.compress.momentum > 0.0 {
+            match &self.optim {
+                optim::OptimConfig::Sgd(sgd) if sgd.momentum == 0.0 => {}
+                optim::OptimConfig::Sgd(_) => {
+                    return Err("compress.momentum moves SGD's momentum before compression; set optim.momentum = 0 so that it is applied once".into());
+                }
+                _ => return Err("compress.momentum is SGD momentum: it needs optim.kind = \"sgd\"".into()),
+            }
+        }
+        if self.compress.is_active() && c.servers > 0 {
+            // Pushes carry each shard's dense part as one message.
+            if !self.compress.groups.is_empty() || self.compress.momentum > 0.0 {
+                return Err("with cluster.servers, compress takes one codec for the whole push: compress.groups and compress.momentum apply to all-reduce only".into());
+            }
+            if matches!(self.compress.codec, codec::CodecSpec::PowerSgd { .. }) {
+                return Err("compress.codec = \"powersgd\" needs the all-reduce (its factors are summed); parameter-server pushes take the other codecs".into());
+            }
+        }
+        if self.compress.is_active() && c.sync == SyncMode::LocalSgd {
+            return Err("compress with cluster.sync = \"local_sgd\" is not supported yet: compression applies to gradient all-reduce (and parameter-server pushes)".into());
         }
         Ok(())
     }
@@ -320,6 +438,34 @@ mod tests {
         assert!(e.to_string().contains("batch_size"), "{e}");
         let e = JobConfig::parse(BASE, Path::new("job.toml"), &["nonsense".into()]).unwrap_err();
         assert!(e.to_string().contains("key=value"), "{e}");
+    }
+
+    #[test]
+    fn compress_section_parses_overrides_and_validates() {
+        let text = format!(
+            "{BASE}\n[compress]\ncodec = \"int8\"\n[[compress.groups]]\nparams = [\"*.bias\"]\ncodec = \"none\"\n"
+        );
+        let c = JobConfig::parse(&text, Path::new("x.toml"), &["compress.codec=topk:0.01:f16".into()]).expect("valid");
+        assert_eq!(c.compress.codec.to_string(), "topk:0.01:f16");
+        assert_eq!(c.compress.groups.len(), 1);
+        assert!(c.compress.is_active());
+        // The launcher hands workers the effective config as TOML: it must read back the same.
+        let back = JobConfig::parse(&toml::to_string(&c).expect("ser"), Path::new("y.toml"), &[]).expect("reparse");
+        assert_eq!(back.compress, c.compress);
+        assert!(!JobConfig::parse(BASE, Path::new("x.toml"), &[]).expect("valid").compress.is_active());
+        let e = JobConfig::parse(BASE, Path::new("job.toml"), &["compress.codec=topk:3".into()]).unwrap_err();
+        assert!(e.to_string().contains("job.toml") && e.to_string().contains("fraction must be in (0, 1]"), "{e}");
+        let e = JobConfig::parse(BASE, Path::new("job.toml"), &["compress.codek=int8".into()]).unwrap_err();
+        assert!(e.to_string().contains("codek"), "{e}");
+        let e = JobConfig::parse(
+            BASE,
+            Path::new("job.toml"),
+            &["compress.codec=int8".into(), "cluster.sync=\"local_sgd\"".into()],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("local_sgd"), "{e}");
+        let c = JobConfig::parse(BASE, Path::new("x.toml"), &["train.eval_every_steps=50".into()]).expect("valid");
+        assert_eq!(c.train.eval_every_steps, 50);
     }
 
     #[test]

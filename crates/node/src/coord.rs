@@ -23,6 +23,8 @@ const TICKS_PER_TIMEOUT: u64 = 10;
 
 pub struct CoordinatorConfig {
     pub world: u32,
+    /// Parameter-server shards that must join besides the workers.
+    pub servers: u32,
     pub heartbeat_timeout_ms: u64,
     pub rendezvous_timeout_ms: u64,
 }
@@ -44,6 +46,7 @@ pub fn run(listener: TcpListener, cfg: CoordinatorConfig, secret: Secret) -> Res
     drop(tx);
     let mut engine = Coordinator::new(coordinator::Config {
         world: cfg.world,
+        servers: cfg.servers,
         heartbeat_timeout_ms: cfg.heartbeat_timeout_ms,
         rendezvous_timeout_ms: cfg.rendezvous_timeout_ms,
     });

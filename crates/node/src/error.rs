@@ -30,6 +30,10 @@ pub enum JobError {
         rank: u32,
         waited_ms: u64,
     },
+    #[error("server {server}: {why}")]
+    Server { server: u32, why: String },
+    #[error(transparent)]
+    Ps(#[from] ps::PsError),
     #[error("coordinator: {0}")]
     Coordinator(String),
     #[error(transparent)]
@@ -38,6 +42,8 @@ pub enum JobError {
     Collective(#[from] collective::CollectiveError),
     #[error("parameters differ between ranks after epoch {epoch}: {detail}")]
     Diverged { epoch: u32, detail: String },
+    #[error("training diverged: the loss became {loss} at step {step}; lower optim.lr (or the momentum, with asynchronous servers)")]
+    NotFinite { step: u64, loss: f32 },
     #[error("interrupted")]
     Interrupted,
 }

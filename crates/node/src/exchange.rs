@@ -21,7 +21,9 @@ use wire::msg::ToCoordinator;
 
 use crate::comm::Comm;
 use crate::error::JobError;
+use crate::compress::{all_reduce_kind, plan_traffic};
 use crate::net;
+use crate::report::Traffic;
 use crate::train::Exchange;
 
 /// Buckets in flight at once (a model has a handful; this bounds the queue).
@@ -53,6 +55,8 @@ pub struct AllreduceExchange {
     pool: Vec<Vec<f32>>,
     wait_ms: u64,
     coordinator: Arc<Mutex<TcpStream>>,
+    /// What the all-reduces moved since the trainer last asked.
+    traffic: Traffic,
 }
 
 impl AllreduceExchange {
@@ -99,10 +103,19 @@ impl AllreduceExchange {
             // guards against the comm thread itself being stuck.
             wait_ms: collective_timeout_ms * 2 + 1_000,
             coordinator,
+            traffic: Traffic::new(world),
         })
     }
 
+    /// Counts an all-reduce of `len` f32s (uncompressed: it is its own reference).
+    fn count(&mut self, len: usize) {
+        let before = self.traffic.sent_total();
+        plan_traffic(all_reduce_kind(len, self.world), self.rank, self.world, len, &mut self.traffic);
+        self.traffic.uncompressed += self.traffic.sent_total() - before;
+    }
+
     fn submit(&mut self, step: u64, buf: Vec<f32>, what: &'static str) -> Result<usize, JobError> {
+        self.count(buf.len());
         let id = self.sent.len();
         let jobs = self.jobs.as_ref().expect("present until drop");
         jobs.send(Job { id, step, buf, what }).map_err(|_| self.comm_gone())?;
@@ -191,7 +204,11 @@ impl Exchange for AllreduceExchange {
 
     fn allreduce_gradient(&mut self, step: u64, grad: &mut [f32]) -> Result<(), JobError> {
         match self.inline.as_mut() {
-            Some(comm) => comm.all_reduce(grad, step, "gradient all-reduce"),
+            Some(comm) => {
+                comm.all_reduce(grad, step, "gradient all-reduce")?;
+                self.count(grad.len());
+                Ok(())
+            }
             None => {
                 self.gradient_ready(step, 0..grad.len(), grad)?;
                 self.finish_gradients(step, grad)
@@ -202,6 +219,7 @@ impl Exchange for AllreduceExchange {
     fn average_params(&mut self, step: u64, params: &mut [f32]) -> Result<(), JobError> {
         if let Some(comm) = self.inline.as_mut() {
             comm.all_reduce(params, step, "parameter average")?;
+            self.count(params.len());
             let inv = 1.0 / self.world as f32;
             params.iter_mut().for_each(|p| *p *= inv);
             return Ok(());
@@ -224,6 +242,10 @@ impl Exchange for AllreduceExchange {
         // The coordinator compares every rank's checksum and stops the job on a mismatch.
         let mut s = self.coordinator.lock().expect("coordinator stream lock");
         net::send_control(&mut s, self.rank, &ToCoordinator::EpochDone { epoch, checksum })
+    }
+
+    fn take_traffic(&mut self) -> Option<Traffic> {
+        Some(std::mem::replace(&mut self.traffic, Traffic::new(self.world)))
     }
 }
 

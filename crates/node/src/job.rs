@@ -10,7 +10,7 @@ use crate::train::{Alone, JobData, Summary, Trainer};
 
 /// Runs a whole job and returns its summary.
 pub fn run(cfg: JobConfig, resume: Option<&Path>, obs: &mut dyn Observer) -> Result<Summary, JobError> {
-    if cfg.cluster.workers > 1 {
+    if cfg.cluster.workers > 1 || cfg.cluster.servers > 0 {
         return crate::launcher::run(&cfg, resume, obs);
     }
     let data = load_data(&cfg)?;

@@ -1,4 +1,5 @@
-//! `sinter train --workers N`: starts a coordinator and N worker processes on
+//! `sinter train --workers N [--servers M]`: starts a coordinator, M
+//! parameter-server shards and N worker processes on
 //! loopback, relays their reports into one progress display and one JSON log,
 //! and stops them all on the first failure or on Ctrl-C.
 //!
@@ -42,6 +43,7 @@ extern "C" fn on_signal(_: libc::c_int) {
 enum Who {
     Coordinator,
     Worker(u32),
+    Server(u32),
 }
 
 impl std::fmt::Display for Who {
@@ -49,6 +51,7 @@ impl std::fmt::Display for Who {
         match self {
             Who::Coordinator => write!(f, "the coordinator"),
             Who::Worker(r) => write!(f, "worker rank {r}"),
+            Who::Server(s) => write!(f, "server {s}"),
         }
     }
 }
@@ -146,12 +149,24 @@ pub struct LocalCluster {
     rx: mpsc::Receiver<Msg>,
     _tx: Sender<Msg>,
     workers: u32,
+    servers: u32,
 }
 
 impl LocalCluster {
     /// Starts `sinter coordinator` and `workers` × `sinter WORKER_ARGS..` with the
     /// torchrun variables and a fresh shared secret.
     pub fn start(workers: u32, heartbeat_timeout_ms: u64, worker_args: &[OsString]) -> Result<Self, JobError> {
+        Self::start_with_servers(workers, 0, heartbeat_timeout_ms, worker_args)
+    }
+
+    /// As [`LocalCluster::start`], plus `servers` × `sinter server` with ps-lite's
+    /// `DMLC_*` variables.
+    pub fn start_with_servers(
+        workers: u32,
+        servers: u32,
+        heartbeat_timeout_ms: u64,
+        worker_args: &[OsString],
+    ) -> Result<Self, JobError> {
         let exe = std::env::current_exe().map_err(|e| JobError::io("locating the sinter binary", e))?;
         let secret_hex: String = crate::net::nonce()?.iter().map(|b| format!("{b:02x}")).collect();
         // SAFETY: installing a handler that only stores to an atomic.
@@ -169,6 +184,8 @@ impl LocalCluster {
                 "127.0.0.1:0",
                 "--world",
                 &workers.to_string(),
+                "--servers",
+                &servers.to_string(),
             ])
             .arg("--heartbeat-timeout-ms")
             .arg(heartbeat_timeout_ms.to_string())
@@ -176,6 +193,19 @@ impl LocalCluster {
         children.spawn(Who::Coordinator, coord, &tx)?;
         let addr = wait_for_address(&rx)?;
         let (host, port) = addr.rsplit_once(':').unwrap_or(("127.0.0.1", "0"));
+        for shard in 0..servers {
+            let mut s = Command::new(&exe);
+            s.arg("server")
+                .arg("--heartbeat-timeout-ms")
+                .arg(heartbeat_timeout_ms.to_string())
+                .env("DMLC_ROLE", "server")
+                .env("DMLC_PS_ROOT_URI", host)
+                .env("DMLC_PS_ROOT_PORT", port)
+                .env("DMLC_NUM_SERVER", servers.to_string())
+                .env("DMLC_NUM_WORKER", workers.to_string())
+                .env("SINTER_SECRET", &secret_hex);
+            children.spawn(Who::Server(shard), s, &tx)?;
+        }
         for rank in 0..workers {
             let mut w = Command::new(&exe);
             w.args(worker_args)
@@ -192,14 +222,25 @@ impl LocalCluster {
             rx,
             _tx: tx,
             workers,
+            servers,
         })
     }
 
-    /// Relays every JSON line a worker prints to `on_line(rank, value)` until all
+    /// Relays every JSON line a worker prints to `on_line(rank, value)` (a
+    /// server's to `on_server_line`) until all
     /// processes have exited successfully; on the first failure (or Ctrl-C) stops
     /// the others and returns an error naming who failed.
     pub fn supervise(&mut self, on_line: &mut dyn FnMut(u32, serde_json::Value)) -> Result<(), JobError> {
+        self.supervise_all(on_line, &mut |_, _| {})
+    }
+
+    pub fn supervise_all(
+        &mut self,
+        on_line: &mut dyn FnMut(u32, serde_json::Value),
+        on_server_line: &mut dyn FnMut(u32, serde_json::Value),
+    ) -> Result<(), JobError> {
         let mut finished = 0u32;
+        let mut servers_done = 0u32;
         let mut coordinator_done = false;
         loop {
             if INTERRUPTED.load(Ordering::SeqCst) {
@@ -217,6 +258,11 @@ impl LocalCluster {
                         on_line(rank, v);
                     }
                 }
+                Msg::Line(Who::Server(shard), line) => {
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                        on_server_line(shard, v);
+                    }
+                }
                 Msg::Line(Who::Coordinator, line) => {
                     if let Some(failure) = coordinator_failure(&line) {
                         self.children.stop_all();
@@ -231,9 +277,10 @@ impl LocalCluster {
                     }
                     match who {
                         Who::Worker(_) => finished += 1,
+                        Who::Server(_) => servers_done += 1,
                         Who::Coordinator => coordinator_done = true,
                     }
-                    if finished == self.workers && coordinator_done {
+                    if finished == self.workers && servers_done == self.servers && coordinator_done {
                         return Ok(());
                     }
                 }
@@ -251,6 +298,7 @@ impl LocalCluster {
             let why = format!("{who} {}", describe(status));
             match who {
                 Who::Worker(rank) => JobError::Peer { rank, why },
+                Who::Server(server) => JobError::Server { server, why },
                 Who::Coordinator => JobError::Coordinator(why),
             }
         };
@@ -303,9 +351,20 @@ pub fn run(cfg: &JobConfig, resume: Option<&Path>, obs: &mut dyn Observer) -> Re
         args.push("--resume".into());
         args.push(dir.into());
     }
-    let mut cluster = LocalCluster::start(cfg.cluster.workers, cfg.cluster.heartbeat_timeout_ms, &args)?;
+    let mut cluster = LocalCluster::start_with_servers(
+        cfg.cluster.workers,
+        cfg.cluster.servers,
+        cfg.cluster.heartbeat_timeout_ms,
+        &args,
+    )?;
     let mut summary: Option<Summary> = None;
-    cluster.supervise(&mut |rank, v| {
+    let mut servers = Vec::new();
+    let mut on_server = |_, v: serde_json::Value| {
+        if let Ok(r) = serde_json::from_value::<crate::server::ServerReport>(v) {
+            servers.push(r);
+        }
+    };
+    cluster.supervise_all(&mut |rank, v| {
         if v.get("event").and_then(|e| e.as_str()) == Some("done") {
             if rank == 0 {
                 summary = serde_json::from_value::<Summary>(v).ok();
@@ -314,18 +373,21 @@ pub fn run(cfg: &JobConfig, resume: Option<&Path>, obs: &mut dyn Observer) -> Re
         }
         if let Ok(r) = serde_json::from_value::<Report>(v) {
             let relay = match &r {
-                Report::Start { .. } | Report::Epoch(_) => rank == 0,
+                Report::Start { .. } | Report::Epoch(_) | Report::Eval(_) => rank == 0,
                 Report::Step(_) => true,
             };
             if relay {
                 obs.report(&r);
             }
         }
-    })?;
-    summary.ok_or_else(|| JobError::Peer {
+    }, &mut on_server)?;
+    let mut summary = summary.ok_or_else(|| JobError::Peer {
         rank: 0,
         why: "finished without a summary".into(),
-    })
+    })?;
+    servers.sort_by_key(|r| r.shard);
+    summary.servers = servers;
+    Ok(summary)
 }
 
 fn wait_for_address(rx: &mpsc::Receiver<Msg>) -> Result<String, JobError> {

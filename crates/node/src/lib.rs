@@ -5,10 +5,14 @@
 //! Entry points, one per role of the `sinter` binary:
 //! - [`job::run`]: `sinter train`, in this process or as a local cluster;
 //! - [`coord::run`]: `sinter coordinator`;
-//! - [`worker::run`]: `sinter worker`.
+//! - [`worker::run`]: `sinter worker`;
+//! - [`server::run`]: `sinter server` (a parameter-server shard).
 
 pub mod bench;
+pub mod bench_codec;
+pub mod bench_ps;
 pub mod comm;
+pub mod compress;
 pub mod config;
 pub mod coord;
 pub mod datagen;
@@ -18,7 +22,10 @@ pub mod exchange;
 pub mod job;
 pub mod launcher;
 pub mod net;
+pub mod ps_client;
 pub mod report;
+pub mod shm;
+pub mod server;
 pub mod state;
 pub mod train;
 pub mod worker;
@@ -27,3 +34,9 @@ pub use error::JobError;
 
 /// The most workers one job may have (bounds connections, ranks and buffers).
 pub const WORKERS_MAX: u32 = 256;
+
+/// The most parameter-server shards one job may have.
+pub const SERVERS_MAX: u32 = 64;
+
+/// The most hot keys placed explicitly (bounds the placement message).
+pub const HOT_KEYS_MAX: usize = 16_384;

@@ -23,6 +23,106 @@ pub struct EpochReport {
     /// The data generator's Bayes-optimal AUC, when the data says.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub bayes_auc: Option<f64>,
+    /// Seconds of `wall_s` rank 0 spent evaluating (so far): `wall_s − eval_s`
+    /// is the training time.
+    #[serde(default)]
+    pub eval_s: f64,
+    /// What this worker's exchange moved since the previous report.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub comm: Option<CommReport>,
+}
+
+/// Bytes a worker's exchange sent and received, per step and per peer, and
+/// how much compression saved and cost.
+///
+/// Bytes are those of the collectives' frames (payload and 32-byte headers),
+/// counted from the collective engines' plans, not from the sockets: TCP/IP
+/// headers and retransmissions come on top.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CommReport {
+    /// Steps these figures cover.
+    pub steps: u64,
+    /// Mean bytes sent and received per step.
+    pub sent_per_step: f64,
+    pub received_per_step: f64,
+    /// Mean bytes sent to and received from each peer per step, by rank.
+    pub sent_per_peer: Vec<f64>,
+    pub received_per_peer: Vec<f64>,
+    /// What an uncompressed all-reduce of the same gradient sends, over what was sent.
+    pub ratio: f64,
+    /// ‖g − ĝ‖ / ‖g‖ over the compressed tensors, with g the (error-corrected)
+    /// gradient a codec was given and ĝ what its message decodes to; 0 uncompressed.
+    pub rel_error: f64,
+    /// Bytes sent and received since the job (or this process) started.
+    pub sent_total: u64,
+    pub received_total: u64,
+}
+
+/// Traffic and compression error of some steps, summed; [`Traffic::report`]
+/// turns it into means.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Traffic {
+    pub steps: u64,
+    /// Bytes sent to and received from each peer, by rank.
+    pub sent: Vec<u64>,
+    pub received: Vec<u64>,
+    /// Bytes an uncompressed all-reduce of the same tensors would have sent.
+    pub uncompressed: u64,
+    /// Σ‖g − ĝ‖² and Σ‖g‖² over the compressed tensors.
+    pub err2: f64,
+    pub norm2: f64,
+}
+
+impl Traffic {
+    pub fn new(world: u32) -> Self {
+        Self {
+            sent: vec![0; world as usize],
+            received: vec![0; world as usize],
+            ..Self::default()
+        }
+    }
+
+    pub fn sent_total(&self) -> u64 {
+        self.sent.iter().sum()
+    }
+
+    pub fn received_total(&self) -> u64 {
+        self.received.iter().sum()
+    }
+
+    /// Adds `other` in (peers beyond this one's length extend it).
+    pub fn add(&mut self, other: &Traffic) {
+        for (mine, theirs) in [(&mut self.sent, &other.sent), (&mut self.received, &other.received)] {
+            if mine.len() < theirs.len() {
+                mine.resize(theirs.len(), 0);
+            }
+            for (a, b) in mine.iter_mut().zip(theirs) {
+                *a += b;
+            }
+        }
+        self.steps += other.steps;
+        self.uncompressed += other.uncompressed;
+        self.err2 += other.err2;
+        self.norm2 += other.norm2;
+    }
+
+    /// Means per step of these steps; `total` holds the totals so far.
+    pub fn report(&self, total: &Traffic) -> CommReport {
+        let steps = self.steps.max(1) as f64;
+        let per = |v: &[u64]| v.iter().map(|b| *b as f64 / steps).collect::<Vec<f64>>();
+        let sent = self.sent_total();
+        CommReport {
+            steps: self.steps,
+            sent_per_step: sent as f64 / steps,
+            received_per_step: self.received_total() as f64 / steps,
+            sent_per_peer: per(&self.sent),
+            received_per_peer: per(&self.received),
+            ratio: if sent == 0 { 1.0 } else { self.uncompressed as f64 / sent as f64 },
+            rel_error: if self.norm2 > 0.0 { (self.err2 / self.norm2).sqrt() } else { 0.0 },
+            sent_total: total.sent_total(),
+            received_total: total.received_total(),
+        }
+    }
 }
 
 /// Progress within an epoch.
@@ -34,6 +134,9 @@ pub struct StepReport {
     pub steps_per_epoch: u64,
     pub loss: f32,
     pub samples_per_s: f64,
+    /// What this worker's exchange moved since its previous step report.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub comm: Option<CommReport>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -53,6 +156,9 @@ pub enum Report {
     },
     Step(StepReport),
     Epoch(EpochReport),
+    /// A test-set evaluation within an epoch (`train.eval_every_steps`):
+    /// `epoch` is the epoch in progress, `train_loss` the mean since the previous one.
+    Eval(EpochReport),
 }
 
 /// Receives reports as they happen.

@@ -24,6 +24,9 @@ pub struct Restored {
     pub position: Position,
     /// Newer checkpoints that were damaged and skipped, with why.
     pub skipped: Vec<String>,
+    /// The exchange's state (the `compress` group: error-feedback residuals,
+    /// PowerSGD warm starts), for the exchange to take back.
+    pub exchange: Vec<(String, Vec<f32>)>,
 }
 
 /// Writes a checkpoint of the current state into `dir` and prunes old ones.
@@ -35,6 +38,7 @@ pub fn save(
     params: &[f32],
     opt: &optim::Optimizer,
     pos: Position,
+    exchange: &[(String, Vec<f32>)],
 ) -> Result<PathBuf, JobError> {
     let config = serde_json::to_value(cfg).unwrap_or(serde_json::Value::Null);
     let position = serde_json::to_value(pos).unwrap_or(serde_json::Value::Null);
@@ -51,6 +55,13 @@ pub fn save(
         .map(|(name, data)| NamedTensor::vector(name, data))
         .collect();
     snap.files.insert(OPTIM.into(), state);
+    if !exchange.is_empty() {
+        let tensors = exchange
+            .iter()
+            .map(|(name, data)| NamedTensor::vector(name.clone(), data))
+            .collect();
+        snap.files.insert(crate::compress::STATE_GROUP.into(), tensors);
+    }
     let path = checkpoint::write(dir, &snap)?;
     checkpoint::prune(dir, keep_last)?;
     Ok(path)
@@ -92,10 +103,15 @@ pub fn load(dir: &Path, layout: &Layout, params: &mut [f32], opt: &mut optim::Op
         .iter()
         .map(|s| format!("{}: {}", s.path.display(), s.error))
         .collect();
+    let exchange = snap
+        .group(crate::compress::STATE_GROUP)
+        .map(|ts| ts.iter().map(|t| (t.name.clone(), t.data.clone())).collect())
+        .unwrap_or_default();
     Ok(Restored {
         path,
         position,
         skipped,
+        exchange,
     })
 }
 

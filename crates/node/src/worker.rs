@@ -10,18 +10,21 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use wire::msg::{FromCoordinator, PeerHello, ToCoordinator};
+use wire::msg::{FromCoordinator, HostId, PeerHello, ToCoordinator};
 use wire::{PeerInfo, Role, Secret};
 
-use crate::comm::Comm;
-use crate::config::{ClusterConfig, JobConfig};
+use crate::comm::{Comm, Connection};
+use crate::config::{ClusterConfig, JobConfig, Transport};
 use crate::env::ClusterEnv;
 use crate::error::JobError;
 use crate::exchange::AllreduceExchange;
+use crate::ps_client::{InitArgs, PsExchange};
 use crate::net::{self, ControlReader};
 use crate::report::Observer;
 use crate::train::{Summary, Trainer};
 
+/// Rows of rank 0's partition scanned for hot keys before a parameter-server job starts.
+const HOT_KEY_SAMPLE_ROWS: usize = 200_000;
 /// How long a worker waits for the whole cluster to assemble.
 pub const RENDEZVOUS_TIMEOUT_MS: u64 = 60_000;
 /// Heartbeats per heartbeat timeout.
@@ -40,6 +43,8 @@ pub struct Member {
     /// The step the heartbeats report.
     pub step: Arc<AtomicU64>,
     pub comm: Comm,
+    /// Data addresses of the parameter-server shards, by shard (empty for all-reduce jobs).
+    pub servers: Vec<String>,
     /// Fires when the coordinator says everyone has finished.
     pub shutdown: mpsc::Receiver<()>,
 }
@@ -83,20 +88,32 @@ pub fn join(env: &ClusterEnv, secret: &Secret, cluster: &ClusterConfig) -> Resul
         rank,
         world,
         peers,
+        servers,
     } = welcome
     else {
         unreachable!("matched above")
     };
     tracing::info!(rank, world, generation, "joined");
-    let streams = mesh(rank, world, generation, &peers, &listener, secret)?;
+    // With parameter servers, workers talk to the servers only.
+    let conns = if servers.is_empty() {
+        mesh(rank, world, generation, &peers, &listener, secret, cluster.transport)?
+    } else {
+        (0..world).map(|_| None).collect()
+    };
+    for (peer, c) in conns.iter().enumerate() {
+        if let Some(c) = c {
+            let transport = if c.shm.is_some() { "shm" } else { "tcp" };
+            tracing::info!(rank, peer, transport, "peer link");
+        }
+    }
     let coord = Arc::new(Mutex::new(coord));
     let step = Arc::new(AtomicU64::new(0));
     spawn_heartbeats(coord.clone(), rank, step.clone(), cluster.heartbeat_timeout_ms)?;
     let (shutdown_tx, shutdown) = mpsc::channel();
-    spawn_abort_watch(reader, rank, shutdown_tx)?;
+    spawn_abort_watch(reader, format!("rank {rank}"), Some(rank), shutdown_tx)?;
     let comm = Comm::new(
         rank,
-        streams,
+        conns,
         collective::CollectiveConfig::default(),
         cluster.collective_timeout_ms,
         cluster.tensor_crc,
@@ -109,6 +126,7 @@ pub fn join(env: &ClusterEnv, secret: &Secret, cluster: &ClusterConfig) -> Resul
         step,
         shutdown,
         comm,
+        servers,
     })
 }
 
@@ -168,32 +186,123 @@ pub fn run(
         step,
         comm,
         shutdown,
+        servers,
+        generation,
         ..
     } = member;
-    let mut ex = AllreduceExchange::new(
-        comm,
-        cfg.cluster.overlap,
-        cfg.cluster.bucket_bytes,
-        cfg.cluster.collective_timeout_ms,
-        coord.clone(),
-    )?;
+    let cluster = cfg.cluster.clone();
+    let optim = cfg.optim.clone();
     let mut trainer = Trainer::new(cfg, data, rank, world)?;
-    if let Some(dir) = resume {
-        trainer.resume(dir)?;
-    }
+    let restored = match resume {
+        Some(dir) => trainer.resume(dir)?.exchange,
+        None => Vec::new(),
+    };
+    let compress = trainer.config().compress.clone();
+    let mut ex: Box<dyn crate::train::Exchange> = if servers.is_empty() && compress.is_active() {
+        Box::new(crate::compress::CompressExchange::new(
+            comm,
+            &compress,
+            trainer.layout(),
+            trainer.config().train.seed,
+            coord.clone(),
+            &restored,
+        )?)
+    } else if servers.is_empty() {
+        Box::new(AllreduceExchange::new(
+            comm,
+            cluster.overlap,
+            cluster.bucket_bytes,
+            cluster.collective_timeout_ms,
+            coord.clone(),
+        )?)
+    } else {
+        let mut ps = connect_servers(&mut trainer, &cluster, &optim, rank, world, generation, &servers, secret)?;
+        if compress.is_active() {
+            let c = codec::CompressConfig {
+                compress: compress.codec.clone(),
+                error_feedback: compress.error_feedback,
+            };
+            ps.compress_pushes(c.compress.clone(), c.error_feedback(), trainer.config().train.seed);
+        }
+        Box::new(ps)
+    };
     let mut relay = |r: &crate::report::Report| {
         if let crate::report::Report::Step(s) = r {
             step.store(s.step_in_epoch, Ordering::Relaxed);
         }
         obs.report(r);
     };
-    let result = trainer.run(&mut ex, &mut relay);
+    let result = trainer.run(ex.as_mut(), &mut relay);
     report_end(&coord, &shutdown, rank, result.as_ref().map(|s| s.steps))?;
     result
 }
 
+/// Connects to the parameter servers; rank 0 first finds the hot keys in its
+/// partition, places them, and starts the shards with the initial parameters.
+#[allow(clippy::too_many_arguments)]
+fn connect_servers(
+    trainer: &mut Trainer,
+    cluster: &ClusterConfig,
+    optim: &optim::OptimConfig,
+    rank: u32,
+    world: u32,
+    generation: u64,
+    servers: &[String],
+    secret: &Secret,
+) -> Result<PsExchange, JobError> {
+    let consistency = cluster.consistency();
+    // BSP sums the workers' pushes into one step of the global batch; SSP and
+    // async apply each push as its own step on the worker's batch.
+    let weight = if consistency == ps::Consistency::Bsp { trainer.weight() } else { 1.0 };
+    let init = if rank == 0 {
+        let (hot_rows, total) = trainer.hot_rows(HOT_KEY_SAMPLE_ROWS, cluster.hot_keys);
+        let layout = trainer.layout();
+        let tables: Vec<(usize, u64)> = layout
+            .tensors()
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.kind == tensor::ParamKind::Table)
+            .map(|(i, t)| (i, t.row_len() as u64))
+            .collect();
+        // Load in values moved: a row's count times its length, for every table.
+        let hot: Vec<(u64, u64)> = hot_rows
+            .iter()
+            .flat_map(|&(r, c)| tables.iter().map(move |&(t, len)| (ps::key(t, r), c * len)))
+            .collect();
+        let all: u64 = total * tables.iter().map(|(_, len)| len).sum::<u64>();
+        let rest = all.saturating_sub(hot.iter().map(|(_, w)| w).sum());
+        let mut spec = ps::PlacementSpec::hashed(servers.len() as u32, cluster.vnodes);
+        spec.hot = ps::balance_hot_keys(spec.shards, &hot, rest);
+        Some(spec)
+    } else {
+        None
+    };
+    let layout = trainer.layout().clone();
+    PsExchange::connect(
+        rank,
+        world,
+        generation,
+        servers,
+        secret,
+        &layout,
+        weight,
+        cluster.collective_timeout_ms,
+        trainer.position().step,
+        init.map(|placement| InitArgs {
+            params: trainer.params(),
+            optim,
+            // A resumed trainer starts the shards from its checkpoint's optimizer state.
+            resume: (trainer.position().step > 0).then(|| (trainer.optimizer(), trainer.position().step)),
+            consistency,
+            placement,
+        }),
+    )
+}
+
 /// Connects every pair of workers once: rank i dials every rank below it and
-/// accepts every rank above it. Returns one stream per peer, by rank.
+/// accepts every rank above it. With `transport = auto`, pairs on the same
+/// machine also set up a shared-memory link (`shm::dial`, `shm::answer`).
+/// Returns one connection per peer, by rank.
 fn mesh(
     rank: u32,
     world: u32,
@@ -201,16 +310,25 @@ fn mesh(
     peers: &[String],
     listener: &TcpListener,
     secret: &Secret,
-) -> Result<Vec<Option<TcpStream>>, JobError> {
+    transport: Transport,
+) -> Result<Vec<Option<Connection>>, JobError> {
     let own = PeerInfo {
         role: Role::Worker,
         rank,
     };
-    let mut streams: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
+    let host: Option<HostId> = match transport {
+        Transport::Tcp => None,
+        Transport::Auto => crate::shm::host_id()
+            .map_err(|why| tracing::warn!(rank, why, "cannot tell which peers share this machine; using TCP"))
+            .ok(),
+    };
+    let budget = Arc::new(crate::shm::Budget::default());
+    let mut conns: Vec<Option<Connection>> = (0..world).map(|_| None).collect();
     let expect_inbound = (world - 1 - rank) as usize;
     let (tx, rx) = mpsc::channel();
     let accept_listener = listener.try_clone().map_err(|e| JobError::io("cloning listener", e))?;
     let accept_secret = secret.clone();
+    let (accept_host, accept_budget) = (host.clone(), budget.clone());
     thread::Builder::new()
         .name("mesh-accept".into())
         .spawn(move || {
@@ -221,7 +339,9 @@ fn mesh(
                     .and_then(|(mut s, _)| {
                         net::accept_handshake(&mut s, &accept_secret, own)?;
                         let hello: PeerHello = net::recv_control_exact(&mut s, net::HANDSHAKE_TIMEOUT_MS)?;
-                        Ok((hello, s))
+                        let shm =
+                            crate::shm::answer(&mut s, rank, generation, accept_host.as_ref(), &hello, &accept_budget)?;
+                        Ok((hello, Connection { stream: s, shm }))
                     });
                 if tx.send(r).is_err() {
                     return;
@@ -238,14 +358,14 @@ fn mesh(
                 why: format!("{addr} answered as {them}"),
             });
         }
-        net::send_control(&mut s, rank, &PeerHello { generation, rank })?;
-        streams[peer] = Some(s);
+        let shm = crate::shm::dial(&mut s, rank, peer as u32, generation, host.as_ref(), &budget)?;
+        conns[peer] = Some(Connection { stream: s, shm });
     }
     let deadline = Instant::now() + Duration::from_millis(RENDEZVOUS_TIMEOUT_MS);
     for _ in 0..expect_inbound {
         let left = deadline.saturating_duration_since(Instant::now());
-        let (hello, s) = rx.recv_timeout(left).map_err(|_| {
-            let missing: Vec<u32> = (rank + 1..world).filter(|r| streams[*r as usize].is_none()).collect();
+        let (hello, c) = rx.recv_timeout(left).map_err(|_| {
+            let missing: Vec<u32> = (rank + 1..world).filter(|r| conns[*r as usize].is_none()).collect();
             JobError::Stalled {
                 op: format!("connecting peers {missing:?}"),
                 step: 0,
@@ -256,19 +376,19 @@ fn mesh(
         if hello.generation != generation
             || hello.rank <= rank
             || hello.rank >= world
-            || streams[hello.rank as usize].is_some()
+            || conns[hello.rank as usize].is_some()
         {
             return Err(JobError::Peer {
                 rank: hello.rank,
                 why: format!("unexpected hello {hello:?}"),
             });
         }
-        streams[hello.rank as usize] = Some(s);
+        conns[hello.rank as usize] = Some(c);
     }
-    Ok(streams)
+    Ok(conns)
 }
 
-fn spawn_heartbeats(
+pub(crate) fn spawn_heartbeats(
     coord: Arc<Mutex<TcpStream>>,
     rank: u32,
     step: Arc<AtomicU64>,
@@ -295,7 +415,14 @@ fn spawn_heartbeats(
 
 /// Watches the coordinator: an abort, or the coordinator's disappearance, ends
 /// this process at once (a collective may be blocked waiting for a dead peer).
-fn spawn_abort_watch(mut reader: ControlReader, rank: u32, shutdown: mpsc::Sender<()>) -> Result<(), JobError> {
+/// `who` names this process in messages ("rank 2", "server 1"); `own_rank` is
+/// its worker rank, so that it does not repeat an abort that blames itself.
+pub(crate) fn spawn_abort_watch(
+    mut reader: ControlReader,
+    who: String,
+    own_rank: Option<u32>,
+    shutdown: mpsc::Sender<()>,
+) -> Result<(), JobError> {
     thread::Builder::new()
         .name("coordinator-watch".into())
         .spawn(move || {
@@ -304,8 +431,8 @@ fn spawn_abort_watch(mut reader: ControlReader, rank: u32, shutdown: mpsc::Sende
                     Ok(Some(FromCoordinator::Abort {
                         reason, failed_rank, ..
                     })) => {
-                        if failed_rank != Some(rank) {
-                            say(&format!("error: rank {rank} stopping: {reason}\n"));
+                        if failed_rank.is_none() || failed_rank != own_rank {
+                            say(&format!("error: {who} stopping: {reason}\n"));
                         }
                         std::process::exit(EXIT_ABORTED);
                     }
@@ -315,7 +442,7 @@ fn spawn_abort_watch(mut reader: ControlReader, rank: u32, shutdown: mpsc::Sende
                     }
                     Ok(Some(other)) => tracing::warn!(?other, "unexpected message from the coordinator"),
                     Ok(None) | Err(_) => {
-                        say(&format!("error: rank {rank} stopping: lost the coordinator\n"));
+                        say(&format!("error: {who} stopping: lost the coordinator\n"));
                         std::process::exit(EXIT_ABORTED);
                     }
                 }

@@ -3,7 +3,7 @@
 //!
 //! | bytes   | field    | meaning                                             |
 //! |---------|----------|-----------------------------------------------------|
-//! | 0       | kind     | 1 pull, 2 push, 3 pulled (reply), 4 pushed (ack)    |
+//! | 0       | kind     | 1 pull, 2 push, 3 pulled (reply), 4 pushed (ack), 5 coded push |
 //! | 1       | flags    | bit 0: dense part wanted; bit 1: wait for all       |
 //! | 2..4    | zero     |                                                     |
 //! | 4..8    | n_keys   | u32                                                 |
@@ -12,6 +12,11 @@
 //! | 24..28  | n_dense  | u32: dense f32 values after the keys                |
 //! | 28..32  | n_values | u32: row f32 values after the dense ones            |
 //! | 32..    | keys (u64 × n_keys), dense (f32 × n_dense), values (f32 × n_values) |
+//!
+//! A coded push (kind 5) is a push whose dense part is one compressed
+//! message (`codec` crate) of `n_dense` bytes instead of `n_dense` f32s; the
+//! server decodes it into the shard's dense gradient. This crate only carries
+//! the bytes.
 //!
 //! **Invariant:** [`decode`] returns an error, never panics, on any bytes, and
 //! with a layout it accepts only keys of existing table rows and pushes whose
@@ -31,6 +36,7 @@ const KIND_PULL: u8 = 1;
 const KIND_PUSH: u8 = 2;
 const KIND_PULLED: u8 = 3;
 const KIND_PUSHED: u8 = 4;
+const KIND_PUSH_CODED: u8 = 5;
 const FLAG_DENSE: u8 = 1;
 const FLAG_WAIT_ALL: u8 = 2;
 const FLAG_SNAPSHOT: u8 = 4;
@@ -75,6 +81,12 @@ pub enum Message {
     },
     Pushed {
         clock: u64,
+    },
+    /// A push whose dense gradient is the codec message `dense_coded`
+    /// (`push.dense` is empty until the server decodes it).
+    PushCoded {
+        push: Push,
+        dense_coded: Vec<u8>,
     },
 }
 
@@ -128,6 +140,14 @@ pub fn encode_push(clock: u64, dense: &[f32], keys: &[u64], values: &[f32], out:
     put_f32(out, values);
 }
 
+/// Encodes a coded push: the dense part is the codec message `dense_coded`.
+pub fn encode_push_coded(clock: u64, dense_coded: &[u8], keys: &[u64], values: &[f32], out: &mut Vec<u8>) {
+    head(out, KIND_PUSH_CODED, 0, keys.len(), clock, 0, dense_coded.len(), values.len());
+    put_keys(out, keys);
+    out.extend_from_slice(dense_coded);
+    put_f32(out, values);
+}
+
 pub fn encode_pulled(req: u64, clock: u64, dense: &[f32], values: &[f32], out: &mut Vec<u8>) {
     head(out, KIND_PULLED, 0, 0, clock, req, dense.len(), values.len());
     put_f32(out, dense);
@@ -174,7 +194,9 @@ pub fn decode(bytes: &[u8], layout: Option<&Layout>) -> Result<Message, PsError>
     if n_keys > KEYS_PER_MESSAGE_MAX {
         return Err(bad(format!("{n_keys} keys (at most {KEYS_PER_MESSAGE_MAX})")));
     }
-    let need = HEAD_BYTES as u64 + 8 * n_keys as u64 + 4 * n_dense as u64 + 4 * n_values as u64;
+    // A coded push carries its dense part as bytes.
+    let dense_unit = if kind == KIND_PUSH_CODED { 1 } else { 4 };
+    let need = HEAD_BYTES as u64 + 8 * n_keys as u64 + dense_unit * n_dense as u64 + 4 * n_values as u64;
     if need != bytes.len() as u64 {
         return Err(bad(format!(
             "{n_keys} keys, {n_dense} dense and {n_values} row values need {need} bytes; got {}",
@@ -182,7 +204,7 @@ pub fn decode(bytes: &[u8], layout: Option<&Layout>) -> Result<Message, PsError>
         )));
     }
     let keys_end = HEAD_BYTES + 8 * n_keys;
-    let dense_end = keys_end + 4 * n_dense;
+    let dense_end = keys_end + dense_unit as usize * n_dense;
     let keys: Vec<u64> = bytes[HEAD_BYTES..keys_end]
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
@@ -209,11 +231,22 @@ pub fn decode(bytes: &[u8], layout: Option<&Layout>) -> Result<Message, PsError>
                 keys: if snapshot { Vec::new() } else { keys },
             }))
         }
-        KIND_PUSH => {
+        KIND_PUSH | KIND_PUSH_CODED => {
             if let Some(want) = expected_values
                 && want != n_values
             {
                 return Err(bad(format!("push of {n_keys} keys carries {n_values} values; the rows hold {want}")));
+            }
+            if kind == KIND_PUSH_CODED {
+                return Ok(Message::PushCoded {
+                    push: Push {
+                        clock,
+                        dense: Vec::new(),
+                        keys,
+                        values: f32s(&bytes[dense_end..]),
+                    },
+                    dense_coded: bytes[keys_end..dense_end].to_vec(),
+                });
             }
             Ok(Message::Push(Push {
                 clock,
@@ -310,6 +343,22 @@ mod tests {
         );
         encode_pushed(7, &mut b);
         assert_eq!(decode(&b, None).unwrap(), Message::Pushed { clock: 7 });
+        encode_push_coded(6, &[9, 8, 7], &[key(1, 2)], &[1.0, 2.0, 3.0], &mut b);
+        assert_eq!(b.len(), HEAD_BYTES + 8 + 3 + 12);
+        assert_eq!(
+            decode(&b, Some(&l)).unwrap(),
+            Message::PushCoded {
+                push: Push {
+                    clock: 6,
+                    dense: vec![],
+                    keys: vec![key(1, 2)],
+                    values: vec![1.0, 2.0, 3.0]
+                },
+                dense_coded: vec![9, 8, 7],
+            }
+        );
+        b.pop();
+        assert!(decode(&b, Some(&l)).unwrap_err().to_string().contains("need"));
     }
 
     #[test]

@@ -244,6 +244,7 @@ impl AuthMessage {
                 MessageType::Control => "a control frame",
                 MessageType::Tensor => "a tensor frame",
                 MessageType::Auth => "an auth frame",
+                MessageType::Ps => "a parameter-server frame",
             };
             return Err(AuthFailure::UnexpectedMessage { expected, got });
         }

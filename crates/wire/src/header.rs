@@ -69,11 +69,19 @@ pub enum MessageType {
     Tensor = 2,
     /// A step of the authentication handshake (see [`crate::auth`]).
     Auth = 3,
+    /// A parameter-server request or reply: a fixed binary head, keys and raw
+    /// f32 values (the `ps` crate's `msg` module owns the layout).
+    Ps = 4,
 }
 
 impl MessageType {
     /// Every message type, for tests and exhaustive checks.
-    pub const ALL: [MessageType; 3] = [MessageType::Control, MessageType::Tensor, MessageType::Auth];
+    pub const ALL: [MessageType; 4] = [
+        MessageType::Control,
+        MessageType::Tensor,
+        MessageType::Auth,
+        MessageType::Ps,
+    ];
 
     /// The type encoded as `byte`, if any. Zero is never a valid type, so a
     /// zeroed buffer is rejected.
@@ -82,6 +90,7 @@ impl MessageType {
             1 => Some(MessageType::Control),
             2 => Some(MessageType::Tensor),
             3 => Some(MessageType::Auth),
+            4 => Some(MessageType::Ps),
             _ => None,
         }
     }
@@ -92,6 +101,7 @@ impl MessageType {
             MessageType::Control => CONTROL_PAYLOAD_BYTES_MAX,
             MessageType::Tensor => TENSOR_PAYLOAD_BYTES_MAX,
             MessageType::Auth => AUTH_PAYLOAD_BYTES_MAX,
+            MessageType::Ps => TENSOR_PAYLOAD_BYTES_MAX,
         }
     }
 }
@@ -102,6 +112,7 @@ impl std::fmt::Display for MessageType {
             MessageType::Control => "control",
             MessageType::Tensor => "tensor",
             MessageType::Auth => "auth",
+            MessageType::Ps => "ps",
         };
         f.write_str(name)
     }
@@ -360,7 +371,7 @@ mod tests {
 
     #[test]
     fn unknown_type_is_named() {
-        for got in [0, 4, 255] {
+        for got in [0, 5, 255] {
             let mut bytes = sample().encode();
             bytes[KIND_AT] = got;
             reseal(&mut bytes);
@@ -421,6 +432,7 @@ mod tests {
             (MessageType::Control, CONTROL_PAYLOAD_BYTES_MAX + 1),
             (MessageType::Tensor, TENSOR_PAYLOAD_BYTES_MAX + 4),
             (MessageType::Auth, AUTH_PAYLOAD_BYTES_MAX + 1),
+            (MessageType::Ps, TENSOR_PAYLOAD_BYTES_MAX + 1),
             (MessageType::Control, u32::MAX),
         ];
         for (kind, bytes_claimed) in cases {

@@ -39,12 +39,15 @@ pub enum ToCoordinator {
 /// Coordinator → worker.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum FromCoordinator {
-    /// The membership of this generation: your rank and every peer's data address, by rank.
+    /// The membership of this generation: your rank (among workers, or among
+    /// servers for a server), the number of workers, and every worker's and
+    /// every parameter-server shard's data address, by rank.
     Welcome {
         generation: u64,
         rank: u32,
         world: u32,
         peers: Vec<String>,
+        servers: Vec<String>,
     },
     /// Stop now: the job failed.
     Abort {
@@ -56,11 +59,68 @@ pub enum FromCoordinator {
     Shutdown,
 }
 
-/// Worker → worker, once, on a data connection after authentication.
+/// Longest boot id we accept (Linux's is a 36-character UUID).
+pub const BOOT_ID_BYTES_MAX: usize = 64;
+/// Longest shared-memory segment name we accept.
+pub const SEGMENT_NAME_BYTES_MAX: usize = 64;
+
+/// Worker → worker, once, on a data connection after authentication: the
+/// dialing (higher) rank introduces itself to the lower rank.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PeerHello {
     pub generation: u64,
     pub rank: u32,
+    /// Where the sender runs, when it would share memory with a co-located
+    /// peer; `None` asks for TCP. Appended after the original fields, so the
+    /// fields before keep their encoding.
+    pub host: Option<HostId>,
+}
+
+/// What decides whether two processes can share memory: the same kernel boot
+/// (`/proc/sys/kernel/random/boot_id`) and the same network namespace (the
+/// inode of `/proc/self/ns/net`), so that ranks placed in separate namespaces
+/// to model separate hosts keep using the network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostId {
+    pub boot_id: String,
+    pub netns: u64,
+}
+
+/// Lower rank → higher rank, answering a [`PeerHello`]: how the pair moves tensors.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum PeerLink {
+    /// Frames over this TCP stream.
+    Tcp,
+    /// Frames through a shared-memory segment under `/dev/shm/{name}` whose
+    /// header carries `token`; the TCP stream stays open to tell liveness.
+    Shm { name: String, token: [u8; 16] },
+}
+
+/// Higher rank → lower rank, after [`PeerLink::Shm`]: whether it mapped the
+/// segment (else the pair uses TCP).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ShmAck {
+    pub mapped: bool,
+}
+
+impl PeerHello {
+    /// Checks the bounds that decoding alone does not.
+    pub fn check(&self) -> Result<(), String> {
+        match &self.host {
+            Some(h) if h.boot_id.len() > BOOT_ID_BYTES_MAX => Err("boot id too long".into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl PeerLink {
+    /// Checks the bounds that decoding alone does not.
+    pub fn check(&self) -> Result<(), String> {
+        match self {
+            Self::Shm { name, .. } if name.len() > SEGMENT_NAME_BYTES_MAX => Err("segment name too long".into()),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl ToCoordinator {
@@ -78,8 +138,22 @@ impl FromCoordinator {
     /// Checks the bounds that decoding alone does not.
     pub fn check(&self) -> Result<(), String> {
         match self {
-            Self::Welcome { peers, rank, world, .. } => {
-                if peers.len() > PEERS_MAX || peers.len() != *world as usize || rank >= world {
+            Self::Welcome {
+                peers,
+                rank,
+                world,
+                servers,
+                ..
+            } => {
+                if servers.len() > PEERS_MAX || servers.iter().any(|p| p.len() > TEXT_BYTES_MAX) {
+                    return Err(format!("welcome lists {} servers", servers.len()));
+                }
+                let ranks = if servers.is_empty() {
+                    *world
+                } else {
+                    (*world).max(servers.len() as u32)
+                };
+                if peers.len() > PEERS_MAX || peers.len() != *world as usize || *rank >= ranks {
                     return Err(format!(
                         "welcome lists {} peers for world {world}, rank {rank}",
                         peers.len()
@@ -93,5 +167,48 @@ impl FromCoordinator {
             Self::Abort { reason, .. } if reason.len() > TEXT_BYTES_MAX => Err("reason too long".into()),
             _ => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_hello_keeps_the_encoding_of_its_first_fields() {
+        let tcp = PeerHello {
+            generation: 7,
+            rank: 3,
+            host: None,
+        };
+        let shm = PeerHello {
+            host: Some(HostId {
+                boot_id: "0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0".into(),
+                netns: 4026531840,
+            }),
+            ..tcp.clone()
+        };
+        let old = postcard::to_allocvec(&(7u64, 3u32)).expect("encode");
+        for hello in [tcp, shm] {
+            let bytes = postcard::to_allocvec(&hello).expect("encode");
+            assert_eq!(&bytes[..old.len()], &old[..], "{hello:?}");
+            let back: PeerHello = postcard::from_bytes(&bytes).expect("decode");
+            assert_eq!(back, hello);
+            assert_eq!(back.check(), Ok(()));
+        }
+        let long = PeerHello {
+            generation: 0,
+            rank: 0,
+            host: Some(HostId {
+                boot_id: "x".repeat(BOOT_ID_BYTES_MAX + 1),
+                netns: 0,
+            }),
+        };
+        assert!(long.check().is_err());
+        let link = PeerLink::Shm {
+            name: "n".repeat(SEGMENT_NAME_BYTES_MAX + 1),
+            token: [0; 16],
+        };
+        assert!(link.check().is_err());
     }
 }

@@ -11,10 +11,15 @@ const EPOCH_1_CHECKPOINT: &str = "step-000000000468";
 
 /// Trains the example MLP, made small, on Fashion-MNIST for `epochs` into `ckpt`.
 fn train_small(dir: &Path, workers: u32, epochs: u32, ckpt: &Path, resume: bool) -> Finished {
+    train_small_with(dir, workers, epochs, ckpt, resume, &[])
+}
+
+fn train_small_with(dir: &Path, workers: u32, epochs: u32, ckpt: &Path, resume: bool, extra: &[&str]) -> Finished {
     let mut cmd = sinter(dir);
     cmd.arg("train")
         .arg(example("fashion-mlp.toml"))
         .args(["--json", "-q", "--workers", &workers.to_string()])
+        .args(extra)
         .args(["--set", "model.hidden=[32]", "--set", &format!("train.epochs={epochs}")])
         .arg("--set")
         .arg(format!("checkpoint.dir={}", ckpt.display()));
@@ -74,12 +79,16 @@ fn start_epoch(out: &Finished) -> u64 {
 
 /// Runs 2 epochs straight and 1 + 1 with a resume; the final checkpoints must hold the same bytes.
 fn assert_resume_is_exact(workers: u32) {
+    assert_resume_is_exact_with(workers, &[]);
+}
+
+fn assert_resume_is_exact_with(workers: u32, extra: &[&str]) {
     let dir = temp_dir();
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-    train_small(dir.path(), workers, 2, &a, false);
-    let first = train_small(dir.path(), workers, 1, &b, false);
+    train_small_with(dir.path(), workers, 2, &a, false, extra);
+    let first = train_small_with(dir.path(), workers, 1, &b, false, extra);
     assert_eq!(start_epoch(&first), 0);
-    let resumed = train_small(dir.path(), workers, 2, &b, true);
+    let resumed = train_small_with(dir.path(), workers, 2, &b, true, extra);
     assert_eq!(
         start_epoch(&resumed),
         1,
@@ -125,6 +134,30 @@ fn resume_gives_the_same_parameters_as_an_uninterrupted_run() {
 #[test]
 fn resume_in_a_cluster_gives_the_same_parameters_as_an_uninterrupted_run() {
     assert_resume_is_exact(2);
+}
+
+// issue 4, issue 6: a parameter-server job (BSP, 2 workers, 2 shards) checkpoints the model
+// gathered from its shards, optimizer state included, and resumes exactly.
+#[test]
+fn resume_through_parameter_servers_gives_the_same_parameters_as_an_uninterrupted_run() {
+    assert_resume_is_exact_with(2, &["--servers", "2"]);
+}
+
+// issue 6 (requirement 4): a checkpoint written by 2 shards and 2 workers resumes on 3 and 3.
+#[test]
+fn parameter_server_checkpoint_resumes_on_another_cluster_shape() {
+    let dir = temp_dir();
+    let ck = dir.path().join("ck");
+    train_small_with(dir.path(), 2, 1, &ck, false, &["--servers", "2"]);
+    let resumed = train_small_with(dir.path(), 3, 2, &ck, true, &["--servers", "3"]);
+    assert_eq!(start_epoch(&resumed), 1, "{}", resumed.shown());
+    let lines = resumed.json_lines();
+    let done = find_event(&lines, "done").unwrap_or_else(|| panic!("no done line: {}", resumed.shown()));
+    let acc = done["last"]["test_acc"].as_f64().unwrap_or(0.0);
+    assert!(acc > 0.8, "test accuracy {acc} after resuming on 3 shards: {}", resumed.shown());
+    assert_eq!(done["servers"].as_array().map(Vec::len), Some(3));
+    // 3 workers take 465 steps an epoch (local batches 43, 43, 42 of 20,000 rows each).
+    assert!(newest(&ck).ends_with("step-000000000933"), "{}", newest(&ck).display());
 }
 
 // issue 2, issue 6: one flipped byte is found, and a resume falls back to the previous checkpoint.

@@ -4,7 +4,10 @@
 mod bad_input;
 mod checkpoint;
 mod cluster;
+mod compress;
 mod data;
 mod netns;
+mod ps;
+mod shm;
 mod support;
 mod train;

@@ -1,13 +1,42 @@
 //! decode ∘ encode within each codec's stated bound, on random gradients,
 //! and the unbiased codecs unbiased over seeds.
 
-use codec::{CodecId, CodecSpec, decode, decode_add, encode, encode_shaped, f16_to_f32, f32_to_f16};
+use codec::{CodecId, CodecSpec, SparseValues, decode, decode_add, encode, encode_shaped, f16_to_f32, f32_to_f16};
 use proptest::prelude::*;
 
 use crate::{any_spec, gradient, shape_for, spec};
 
 fn norm2(x: impl Iterator<Item = f32>) -> f64 {
     x.map(|v| f64::from(v).powi(2)).sum()
+}
+
+/// The kept indices of a sparse message, read independently of the crate's
+/// decoder (parameters `nnz`, `values`, `index_bytes` [, `scale`], then
+/// delta varints), and the f16 scale (1 for f32 values).
+fn sparse_message(msg: &[u8]) -> (Vec<usize>, f32) {
+    let param = |i: usize| u32::from_le_bytes(msg[8 + 4 * i..12 + 4 * i].try_into().expect("4 bytes"));
+    let (nnz, f16, index_bytes) = (param(0) as usize, param(1) == 1, param(2) as usize);
+    let (scale, start) = if f16 { (f32::from_bits(param(3)), 24) } else { (1.0, 20) };
+    let bytes = &msg[start..start + index_bytes];
+    let (mut kept, mut at, mut next) = (Vec::new(), 0, 0usize);
+    for _ in 0..nnz {
+        let (mut gap, mut shift) = (0usize, 0);
+        loop {
+            let b = bytes[at];
+            at += 1;
+            gap |= usize::from(b & 0x7f) << shift;
+            shift += 7;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        kept.push(next + gap);
+        next += gap + 1;
+    }
+    assert_eq!(at, index_bytes);
+    let value_bytes = if f16 { 2 } else { 4 };
+    assert_eq!(msg.len(), start + index_bytes + value_bytes * nnz);
+    (kept, scale)
 }
 
 /// Checks `d = decode(encode(x))` against the bound `spec` states.
@@ -66,16 +95,19 @@ fn check_bound(spec: &CodecSpec, x: &[f32], d: &[f32], msg: &[u8]) {
                 );
             }
         }
-        CodecSpec::TopK { .. } | CodecSpec::RandK { .. } | CodecSpec::Threshold { .. } => {
-            let nnz = u32::from_le_bytes(msg[8..12].try_into().expect("4 bytes")) as usize;
-            let kept: Vec<usize> = msg[12..12 + 4 * nnz]
-                .chunks_exact(4)
-                .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")) as usize)
-                .collect();
+        CodecSpec::TopK { values, .. } | CodecSpec::RandK { values, .. } | CodecSpec::Threshold { values, .. } => {
+            let (kept, scale) = sparse_message(msg);
+            let nnz = kept.len();
             let mut is_kept = vec![false; n];
             for &i in &kept {
                 is_kept[i] = true;
-                assert_eq!(d[i].to_bits(), x[i].to_bits(), "kept values are sent exactly");
+                match values {
+                    SparseValues::F32 => assert_eq!(d[i].to_bits(), x[i].to_bits(), "kept values are sent exactly"),
+                    SparseValues::F16 => {
+                        let bound = x[i].abs() * 2f32.powi(-10) + scale * 2f32.powi(-24);
+                        assert!(err(i) <= bound, "{} -> {}, scale {scale}", x[i], d[i]);
+                    }
+                }
             }
             for i in 0..n {
                 if !is_kept[i] {
@@ -83,7 +115,7 @@ fn check_bound(spec: &CodecSpec, x: &[f32], d: &[f32], msg: &[u8]) {
                 }
             }
             match *spec {
-                CodecSpec::TopK { fraction } | CodecSpec::RandK { fraction } => {
+                CodecSpec::TopK { fraction, .. } | CodecSpec::RandK { fraction, .. } => {
                     let k = if n == 0 {
                         0
                     } else {
@@ -98,7 +130,7 @@ fn check_bound(spec: &CodecSpec, x: &[f32], d: &[f32], msg: &[u8]) {
                 let largest_dropped = (0..n).filter(|i| !is_kept[*i]).map(|i| x[i].abs()).fold(0f32, f32::max);
                 assert!(smallest_kept >= largest_dropped, "{smallest_kept} < {largest_dropped}");
             }
-            if let CodecSpec::Threshold { threshold } = *spec {
+            if let CodecSpec::Threshold { threshold, .. } = *spec {
                 for i in 0..n {
                     assert_eq!(is_kept[i], x[i].abs() > threshold, "{}", x[i]);
                 }
@@ -209,9 +241,13 @@ fn topk_on_25_mib_keeps_exactly_the_largest() {
     let mut d = vec![0f32; x.len()];
     decode(&msg, &mut d).expect("decode");
     check_bound(&spec("topk:0.01"), &x, &d, &msg);
-    assert_eq!(
-        msg.len(),
-        codec::compressed_len(&spec("topk:0.01"), x.len()).expect("fixed")
-    );
     assert_eq!(msg[0], CodecId::TopK as u8);
+    // Gaps of about 100 take one or two varint bytes: well under the 8 bytes of a u32 index and an f32.
+    let k = 65_536;
+    assert!(msg.len() < 5 * k + 5 * k / 10, "{} bytes for {k} elements", msg.len());
+    assert!(msg.len() <= codec::sparse_len_max(&spec("topk:0.01"), x.len()).expect("sparse"));
+    encode(&spec("topk:0.01:f16"), &x, 0, &mut msg).expect("encode");
+    assert!(msg.len() < 3 * k + 5 * k / 10, "{} bytes for {k} elements", msg.len());
+    decode(&msg, &mut d).expect("decode");
+    check_bound(&spec("topk:0.01:f16"), &x, &d, &msg);
 }

@@ -25,10 +25,13 @@ pub const SPECS: &[&str] = &[
     "sign:8",
     "topk:0.01",
     "topk:0.3",
+    "topk:0.02:f16",
     "randk:0.05",
     "randk:0.9",
+    "randk:0.1:f16",
     "threshold:0",
     "threshold:0.7",
+    "threshold:0.05:f16",
     "powersgd:1",
     "powersgd:4",
 ];

@@ -116,18 +116,34 @@ fn each_kind_of_damage_is_named() {
         "int8 message: parameter `bucket` = 0: must be in 1..=2^20"
     );
 
-    let topk = message("topk:0.05", &x); // indices 0, 1, 2, 98, 99: the largest |x|
+    // Indices 0, 1, 2, 98, 99 (the largest |x|) as gaps 0, 0, 0, 95, 0: one varint byte each.
+    // Parameters nnz, values, index_bytes at 8..20; indices at 20..25; f32 values after.
+    let topk = message("topk:0.05", &x);
+    assert_eq!(&topk[20..25], &[0, 0, 0, 95, 0]);
     let mut out_of_range = topk.clone();
-    out_of_range[12..16].copy_from_slice(&100u32.to_le_bytes());
+    out_of_range[20] = 100;
     assert_eq!(
         err(&out_of_range, 100),
         "topk message: index 100 at position 0 is out of range for 100 elements"
     );
-    let mut unordered = topk.clone();
-    unordered[16..20].copy_from_slice(&0u32.to_le_bytes());
+    let mut past_the_end = topk.clone();
+    past_the_end[23] = 96;
     assert_eq!(
-        err(&unordered, 100),
-        "topk message: index 0 at position 1 follows 0; indices must be strictly increasing"
+        err(&past_the_end, 100),
+        "topk message: index 100 at position 4 is out of range for 100 elements"
+    );
+    let mut cut_off = topk.clone();
+    cut_off[24] = 0x80;
+    assert_eq!(
+        err(&cut_off, 100),
+        "topk message: index at position 4: the varint is cut off or exceeds 32 bits"
+    );
+    let mut left_over = topk.clone();
+    left_over[16..20].copy_from_slice(&6u32.to_le_bytes());
+    left_over.insert(25, 0);
+    assert_eq!(
+        err(&left_over, 100),
+        "topk message: index at position 5: bytes are left after the last index"
     );
     let mut too_many = topk.clone();
     too_many[8..12].copy_from_slice(&101u32.to_le_bytes());
@@ -135,6 +151,21 @@ fn each_kind_of_damage_is_named() {
         err(&too_many, 100),
         "topk message: parameter `nnz` = 101: exceeds the element count"
     );
+    let mut bad_values = topk.clone();
+    bad_values[12..16].copy_from_slice(&2u32.to_le_bytes());
+    assert_eq!(
+        err(&bad_values, 100),
+        "topk message: parameter `values` = 2: must be 0 (f32) or 1 (f16)"
+    );
+    let mut few_index_bytes = topk.clone();
+    few_index_bytes[16..20].copy_from_slice(&4u32.to_le_bytes());
+    assert_eq!(
+        err(&few_index_bytes, 100),
+        "topk message: parameter `index_bytes` = 4: must be between 1 and 5 bytes per index"
+    );
+    let f16 = message("topk:0.05:f16", &x);
+    assert_eq!(f32::from_bits(u32::from_le_bytes(f16[20..24].try_into().expect("4"))), 50.0);
+    assert_eq!(f16.len(), 24 + 5 + 2 * 5);
 
     let psgd = {
         let mut msg = Vec::new();

@@ -1,0 +1,155 @@
+//! Communication compression (issue 5): a local cluster trains with top-k
+//! and error feedback, reports the bytes it sent, and resumes exactly with
+//! its residuals.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::support::{Finished, RUN_TIMEOUT, event, example, find_event, fashion_mnist, run, sinter, temp_dir};
+
+/// Trains the example MLP on 2 workers with `extra` `--set`s and returns the run.
+fn train(dir: &Path, name: &str, extra: &[String]) -> Finished {
+    let mut cmd = sinter(dir);
+    cmd.arg("train")
+        .arg(example("fashion-mlp.toml"))
+        .args(["--json", "-q", "--workers", "2"]);
+    for s in extra {
+        cmd.arg("--set").arg(s);
+    }
+    let out = run(name, &mut cmd, RUN_TIMEOUT);
+    out.assert_success().assert_no_panic();
+    out
+}
+
+fn done(out: &Finished) -> Value {
+    let lines = out.json_lines();
+    let last = lines.last().unwrap_or_else(|| panic!("no output: {}", out.shown()));
+    assert_eq!(event(last), Some("done"), "{}", out.shown());
+    last.clone()
+}
+
+fn number(v: &Value, key: &str) -> f64 {
+    v[key].as_f64().unwrap_or_else(|| panic!("no number `{key}` in {v}"))
+}
+
+// issue 5: top-1% with error feedback sends at least 20× fewer bytes than the
+// f32 all-reduce of the same steps, and the model still learns.
+#[test]
+fn topk_with_error_feedback_sends_20x_fewer_bytes_and_learns() {
+    let dir = temp_dir();
+    let steps = ["train.max_steps=90".to_string(), "train.eval_every_steps=30".into()];
+    let plain = train(dir.path(), "sinter train (f32 all-reduce)", &steps);
+    let mut topk_args = steps.to_vec();
+    topk_args.push("compress.codec=topk:0.01".into());
+    topk_args.push("compress.error_feedback=true".into());
+    let topk = train(dir.path(), "sinter train (top-1%)", &topk_args);
+
+    let (p, t) = (done(&plain), done(&topk));
+    assert_eq!(p["steps"], 90);
+    assert_eq!(t["steps"], 90);
+    let (pb, tb) = (number(&p, "bytes_sent"), number(&t, "bytes_sent"));
+    assert!(tb > 0.0 && pb >= 20.0 * tb, "f32 sent {pb} bytes, top-k {tb}: less than 20× apart");
+
+    let lines = topk.json_lines();
+    let evals: Vec<&Value> = lines.iter().filter(|v| event(v) == Some("eval")).collect();
+    assert_eq!(evals.len(), 2, "evaluations at steps 30 and 60: {}", topk.shown());
+    let epoch = find_event(&lines, "epoch").unwrap_or_else(|| panic!("no epoch line: {}", topk.shown()));
+    let losses = [
+        number(evals[0], "train_loss"),
+        number(evals[1], "train_loss"),
+    ];
+    assert!(losses[1] < losses[0], "the loss did not decrease: {losses:?}");
+    assert!(number(epoch, "test_acc") > 0.7, "{epoch}");
+    // Per step and per peer, with the ratio and the error, on every epoch and eval line.
+    let comm = &epoch["comm"];
+    assert!(number(comm, "ratio") >= 20.0, "{comm}");
+    let rel = number(comm, "rel_error");
+    assert!(rel > 0.0 && rel <= 1.0, "{comm}");
+    let per_peer = comm["sent_per_peer"].as_array().expect("per peer");
+    assert_eq!(per_peer.len(), 2);
+    assert_eq!(per_peer[0].as_f64(), Some(0.0), "rank 0 sends nothing to itself: {comm}");
+    assert!(number(comm, "sent_per_step") > 0.0);
+    assert_eq!(number(comm, "sent_total"), tb, "{comm}");
+    let plain_epoch = find_event(&plain.json_lines(), "epoch").cloned().expect("epoch line");
+    assert_eq!(number(&plain_epoch["comm"], "ratio"), 1.0, "{plain_epoch}");
+}
+
+fn safetensors(dir: &Path) -> PathBuf {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("listing {}: {e}", dir.display()))
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("step-")))
+        .collect();
+    v.sort();
+    v.pop().unwrap_or_else(|| panic!("no checkpoint in {}", dir.display()))
+}
+
+// issue 5: residuals, velocities and PowerSGD's warm start are training state:
+// 1 epoch + resume + 1 epoch ends on the same bytes as 2 epochs straight.
+#[test]
+fn resume_with_compression_state_is_exact() {
+    let dir = temp_dir();
+    // Top-k with error feedback on the first layer, PowerSGD on the second, int8 elsewhere,
+    // momentum moved before compression: every kind of state there is.
+    let job = dir.path().join("job.toml");
+    let text = std::fs::read_to_string(example("fashion-mlp.toml")).expect("example");
+    let text = format!(
+        "{text}\n[compress]\ncodec = \"int8\"\nmomentum = 0.9\n\
+         [[compress.groups]]\nparams = [\"layers.0.weight\"]\ncodec = \"topk:0.02:f16\"\n\
+         [[compress.groups]]\nparams = [\"layers.1.weight\"]\ncodec = \"powersgd:2\"\n"
+    );
+    std::fs::write(&job, text).expect("writing the job");
+    let run_job = |epochs: u32, ckpt: &Path, resume: bool| {
+        let mut cmd = sinter(dir.path());
+        cmd.arg("train")
+            .arg(&job)
+            .args(["--json", "-q", "--workers", "2"])
+            .arg("--set")
+            .arg(format!("data.train={}", fashion_mnist().display()))
+            .args(["--set", "model.hidden=[64, 32]", "--set", "optim.momentum=0"])
+            .arg("--set")
+            .arg(format!("train.epochs={epochs}"))
+            .arg("--set")
+            .arg(format!("checkpoint.dir={}", ckpt.display()));
+        if resume {
+            cmd.arg("--resume").arg(ckpt);
+        }
+        let out = run(&format!("sinter train ({epochs} epochs, resume {resume})"), &mut cmd, RUN_TIMEOUT);
+        out.assert_success().assert_no_panic();
+        out
+    };
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    run_job(2, &a, false);
+    run_job(1, &b, false);
+    let resumed = run_job(2, &b, true);
+    let start = find_event(&resumed.json_lines(), "start").cloned().expect("start line");
+    assert_eq!(start["start_epoch"], 1, "{}", resumed.shown());
+
+    let (na, nb) = (safetensors(&a), safetensors(&b));
+    assert_eq!(na.file_name(), nb.file_name());
+    for file in ["params.safetensors", "optim.safetensors", "compress.safetensors"] {
+        let read = |p: &Path| std::fs::read(p.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        let (x, y) = (read(&na), read(&nb));
+        assert!(x == y, "{file} differs between the straight run and the resumed one");
+    }
+    let listing = run(
+        "sinter checkpoint inspect",
+        sinter(dir.path()).args(["checkpoint", "inspect"]).arg(&a),
+        RUN_TIMEOUT,
+    );
+    listing.assert_success();
+    let text = listing.stdout.join("\n");
+    for name in [
+        "compress/rank0.layers.0.weight.ef_residual",
+        "compress/rank1.layers.0.weight.ef_residual",
+        "compress/rank1.layers.1.weight.ef_residual",
+        "compress/layers.1.weight.powersgd_q",
+        "compress/rank1.layers.2.bias.velocity",
+    ] {
+        assert!(text.contains(name), "no {name} in the checkpoint:\n{text}");
+    }
+    // int8 keeps no residual by default.
+    assert!(!text.contains("layers.2.weight.ef_residual"), "{text}");
+}

@@ -1,0 +1,721 @@
+//! A worker's side of the parameter server: routes the keys of each batch to
+//! their shards, pulls the rows it needs into its local copy of the
+//! parameters, and pushes its gradients.
+//!
+//! The worker keeps a full-size parameter buffer and fills in, before each
+//! step, the dense part and the table rows its batch touches; the rest of
+//! the buffer is stale and never read. (Limit: a table must fit in one
+//! worker's memory; the servers hold only their shards.)
+//!
+//! Latency hiding: the trainer asks for step k+1's rows before it computes
+//! step k ([`PsExchange::pull_start`] then [`PsExchange::pull_finish`]), so the
+//! round trip overlaps the compute. Pushes are pipelined too: up to
+//! [`PUSH_WINDOW`] unacknowledged pushes per shard.
+//!
+//! One reader thread per server drains replies into a channel, so neither
+//! side can block the other with a full socket buffer. Every wait has the
+//! collective deadline and names the shard it waits for.
+
+use std::collections::VecDeque;
+use std::io::Read;
+use std::net::TcpStream;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use ps::{Message, Placement, PlacementSpec};
+use tensor::{Gradient, Layout, ParamKind};
+use wire::msg::PeerHello;
+use wire::{FrameHeader, HEADER_BYTES, MessageType, PeerInfo, Role, Secret};
+
+use crate::error::JobError;
+use crate::net;
+use crate::report::Traffic;
+use crate::server::{INIT_CHUNK_VALUES, PsInit, PsReady, write_frame};
+use crate::worker::RENDEZVOUS_TIMEOUT_MS;
+
+/// Unacknowledged pushes allowed per shard before a push waits.
+pub const PUSH_WINDOW: u64 = 2;
+
+/// What rank 0 sends the servers to start them.
+pub struct InitArgs<'a> {
+    pub params: &'a [f32],
+    pub optim: &'a optim::OptimConfig,
+    /// Resuming: the optimizer state to start the shards from, and the step to resume at.
+    pub resume: Option<(&'a optim::Optimizer, u64)>,
+    pub consistency: ps::Consistency,
+    pub placement: PlacementSpec,
+}
+
+/// Pull and push latencies seen by this worker, in microseconds.
+#[derive(Clone, Debug, Default)]
+pub struct Latencies {
+    pub pull_us: Vec<f64>,
+    pub push_us: Vec<f64>,
+}
+
+struct PendingPull {
+    req: u64,
+    clock: u64,
+    keys: Vec<Vec<u64>>,
+    dense: bool,
+    /// Which shards were asked (a shard with no key and no dense part is not).
+    asked: Vec<bool>,
+    got: Vec<Option<(Vec<f32>, Vec<f32>)>>,
+    waiting: usize,
+    started: Instant,
+}
+
+pub struct PsExchange {
+    rank: u32,
+    world: u32,
+    layout: Layout,
+    placement: Placement,
+    /// Tensor indices of the layout's tables.
+    tables: Vec<usize>,
+    streams: Vec<TcpStream>,
+    replies: Receiver<(u32, Result<Message, String>)>,
+    timeout_ms: u64,
+    /// Each gradient is multiplied by this before it is pushed.
+    weight: f32,
+    pull: Option<PendingPull>,
+    next_req: u64,
+    /// Per shard: pushes acknowledged, and the send times of those in flight.
+    acked: Vec<u64>,
+    in_flight: Vec<VecDeque<Instant>>,
+    pub latencies: Latencies,
+    buf: Vec<u8>,
+    keys: Vec<Vec<u64>>,
+    values: Vec<Vec<f32>>,
+    dense: Vec<f32>,
+    /// `compress.codec` for the dense part of pushes (see [`PsExchange::compress_pushes`]).
+    push_codec: Option<PushCodec>,
+    /// Frames sent to and received from each shard since the trainer last asked.
+    traffic: Traffic,
+}
+
+/// How pushes compress their dense part: one message per shard, with that
+/// shard's error-feedback residual.
+struct PushCodec {
+    spec: codec::CodecSpec,
+    residuals: Vec<Option<codec::ErrorFeedback>>,
+    seed: u64,
+    msg: Vec<u8>,
+    decoded: Vec<f32>,
+}
+
+impl PsExchange {
+    /// Connects to every shard; rank 0 also starts them (`init`). Returns once
+    /// every shard is ready, with the placement they agreed on.
+    #[allow(clippy::too_many_arguments)]
+    pub fn connect(
+        rank: u32,
+        world: u32,
+        generation: u64,
+        servers: &[String],
+        secret: &Secret,
+        layout: &Layout,
+        weight: f32,
+        timeout_ms: u64,
+        start_step: u64,
+        init: Option<InitArgs<'_>>,
+    ) -> Result<Self, JobError> {
+        let own = PeerInfo {
+            role: Role::Worker,
+            rank,
+        };
+        let mut streams = Vec::with_capacity(servers.len());
+        for (i, addr) in servers.iter().enumerate() {
+            let mut s = net::connect(addr, RENDEZVOUS_TIMEOUT_MS)?;
+            let them = net::connect_handshake(&mut s, secret, own)?;
+            if them.role != Role::Server || them.rank != i as u32 {
+                return Err(JobError::Server {
+                    server: i as u32,
+                    why: format!("{addr} answered as {them}"),
+                });
+            }
+            net::send_control(&mut s, rank, &PeerHello {
+                    generation,
+                    rank,
+                    host: None,
+                },
+            )?;
+            net::tune_data_stream(&s)?;
+            streams.push(s);
+        }
+        if let Some(init) = &init {
+            let placement = Placement::new(init.placement.clone(), layout)?;
+            let optim_json = serde_json::to_string(init.optim).map_err(|e| JobError::Config {
+                path: "<config>".into(),
+                why: format!("optimizer config: {e}"),
+            })?;
+            let mut local = Vec::new();
+            for (i, s) in streams.iter_mut().enumerate() {
+                let ll = ps::LocalLayout::new(layout, &placement, i as u32);
+                ll.gather(layout, init.params, &mut local);
+                if let Some((opt, _)) = init.resume {
+                    append_state(&ll, layout, init.optim, opt, &mut local)?;
+                }
+                let chunks: Vec<&[f32]> = local.chunks(INIT_CHUNK_VALUES).collect();
+                let msg = PsInit {
+                    layout: layout.clone(),
+                    optim_json: optim_json.clone(),
+                    consistency: init.consistency,
+                    placement: init.placement.clone(),
+                    init_frames: chunks.len() as u32,
+                    resume_at: init.resume.map(|(_, step)| step),
+                };
+                net::send_control(s, rank, &msg)?;
+                for c in chunks {
+                    net::write_tensor(s, 0, rank, c).map_err(|e| JobError::Server {
+                        server: i as u32,
+                        why: format!("sending initial values: {e}"),
+                    })?;
+                }
+            }
+        }
+        let mut spec: Option<PlacementSpec> = None;
+        for (i, s) in streams.iter_mut().enumerate() {
+            let ready: PsReady = net::recv_control_exact(s, RENDEZVOUS_TIMEOUT_MS)?;
+            if ready.shard != i as u32 || spec.as_ref().is_some_and(|p| *p != ready.placement) {
+                return Err(JobError::Server {
+                    server: i as u32,
+                    why: "disagrees with the other shards about the placement".into(),
+                });
+            }
+            spec = Some(ready.placement);
+        }
+        let spec = spec.ok_or_else(|| JobError::Config {
+            path: "<config>".into(),
+            why: "a parameter-server job needs at least one server".into(),
+        })?;
+        let placement = Placement::new(spec, layout)?;
+        let (tx, replies) = mpsc::channel();
+        for (i, s) in streams.iter().enumerate() {
+            let s = s.try_clone().map_err(|e| JobError::io("cloning a server stream", e))?;
+            let tx = tx.clone();
+            thread::Builder::new()
+                .name(format!("ps-reply-{i}"))
+                .spawn(move || read_replies(i as u32, s, tx))
+                .map_err(|e| JobError::io("spawning a reply reader", e))?;
+        }
+        let n = streams.len();
+        let tables = layout
+            .tensors()
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.kind == ParamKind::Table)
+            .map(|(i, _)| i)
+            .collect();
+        Ok(Self {
+            rank,
+            world,
+            layout: layout.clone(),
+            placement,
+            tables,
+            streams,
+            replies,
+            timeout_ms,
+            weight,
+            pull: None,
+            next_req: 0,
+            // The shards count this worker's pushes from the step the job (re)starts at.
+            acked: vec![start_step; n],
+            in_flight: vec![VecDeque::new(); n],
+            latencies: Latencies::default(),
+            buf: Vec::new(),
+            keys: vec![Vec::new(); n],
+            values: vec![Vec::new(); n],
+            dense: Vec::new(),
+            push_codec: None,
+            traffic: Traffic::new(n as u32),
+        })
+    }
+
+    /// Compresses the dense part of every push with `spec` (the server decodes
+    /// it before its optimizer step), keeping an error-feedback residual per
+    /// shard when `error_feedback`. `seed` is the job's.
+    pub fn compress_pushes(&mut self, spec: codec::CodecSpec, error_feedback: bool, seed: u64) {
+        let residuals = (0..self.shards() as u32)
+            .map(|s| {
+                let len = self.placement.dense_ranges(s).iter().map(|r| r.len()).sum();
+                error_feedback.then(|| codec::ErrorFeedback::new(len))
+            })
+            .collect();
+        self.push_codec = Some(PushCodec {
+            spec,
+            residuals,
+            seed,
+            msg: Vec::new(),
+            decoded: Vec::new(),
+        });
+    }
+
+    /// What went to and came from each shard since the last call (peers are shards).
+    pub fn take_traffic(&mut self) -> Option<Traffic> {
+        let n = self.shards() as u32;
+        Some(std::mem::replace(&mut self.traffic, Traffic::new(n)))
+    }
+
+    pub fn rank(&self) -> u32 {
+        self.rank
+    }
+
+    pub fn world(&self) -> u32 {
+        self.world
+    }
+
+    pub fn placement(&self) -> &Placement {
+        &self.placement
+    }
+
+    fn shards(&self) -> usize {
+        self.streams.len()
+    }
+
+    fn send(&mut self, shard: usize) -> Result<(), JobError> {
+        let bytes = (HEADER_BYTES + self.buf.len()) as u64;
+        self.traffic.sent[shard] += bytes;
+        self.traffic.uncompressed += bytes;
+        write_frame(&mut self.streams[shard], self.rank, &self.buf).map_err(|e| JobError::Server {
+            server: shard as u32,
+            why: format!("sending: {e}"),
+        })
+    }
+
+    /// Asks every shard for the rows `rows` of every table (and the dense part
+    /// when `dense`) for step `clock`. `wait_all`: answered only once every
+    /// worker has pushed `clock` steps (evaluation).
+    pub fn pull_start(&mut self, clock: u64, rows: &[u32], dense: bool, wait_all: bool) -> Result<(), JobError> {
+        if self.pull.is_some() {
+            return Err(JobError::Server {
+                server: 0,
+                why: "a pull started before the previous one finished".into(),
+            });
+        }
+        let n = self.shards();
+        let mut keys = vec![Vec::new(); n];
+        for &t in &self.tables {
+            for &r in rows {
+                let k = ps::key(t, r);
+                keys[self.placement.shard_of(k) as usize].push(k);
+            }
+        }
+        let req = self.next_req;
+        self.next_req += 1;
+        let mut asked = vec![false; n];
+        for (s, k) in keys.iter().enumerate() {
+            let want_dense = dense && self.placement.dense_len(s as u32) > 0;
+            if k.is_empty() && !want_dense {
+                continue;
+            }
+            if k.len() > ps::msg::KEYS_PER_MESSAGE_MAX {
+                return Err(JobError::Server {
+                    server: s as u32,
+                    why: format!(
+                        "a pull of {} keys exceeds {} per message",
+                        k.len(),
+                        ps::msg::KEYS_PER_MESSAGE_MAX
+                    ),
+                });
+            }
+            let p = ps::Pull {
+                req,
+                clock,
+                wait_all,
+                dense: want_dense,
+                keys: Vec::new(),
+                snapshot: None,
+            };
+            ps::msg::encode_pull(&p, k, &mut self.buf);
+            self.send(s)?;
+            asked[s] = true;
+        }
+        let waiting = asked.iter().filter(|a| **a).count();
+        self.pull = Some(PendingPull {
+            req,
+            clock,
+            keys,
+            dense,
+            asked,
+            got: vec![None; n],
+            waiting,
+            started: Instant::now(),
+        });
+        Ok(())
+    }
+
+    /// Waits for the pull in flight and writes what came into `params`.
+    pub fn pull_finish(&mut self, params: &mut [f32]) -> Result<(), JobError> {
+        let Some(clock) = self.pull.as_ref().map(|p| p.clock) else {
+            return Ok(());
+        };
+        while self.pull.as_ref().is_some_and(|p| p.waiting > 0) {
+            let waiting_on = self
+                .pull
+                .as_ref()
+                .and_then(|p| (0..p.got.len()).find(|&s| p.asked[s] && p.got[s].is_none()))
+                .unwrap_or(0);
+            self.handle_reply("pull", clock, waiting_on as u32)?;
+        }
+        let p = self.pull.take().expect("checked above");
+        self.latencies.pull_us.push(p.started.elapsed().as_secs_f64() * 1e6);
+        for (s, got) in p.got.into_iter().enumerate() {
+            let Some((dense, values)) = got else { continue };
+            let ranges = self.placement.dense_ranges(s as u32);
+            let want: usize = if p.dense { ranges.iter().map(|r| r.len()).sum() } else { 0 };
+            let want_values: usize = p.keys[s]
+                .iter()
+                .map(|&k| self.layout.tensors()[ps::split_key(k).0].row_len())
+                .sum();
+            if dense.len() != want || values.len() != want_values {
+                return Err(JobError::Server {
+                    server: s as u32,
+                    why: format!(
+                        "answered step {clock} with {} dense and {} row values; expected {want} and {want_values}",
+                        dense.len(),
+                        values.len()
+                    ),
+                });
+            }
+            let mut at = 0;
+            for r in ranges.iter().filter(|_| p.dense) {
+                params[r.clone()].copy_from_slice(&dense[at..at + r.len()]);
+                at += r.len();
+            }
+            let mut at = 0;
+            for &k in &p.keys[s] {
+                let (t, row) = ps::split_key(k);
+                let tensor = &self.layout.tensors()[t];
+                let len = tensor.row_len();
+                let dst = tensor.offset + row as usize * len;
+                params[dst..dst + len].copy_from_slice(&values[at..at + len]);
+                at += len;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends this worker's gradient for step `clock` to every shard (an empty
+    /// push still advances the shard's clock for this worker).
+    pub fn push(&mut self, clock: u64, grad: &Gradient) -> Result<(), JobError> {
+        let n = self.shards();
+        for s in 0..n {
+            // Bounded pipelining: wait for old acknowledgements first.
+            while self.acked[s] + PUSH_WINDOW <= clock {
+                self.handle_reply("push", clock, s as u32)?;
+            }
+        }
+        for v in &mut self.keys {
+            v.clear();
+        }
+        for v in &mut self.values {
+            v.clear();
+        }
+        let w = self.weight;
+        for sr in &grad.sparse {
+            for (i, &row) in sr.rows.iter().enumerate() {
+                let k = ps::key(sr.tensor, row);
+                let s = self.placement.shard_of(k) as usize;
+                self.keys[s].push(k);
+                self.values[s].extend(sr.row(i).iter().map(|g| g * w));
+            }
+        }
+        for s in 0..n {
+            self.dense.clear();
+            for r in self.placement.dense_ranges(s as u32) {
+                self.dense.extend(grad.dense[r.clone()].iter().map(|g| g * w));
+            }
+            match self.push_codec.as_mut() {
+                Some(c) if !self.dense.is_empty() => {
+                    let seed = tensor::Rng::derive(c.seed ^ 0x9B5C_0DE0, (clock << 20) ^ (u64::from(self.rank) << 8) ^ s as u64)
+                        .next_u64();
+                    let failed = |e: codec::CodecError| JobError::Server {
+                        server: s as u32,
+                        why: format!("compressing a push: {e}"),
+                    };
+                    let g = &self.dense;
+                    match &mut c.residuals[s] {
+                        Some(ef) => {
+                            self.traffic.norm2 += g.iter().zip(ef.state()).map(|(a, r)| f64::from(a + r).powi(2)).sum::<f64>();
+                            ef.compress(&c.spec, g, seed, &mut c.msg).map_err(failed)?;
+                            self.traffic.err2 += ef.state().iter().map(|r| f64::from(*r).powi(2)).sum::<f64>();
+                        }
+                        None => {
+                            codec::encode(&c.spec, g, seed, &mut c.msg).map_err(failed)?;
+                            c.decoded.clear();
+                            c.decoded.resize(g.len(), 0.0);
+                            codec::decode(&c.msg, &mut c.decoded).map_err(failed)?;
+                            self.traffic.norm2 += g.iter().map(|a| f64::from(*a).powi(2)).sum::<f64>();
+                            self.traffic.err2 += g.iter().zip(&c.decoded).map(|(a, d)| f64::from(a - d).powi(2)).sum::<f64>();
+                        }
+                    }
+                    ps::msg::encode_push_coded(clock, &c.msg, &self.keys[s], &self.values[s], &mut self.buf);
+                    // Counted as what the plain push would have been.
+                    let saved = 4 * self.dense.len() - c.msg.len().min(4 * self.dense.len());
+                    self.send(s)?;
+                    self.traffic.uncompressed += saved as u64;
+                }
+                _ => {
+                    ps::msg::encode_push(clock, &self.dense, &self.keys[s], &self.values[s], &mut self.buf);
+                    self.send(s)?;
+                }
+            }
+            self.in_flight[s].push_back(Instant::now());
+        }
+        Ok(())
+    }
+
+    /// The whole model as of step `clock` (once every worker has pushed it):
+    /// parameters and optimizer state gathered from every shard, laid out as
+    /// on a single process, so a checkpoint of it resumes on any number of
+    /// shards and workers. The optimizer's step count is shard 0's.
+    pub fn snapshot(&mut self, clock: u64, cfg: &optim::OptimConfig) -> Result<(Vec<f32>, optim::Optimizer), JobError> {
+        let layout = self.layout.clone();
+        let mut params = vec![0.0f32; layout.len()];
+        let mut state: std::collections::BTreeMap<String, Vec<f32>> = std::collections::BTreeMap::new();
+        let full = optim::Optimizer::new(cfg, &layout)?;
+        for (name, t) in full.state_tensors() {
+            state.insert(name, vec![0.0; t.len()]);
+        }
+        for shard in 0..self.shards() {
+            let ll = ps::LocalLayout::new(&layout, &self.placement, shard as u32);
+            let local_opt = optim::Optimizer::new(cfg, &ll.local)?;
+            let parts: Vec<(String, usize)> = local_opt
+                .state_tensors()
+                .into_iter()
+                .map(|(n, t)| (n, t.len()))
+                .collect();
+            let total = ll.local.len() + parts.iter().map(|(_, n)| n).sum::<usize>();
+            let image = self.fetch_image(shard, clock, total)?;
+            ll.scatter(&layout, &image[..ll.local.len()], &mut params);
+            let mut at = ll.local.len();
+            for (name, n) in parts {
+                let part = &image[at..at + n];
+                at += n;
+                if name == optim::STEP_STATE_NAME {
+                    if shard == 0 {
+                        state.insert(name, part.to_vec());
+                    }
+                    continue;
+                }
+                let (param, _) = name.rsplit_once('.').unwrap_or((&name, ""));
+                let global = state.get_mut(&name).ok_or_else(|| JobError::Server {
+                    server: shard as u32,
+                    why: format!("holds optimizer state `{name}`, which the model does not have"),
+                })?;
+                ll.scatter_tensor(&layout, param, part, global);
+            }
+        }
+        let mut opt = full;
+        opt.load_state(state.iter().map(|(n, v)| (n.as_str(), &v[..])))?;
+        Ok((params, opt))
+    }
+
+    /// Reads shard `shard`'s image (see `ps::Shard::image`) in parts that fit a frame.
+    fn fetch_image(&mut self, shard: usize, clock: u64, total: usize) -> Result<Vec<f32>, JobError> {
+        let mut image = Vec::with_capacity(total);
+        while image.len() < total {
+            let len = (total - image.len()).min(INIT_CHUNK_VALUES);
+            let req = self.next_req;
+            self.next_req += 1;
+            let p = ps::Pull {
+                req,
+                clock,
+                wait_all: true,
+                dense: false,
+                keys: Vec::new(),
+                snapshot: Some((image.len() as u64, len as u64)),
+            };
+            ps::msg::encode_pull(&p, &[], &mut self.buf);
+            self.send(shard)?;
+            let n = self.shards();
+            let mut asked = vec![false; n];
+            asked[shard] = true;
+            self.pull = Some(PendingPull {
+                req,
+                clock,
+                keys: vec![Vec::new(); n],
+                dense: false,
+                asked,
+                got: vec![None; n],
+                waiting: 1,
+                started: Instant::now(),
+            });
+            while self.pull.as_ref().is_some_and(|p| p.waiting > 0) {
+                self.handle_reply("checkpoint snapshot", clock, shard as u32)?;
+            }
+            let p = self.pull.take().expect("waited above");
+            let (_, values) = p.got.into_iter().nth(shard).flatten().expect("answered");
+            if values.len() != len {
+                return Err(JobError::Server {
+                    server: shard as u32,
+                    why: format!("sent {} snapshot values, asked for {len}", values.len()),
+                });
+            }
+            image.extend_from_slice(&values);
+        }
+        Ok(image)
+    }
+
+    /// Waits until every push is acknowledged (the end of training).
+    pub fn flush(&mut self, clock: u64) -> Result<(), JobError> {
+        for s in 0..self.shards() {
+            while !self.in_flight[s].is_empty() {
+                self.handle_reply("final push", clock, s as u32)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes one reply off the channel, within the deadline.
+    fn handle_reply(&mut self, what: &str, clock: u64, waiting_on: u32) -> Result<(), JobError> {
+        let (s, msg) = match self.replies.recv_timeout(Duration::from_millis(self.timeout_ms)) {
+            Ok(r) => r,
+            Err(RecvTimeoutError::Timeout) => {
+                return Err(JobError::Server {
+                    server: waiting_on,
+                    why: format!("{what} for step {clock} timed out after {} ms", self.timeout_ms),
+                });
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(JobError::Server {
+                    server: waiting_on,
+                    why: "every server connection is gone".into(),
+                });
+            }
+        };
+        let msg = msg.map_err(|why| JobError::Server { server: s, why })?;
+        let su = s as usize;
+        let payload = match &msg {
+            Message::Pulled { dense, values, .. } => 4 * (dense.len() + values.len()),
+            _ => 0,
+        };
+        self.traffic.received[su] += (HEADER_BYTES + ps::msg::HEAD_BYTES + payload) as u64;
+        match msg {
+            Message::Pushed { clock: c } => {
+                if c != self.acked[su] {
+                    return Err(JobError::Server {
+                        server: s,
+                        why: format!("acknowledged step {c}, expected {}", self.acked[su]),
+                    });
+                }
+                self.acked[su] += 1;
+                if let Some(t) = self.in_flight[su].pop_front() {
+                    self.latencies.push_us.push(t.elapsed().as_secs_f64() * 1e6);
+                }
+            }
+            Message::Pulled { req, dense, values, .. } => {
+                let Some(p) = self
+                    .pull
+                    .as_mut()
+                    .filter(|p| p.req == req && p.asked[su] && p.got[su].is_none())
+                else {
+                    return Err(JobError::Server {
+                        server: s,
+                        why: format!("answered pull {req}, which is not waiting"),
+                    });
+                };
+                p.got[su] = Some((dense, values));
+                p.waiting -= 1;
+            }
+            other => {
+                return Err(JobError::Server {
+                    server: s,
+                    why: format!("sent a request to a worker: {other:?}"),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Appends shard `ll`'s part of the optimizer state `opt` (over the whole
+/// layout) in the order the shard's own optimizer lists it: the tail of a
+/// shard image (see `ps::Shard::image`).
+fn append_state(
+    ll: &ps::LocalLayout,
+    layout: &Layout,
+    cfg: &optim::OptimConfig,
+    opt: &optim::Optimizer,
+    out: &mut Vec<f32>,
+) -> Result<(), JobError> {
+    let global: std::collections::BTreeMap<String, &[f32]> = opt.state_tensors().into_iter().collect();
+    let mut part = Vec::new();
+    for (name, _) in optim::Optimizer::new(cfg, &ll.local)?.state_tensors() {
+        let whole = global.get(&name).ok_or_else(|| JobError::Config {
+            path: "<checkpoint>".into(),
+            why: format!("no optimizer state `{name}` to resume the shards from"),
+        })?;
+        if name == optim::STEP_STATE_NAME {
+            out.extend_from_slice(whole);
+            continue;
+        }
+        let (param, _) = name.rsplit_once('.').unwrap_or((&name, ""));
+        ll.gather_tensor(layout, param, whole, &mut part);
+        out.extend_from_slice(&part);
+    }
+    Ok(())
+}
+
+/// Reads whole `Ps` frames from one server and decodes them.
+fn read_replies(shard: u32, mut s: TcpStream, tx: Sender<(u32, Result<Message, String>)>) {
+    loop {
+        let mut h = [0u8; HEADER_BYTES];
+        if let Err(e) = s.read_exact(&mut h) {
+            let _ = tx.send((shard, Err(format!("connection closed: {e}"))));
+            return;
+        }
+        let r = FrameHeader::decode(&h).map_err(|e| e.to_string()).and_then(|h| {
+            if h.kind != MessageType::Ps {
+                return Err(format!("expected a parameter-server frame, got {}", h.kind));
+            }
+            let mut payload = vec![0u8; h.payload_bytes as usize];
+            s.read_exact(&mut payload).map_err(|e| format!("reading a reply: {e}"))?;
+            h.check_payload(&payload).map_err(|e| e.to_string())?;
+            ps::msg::decode(&payload, None).map_err(|e| e.to_string())
+        });
+        let stop = r.is_err();
+        if tx.send((shard, r)).is_err() || stop {
+            return;
+        }
+    }
+}
+
+/// The trainer sees the parameter servers through [`Exchange::remote`]; the
+/// all-reduce methods are not used with servers.
+impl crate::train::Exchange for PsExchange {
+    fn rank(&self) -> u32 {
+        self.rank
+    }
+    fn world(&self) -> u32 {
+        self.world
+    }
+    fn gradient_ready(&mut self, _: u64, _: std::ops::Range<usize>, _: &[f32]) -> Result<(), JobError> {
+        Err(not_allreduce())
+    }
+    fn finish_gradients(&mut self, _: u64, _: &mut [f32]) -> Result<(), JobError> {
+        Err(not_allreduce())
+    }
+    fn allreduce_gradient(&mut self, _: u64, _: &mut [f32]) -> Result<(), JobError> {
+        Err(not_allreduce())
+    }
+    fn average_params(&mut self, _: u64, _: &mut [f32]) -> Result<(), JobError> {
+        Err(not_allreduce())
+    }
+    /// Workers' local copies differ by design (each holds the rows it last
+    /// pulled); the servers hold the one model.
+    fn verify_identical(&mut self, _: u32, _: u64) -> Result<(), JobError> {
+        Ok(())
+    }
+    fn remote(&mut self) -> Option<&mut PsExchange> {
+        Some(self)
+    }
+}
+
+fn not_allreduce() -> JobError {
+    JobError::Config {
+        path: "<config>".into(),
+        why: "an all-reduce operation was asked of a parameter-server exchange".into(),
+    }
+}

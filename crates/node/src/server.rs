@@ -1,0 +1,461 @@
+//! A parameter-server shard process (`sinter server`): joins the coordinator,
+//! accepts every worker, takes its part of the model from worker 0, then
+//! serves pulls and pushes through the `ps::Shard` engine until the
+//! coordinator says the job is over.
+//!
+//! Threads: one per worker connection reads a request, runs it through the
+//! shard (one lock around the engine) and writes the replies (one lock per
+//! outgoing stream; a reply to another worker, such as a deferred pull this
+//! push released, goes out from this thread too). No hand-off between
+//! threads on the request path: on a 2-core machine each wake-up costs more
+//! than the engine work of a typical request. Workers always drain their
+//! replies (a reader thread per server), so a blocking write here cannot
+//! deadlock; it is still bounded by a write timeout.
+//!
+//! The server needs no config file: the layout, optimizer, consistency and
+//! placement come from worker 0 in [`PsInit`], so the same job file drives
+//! every role.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::AtomicU64;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use ps::{Message, Output, Placement, PlacementSpec, Shard, ShardStats};
+use serde::{Deserialize, Serialize};
+use tensor::Layout;
+use wire::msg::{FromCoordinator, PeerHello, ToCoordinator};
+use wire::{FrameHeader, HEADER_BYTES, MessageType, PeerInfo, Role, Secret};
+
+use crate::env::ClusterEnv;
+use crate::error::JobError;
+use crate::net::{self, ControlReader};
+use crate::worker::{RENDEZVOUS_TIMEOUT_MS, spawn_abort_watch, spawn_heartbeats};
+
+/// How often the engine loop looks for the coordinator's shutdown while idle.
+const IDLE_TICK_MS: u64 = 50;
+/// Values per frame when a shard's initial values are sent (16 MiB).
+pub const INIT_CHUNK_VALUES: usize = 4 << 20;
+
+/// Worker 0 → each server, once, before training: everything the shard needs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PsInit {
+    pub layout: Layout,
+    /// The optimizer config as JSON (postcard cannot carry its tagged enum).
+    pub optim_json: String,
+    pub consistency: ps::Consistency,
+    pub placement: PlacementSpec,
+    /// Tensor frames that follow with the shard's initial values (local layout order),
+    /// followed, when resuming, by its optimizer state (a shard image: see `ps::Shard::image`).
+    pub init_frames: u32,
+    /// Resuming from a checkpoint at this step: the frames carry a whole image
+    /// and every worker's clock starts here.
+    pub resume_at: Option<u64>,
+}
+
+/// Server → every worker, once the shard is ready: the placement to route by.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PsReady {
+    pub shard: u32,
+    pub placement: PlacementSpec,
+}
+
+/// What a server reports when the job ends (one JSON line on stdout).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ServerReport {
+    pub shard: u32,
+    /// Values this shard holds.
+    pub values: usize,
+    pub stats: ShardStats,
+}
+
+/// One line on the shards of a finished job: load balance and how stale reads were.
+pub fn describe_shards(reports: &[ServerReport]) -> String {
+    let ratio = |f: fn(&ShardStats) -> u64| {
+        let v: Vec<f64> = reports.iter().map(|r| f(&r.stats) as f64).collect();
+        let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
+        if mean > 0.0 { v.iter().cloned().fold(0.0, f64::max) / mean } else { 1.0 }
+    };
+    let mut hist = vec![0u64; ps::shard::STALENESS_BUCKETS];
+    for r in reports {
+        for (h, c) in hist.iter_mut().zip(&r.stats.staleness) {
+            *h += c;
+        }
+    }
+    let total: u64 = hist.iter().sum();
+    let median = hist
+        .iter()
+        .scan(0u64, |acc, c| {
+            *acc += c;
+            Some(*acc)
+        })
+        .position(|acc| acc * 2 >= total.max(1))
+        .map_or(0, ps::staleness_bucket_floor);
+    let max = reports.iter().map(|r| r.stats.staleness_max).max().unwrap_or(0);
+    format!(
+        "{} shards; load max/mean: keys {:.3}, bytes {:.3}, requests {:.3}; staleness of reads: median {}{}, max {max}",
+        reports.len(),
+        ratio(|s| s.keys),
+        ratio(|s| s.bytes),
+        ratio(|s| s.pulls + s.pushes),
+        median,
+        if median >= 16 { "+" } else { "" },
+    )
+}
+
+/// Server-side settings that are not part of the job file.
+pub struct ServerOptions {
+    pub heartbeat_timeout_ms: u64,
+    /// A blocked reply write fails after this long.
+    pub write_timeout_ms: u64,
+}
+
+/// What the connection threads share.
+struct Shared {
+    shard: u32,
+    layout: Layout,
+    engine: Mutex<Shard>,
+    writers: Vec<Mutex<TcpStream>>,
+}
+
+/// A connection thread's end: the worker closed cleanly (`None`) or something broke.
+struct Ended(Option<JobError>);
+
+/// Runs one shard until the coordinator's shutdown; returns its figures.
+pub fn run(env: &ClusterEnv, secret: &Secret, opts: &ServerOptions) -> Result<ServerReport, JobError> {
+    let coord_addr = env.coordinator.clone().ok_or_else(|| JobError::Config {
+        path: "$DMLC_PS_ROOT_URI".into(),
+        why: "a server needs the coordinator's address (DMLC_PS_ROOT_URI and DMLC_PS_ROOT_PORT, or MASTER_ADDR and MASTER_PORT)".into(),
+    })?;
+    let mut coord = net::connect(&coord_addr, RENDEZVOUS_TIMEOUT_MS)?;
+    let own = PeerInfo {
+        role: Role::Server,
+        rank: u32::MAX,
+    };
+    net::connect_handshake(&mut coord, secret, own)?;
+    let local_ip = coord.local_addr().map_err(|e| JobError::io("local address", e))?.ip();
+    let listener = net::listen(&format!("{local_ip}:0"))?;
+    let data_addr = listener
+        .local_addr()
+        .map_err(|e| JobError::io("listener address", e))?
+        .to_string();
+    net::send_control(
+        &mut coord,
+        own.rank,
+        &ToCoordinator::Join {
+            role: Role::Server,
+            rank: None,
+            data_addr,
+            pid: std::process::id(),
+        },
+    )?;
+    let mut reader = ControlReader::new(coord.try_clone().map_err(|e| JobError::io("cloning", e))?);
+    let welcome = match reader.recv::<FromCoordinator>(Some(RENDEZVOUS_TIMEOUT_MS))? {
+        Some(w @ FromCoordinator::Welcome { .. }) => w,
+        Some(FromCoordinator::Abort { reason, .. }) => return Err(JobError::Coordinator(reason)),
+        other => return Err(JobError::Coordinator(format!("expected a welcome, got {other:?}"))),
+    };
+    welcome.check().map_err(JobError::Coordinator)?;
+    let FromCoordinator::Welcome {
+        generation,
+        rank: shard,
+        world: workers,
+        servers,
+        ..
+    } = welcome
+    else {
+        unreachable!("matched above")
+    };
+    if shard as usize >= servers.len() {
+        return Err(JobError::Coordinator(format!(
+            "made this server shard {shard} of {}",
+            servers.len()
+        )));
+    }
+    tracing::info!(shard, workers, generation, "server joined");
+    let coord = Arc::new(Mutex::new(coord));
+    spawn_heartbeats(coord, shard, Arc::new(AtomicU64::new(0)), opts.heartbeat_timeout_ms)?;
+    let (shutdown_tx, shutdown) = mpsc::channel();
+    spawn_abort_watch(reader, format!("server {shard}"), None, shutdown_tx)?;
+
+    let mut streams = accept_workers(&listener, workers, generation, shard, secret)?;
+    let (layout, engine) = take_init(&mut streams[0], shard, workers)?;
+    let ready = PsReady {
+        shard,
+        placement: engine.1.clone(),
+    };
+    for s in streams.iter_mut() {
+        net::send_control(s, shard, &ready)?;
+    }
+    let mut writers = Vec::with_capacity(streams.len());
+    for s in &streams {
+        s.set_write_timeout(Some(Duration::from_millis(opts.write_timeout_ms)))
+            .map_err(|e| JobError::io("set_write_timeout", e))?;
+        writers.push(Mutex::new(s.try_clone().map_err(|e| JobError::io("cloning a worker stream", e))?));
+    }
+    let shared = Arc::new(Shared {
+        shard,
+        layout,
+        engine: Mutex::new(engine.0),
+        writers,
+    });
+    let (tx, ended) = mpsc::channel::<Ended>();
+    for (w, s) in streams.into_iter().enumerate() {
+        let (shared, tx) = (shared.clone(), tx.clone());
+        thread::Builder::new()
+            .name(format!("ps-conn-{w}"))
+            .spawn(move || {
+                let r = serve_connection(&shared, w as u32, s);
+                let _ = tx.send(Ended(r.err()));
+            })
+            .map_err(|e| JobError::io("spawning a connection thread", e))?;
+    }
+    drop(tx);
+    wait_for_end(&ended, &shutdown, shard)?;
+    let engine = shared.engine.lock().map_err(|_| JobError::Server {
+        server: shard,
+        why: "a connection thread panicked".into(),
+    })?;
+    Ok(ServerReport {
+        shard,
+        values: engine.values().len(),
+        stats: engine.stats().clone(),
+    })
+}
+
+/// Accepts one authenticated connection from every worker; returns them by worker rank.
+fn accept_workers(
+    listener: &TcpListener,
+    workers: u32,
+    generation: u64,
+    shard: u32,
+    secret: &Secret,
+) -> Result<Vec<TcpStream>, JobError> {
+    let own = PeerInfo {
+        role: Role::Server,
+        rank: shard,
+    };
+    let deadline = Instant::now() + Duration::from_millis(RENDEZVOUS_TIMEOUT_MS);
+    // Blocking accepts on a thread; this one waits on the channel with the deadline.
+    let (tx, rx) = mpsc::channel();
+    let accept = listener.try_clone().map_err(|e| JobError::io("cloning the listener", e))?;
+    thread::Builder::new()
+        .name("ps-accept".into())
+        .spawn(move || {
+            for _ in 0..workers {
+                if tx.send(accept.accept()).is_err() {
+                    return;
+                }
+            }
+        })
+        .map_err(|e| JobError::io("spawning the accept thread", e))?;
+    let mut streams: Vec<Option<TcpStream>> = (0..workers).map(|_| None).collect();
+    while streams.iter().any(Option::is_none) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut s = match rx.recv_timeout(left) {
+            Ok(Ok((s, _))) => s,
+            Ok(Err(e)) => return Err(JobError::io("accepting a worker", e)),
+            Err(_) => {
+                let missing: Vec<usize> = (0..workers as usize).filter(|w| streams[*w].is_none()).collect();
+                return Err(JobError::Stalled {
+                    op: format!("server {shard} waiting for workers {missing:?} to connect"),
+                    step: 0,
+                    rank: missing[0] as u32,
+                    waited_ms: RENDEZVOUS_TIMEOUT_MS,
+                });
+            }
+        };
+        let peer = net::accept_handshake(&mut s, secret, own)?;
+        let hello: PeerHello = net::recv_control_exact(&mut s, net::HANDSHAKE_TIMEOUT_MS)?;
+        if peer.role != Role::Worker || hello.generation != generation || hello.rank >= workers {
+            return Err(JobError::Peer {
+                rank: hello.rank,
+                why: format!("server {shard} got an unexpected hello {hello:?} from a {:?}", peer.role),
+            });
+        }
+        if streams[hello.rank as usize].is_some() {
+            return Err(JobError::Peer {
+                rank: hello.rank,
+                why: format!("connected to server {shard} twice"),
+            });
+        }
+        net::tune_data_stream(&s)?;
+        streams[hello.rank as usize] = Some(s);
+    }
+    Ok(streams.into_iter().map(|s| s.expect("all connected")).collect())
+}
+
+/// Reads worker 0's [`PsInit`] and the shard's initial values; builds the shard.
+fn take_init(s: &mut TcpStream, shard: u32, workers: u32) -> Result<(Layout, (Shard, PlacementSpec)), JobError> {
+    let init: PsInit = net::recv_control_exact(s, RENDEZVOUS_TIMEOUT_MS)?;
+    let optim: optim::OptimConfig = serde_json::from_str(&init.optim_json).map_err(|e| JobError::Peer {
+        rank: 0,
+        why: format!("sent an optimizer config server {shard} cannot read: {e}"),
+    })?;
+    let placement = Placement::new(init.placement.clone(), &init.layout)?;
+    let n_values = ps::LocalLayout::new(&init.layout, &placement, shard).local.len();
+    let mut engine = Shard::new(
+        shard,
+        workers,
+        init.consistency,
+        &optim,
+        &init.layout,
+        &placement,
+        vec![0.0; n_values],
+    )?;
+    let want = if init.resume_at.is_some() { engine.image_len() } else { n_values };
+    let mut values: Vec<f32> = Vec::with_capacity(want);
+    s.set_read_timeout(Some(Duration::from_millis(RENDEZVOUS_TIMEOUT_MS)))
+        .map_err(|e| JobError::io("set_read_timeout", e))?;
+    for _ in 0..init.init_frames {
+        let h = net::read_header(s).map_err(|e| JobError::io("reading initial values", e))?;
+        let n = h.payload_bytes as usize / 4;
+        if h.kind != MessageType::Tensor || values.len() + n > want {
+            return Err(JobError::Peer {
+                rank: 0,
+                why: format!("sent more initial values than shard {shard} holds ({want})"),
+            });
+        }
+        let at = values.len();
+        values.resize(at + n, 0.0);
+        let bytes = net::as_bytes_mut(&mut values[at..]);
+        s.read_exact(bytes)
+            .map_err(|e| JobError::io("reading initial values", e))?;
+        h.check_payload(bytes)?;
+    }
+    s.set_read_timeout(None)
+        .map_err(|e| JobError::io("set_read_timeout", e))?;
+    if values.len() != want {
+        return Err(JobError::Peer {
+            rank: 0,
+            why: format!("sent {} initial values; shard {shard} holds {want}", values.len()),
+        });
+    }
+    match init.resume_at {
+        Some(step) => engine.restore(&values, step)?,
+        None => engine.restore_values(&values)?,
+    }
+    Ok((init.layout, (engine, init.placement)))
+}
+
+/// Serves one worker's requests until it closes the connection.
+fn serve_connection(shared: &Shared, worker: u32, mut s: TcpStream) -> Result<(), JobError> {
+    let shard = shared.shard;
+    let broke = |why: String| JobError::Peer {
+        rank: worker,
+        why: format!("connection to server {shard} broke: {why}"),
+    };
+    let mut payload = Vec::new();
+    let mut out = Vec::new();
+    loop {
+        let mut h = [0u8; HEADER_BYTES];
+        match s.read_exact(&mut h) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(broke(e.to_string())),
+        }
+        let h = FrameHeader::decode(&h).map_err(|e| broke(e.to_string()))?;
+        if h.kind != MessageType::Ps {
+            return Err(broke(format!("expected a parameter-server frame, got {}", h.kind)));
+        }
+        payload.resize(h.payload_bytes as usize, 0);
+        s.read_exact(&mut payload).map_err(|e| broke(e.to_string()))?;
+        h.check_payload(&payload).map_err(|e| broke(e.to_string()))?;
+        let msg = ps::msg::decode(&payload, Some(&shared.layout)).map_err(|e| JobError::Peer {
+            rank: worker,
+            why: format!("sent server {shard} {e}"),
+        })?;
+        let outputs = {
+            let mut engine = shared.engine.lock().map_err(|_| broke("another connection thread panicked".into()))?;
+            match msg {
+                Message::Pull(p) => engine.on_pull(worker, p),
+                Message::Push(p) => engine.on_push(worker, p),
+                Message::PushCoded { mut push, dense_coded } => {
+                    // A compressed dense gradient (`compress.codec`): decoded before the optimizer sees it.
+                    push.dense = vec![0.0; engine.layout().dense_len];
+                    if let Err(e) = codec::decode(&dense_coded, &mut push.dense) {
+                        return Err(JobError::Peer {
+                            rank: worker,
+                            why: format!("sent server {shard} a compressed push it cannot decode: {e}"),
+                        });
+                    }
+                    engine.on_push(worker, push)
+                }
+                other => {
+                    return Err(JobError::Peer {
+                        rank: worker,
+                        why: format!("sent server {shard} a reply ({other:?})"),
+                    });
+                }
+            }
+        }
+        .map_err(|e| JobError::Peer {
+            rank: worker,
+            why: format!("server {shard}: {e}"),
+        })?;
+        for o in outputs {
+            let to = match o {
+                Output::Pulled {
+                    worker,
+                    req,
+                    clock,
+                    dense,
+                    values,
+                } => {
+                    ps::msg::encode_pulled(req, clock, &dense, &values, &mut out);
+                    worker
+                }
+                Output::Pushed { worker, clock } => {
+                    ps::msg::encode_pushed(clock, &mut out);
+                    worker
+                }
+            };
+            let mut w = shared.writers[to as usize].lock().map_err(|_| broke("a writer lock is poisoned".into()))?;
+            write_frame(&mut w, shard, &out).map_err(|e| JobError::Peer {
+                rank: to,
+                why: format!("server {shard} could not reply: {e}"),
+            })?;
+        }
+    }
+}
+
+/// Waits for the coordinator's shutdown; a connection that broke first fails the server.
+fn wait_for_end(ended: &Receiver<Ended>, shutdown: &Receiver<()>, shard: u32) -> Result<(), JobError> {
+    let mut open = true;
+    loop {
+        if shutdown.try_recv().is_ok() {
+            return Ok(());
+        }
+        if !open {
+            // Every worker has closed its connection: the coordinator's word is due.
+            return shutdown
+                .recv_timeout(Duration::from_millis(RENDEZVOUS_TIMEOUT_MS))
+                .map_err(|_| JobError::Coordinator(format!("server {shard}: every worker left but no shutdown came")));
+        }
+        match ended.recv_timeout(Duration::from_millis(IDLE_TICK_MS)) {
+            Ok(Ended(None)) | Err(RecvTimeoutError::Timeout) => {}
+            Ok(Ended(Some(e))) => return Err(e),
+            Err(RecvTimeoutError::Disconnected) => open = false,
+        }
+    }
+}
+
+/// Writes one `Ps` frame: header, then payload.
+pub fn write_frame(s: &mut TcpStream, sender: u32, payload: &[u8]) -> Result<(), std::io::Error> {
+    let h = FrameHeader::new(MessageType::Ps, 0, sender, payload)
+        .map_err(std::io::Error::other)?
+        .encode();
+    let mut bufs = [std::io::IoSlice::new(&h), std::io::IoSlice::new(payload)];
+    let mut slices: &mut [std::io::IoSlice] = &mut bufs;
+    while !slices.is_empty() {
+        let n = s.write_vectored(slices)?;
+        if n == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::WriteZero));
+        }
+        std::io::IoSlice::advance_slices(&mut slices, n);
+    }
+    Ok(())
+}
