@@ -13,13 +13,13 @@
 //! and the layout, so every worker and server that holds the same spec
 //! routes every key to the same shard.
 
-use std::collections::HashMap;
 use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 use tensor::{Layout, ParamKind};
 
 use crate::error::PsError;
+use crate::shard::MixMap;
 
 /// Virtual nodes per shard on the hash ring unless configured.
 pub const VNODES_DEFAULT: u32 = 128;
@@ -101,7 +101,7 @@ pub struct Placement {
     spec: PlacementSpec,
     /// Ring points sorted by position: (position, shard).
     ring: Vec<(u64, u32)>,
-    hot: HashMap<u64, u32>,
+    hot: MixMap<u64, u32>,
     /// Per shard, the flat-buffer ranges of the dense elements it owns.
     dense: Vec<Vec<Range<usize>>>,
 }
