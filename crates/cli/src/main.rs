@@ -546,11 +546,18 @@ fn bench_codec(a: CodecArgs) -> Result<()> {
         } else {
             out!(
                 "{:<16} {:>10} f32  encode {:>7.2} GB/s  decode {:>7.2} GB/s  ratio {:>7.1}  rel_error {:.3e}",
-                r.row.codec, r.row.elems, r.row.encode_gbps, r.row.decode_gbps, r.row.ratio, r.row.rel_error
+                r.row.codec,
+                r.row.elems,
+                r.row.encode_gbps,
+                r.row.decode_gbps,
+                r.row.ratio,
+                r.row.rel_error
             );
         }
     }
-    if !a.json && let Some(r) = rows.first() {
+    if !a.json
+        && let Some(r) = rows.first()
+    {
         out!("gradients: {}", r.gradients);
     }
     Ok(())

@@ -14,9 +14,9 @@
 //! - all peers on shared memory: in a futex on this rank's bell word of each
 //!   segment (`FUTEX_WAIT`, or `futex_waitv` for several), which the peer bumps
 //!   only if we declared ourselves asleep, so a busy pair makes no syscalls.
-//!   The sleep lasts at most `LIVENESS_CHECK_MS`, after which the pairs' TCP
-//!   streams (open beside the rings, carrying nothing) are polled for EOF: a
-//!   killed peer is noticed within that, not at the deadline.
+//!   The sleep lasts at most `LIVENESS_CHECK_MS`; at most that often the pairs'
+//!   TCP streams (open beside the rings, carrying no frames) are read, without
+//!   blocking, for EOF: a killed peer is noticed within that, not at the deadline.
 //! - any peer on TCP: in `poll(2)` on every stream. Shared-memory peers then
 //!   wake us with a doorbell byte on their TCP stream instead of the futex (our
 //!   bell says which), so we never sleep in a futex while a socket has data, nor

@@ -452,9 +452,17 @@ mod tests {
         // The launcher hands workers the effective config as TOML: it must read back the same.
         let back = JobConfig::parse(&toml::to_string(&c).expect("ser"), Path::new("y.toml"), &[]).expect("reparse");
         assert_eq!(back.compress, c.compress);
-        assert!(!JobConfig::parse(BASE, Path::new("x.toml"), &[]).expect("valid").compress.is_active());
+        assert!(
+            !JobConfig::parse(BASE, Path::new("x.toml"), &[])
+                .expect("valid")
+                .compress
+                .is_active()
+        );
         let e = JobConfig::parse(BASE, Path::new("job.toml"), &["compress.codec=topk:3".into()]).unwrap_err();
-        assert!(e.to_string().contains("job.toml") && e.to_string().contains("fraction must be in (0, 1]"), "{e}");
+        assert!(
+            e.to_string().contains("job.toml") && e.to_string().contains("fraction must be in (0, 1]"),
+            "{e}"
+        );
         let e = JobConfig::parse(BASE, Path::new("job.toml"), &["compress.codek=int8".into()]).unwrap_err();
         assert!(e.to_string().contains("codek"), "{e}");
         let e = JobConfig::parse(

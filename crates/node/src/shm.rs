@@ -874,6 +874,7 @@ mod tests {
         let path = format!("{SHM_DIR}/{name}");
         let meta = std::fs::metadata(&path).expect("the name exists until the peer opens it");
         assert_eq!(meta.mode() & 0o777, 0o600);
+        assert_ne!(token, [0; TOKEN_BYTES], "a random token");
         let e = open(&name, &[0; TOKEN_BYTES], 64)
             .err()
             .expect("a wrong token is refused");

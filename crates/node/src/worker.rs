@@ -216,7 +216,16 @@ pub fn run(
             coord.clone(),
         )?)
     } else {
-        let mut ps = connect_servers(&mut trainer, &cluster, &optim, rank, world, generation, &servers, secret)?;
+        let mut ps = connect_servers(
+            &mut trainer,
+            &cluster,
+            &optim,
+            rank,
+            world,
+            generation,
+            &servers,
+            secret,
+        )?;
         if compress.is_active() {
             let c = codec::CompressConfig {
                 compress: compress.codec.clone(),

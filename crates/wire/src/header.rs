@@ -26,7 +26,8 @@ pub const HEADER_BYTES: usize = 32;
 pub const MAGIC: [u8; 4] = *b"SNTR";
 
 /// The protocol version this build speaks. Peers must match exactly.
-pub const PROTOCOL_VERSION: u8 = 1;
+/// Version 2: parameter-server frames, and the shared-memory negotiation after `PeerHello`.
+pub const PROTOCOL_VERSION: u8 = 2;
 
 /// The largest control payload (postcard-encoded message) a peer may send.
 pub const CONTROL_PAYLOAD_BYTES_MAX: u32 = 1 << 20;
@@ -357,15 +358,15 @@ mod tests {
     #[test]
     fn other_version_names_both_versions() {
         let mut bytes = sample().encode();
-        bytes[VERSION_AT] = 2;
+        bytes[VERSION_AT] = 1;
         let error = FrameHeader::decode(&bytes).unwrap_err();
         assert!(
-            matches!(error, WireError::VersionMismatch { ours: 1, theirs: 2 }),
+            matches!(error, WireError::VersionMismatch { ours: 2, theirs: 1 }),
             "{error:?}"
         );
         assert_eq!(
             error.to_string(),
-            "protocol version: peer speaks version 2, this build speaks version 1"
+            "protocol version: peer speaks version 1, this build speaks version 2"
         );
     }
 

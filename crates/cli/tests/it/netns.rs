@@ -156,6 +156,8 @@ fn allreduce_between_namespaces_fills_a_1_gbit_link() {
     let result: serde_json::Value =
         serde_json::from_str(&next_line(&lines(&mut w0), start, "rank 0's result")).expect("JSON");
     assert_eq!(result["correct"], true, "{result}");
+    // Separate network namespaces model separate hosts: no shared memory between them.
+    assert_eq!(result["transport"], "tcp", "{result}");
     let algbw_bytes_per_s = result["algbw_gbps"].as_f64().expect("algbw") * 1e9;
     // With 2 ranks each sends (and receives) the whole buffer once per all-reduce, so the
     // best algorithm bandwidth equals the link's byte rate.
