@@ -75,7 +75,13 @@ pub(crate) fn encode_topk(values: &[f32], fraction: f64, format: SparseValues, o
 
 pub(crate) fn encode_randk(values: &[f32], fraction: f64, format: SparseValues, seed: u64, out: &mut Vec<u8>) {
     let k = keep_count(fraction, values.len());
-    write(CodecId::RandK, values, &randk_indices(values.len(), k, seed), format, out);
+    write(
+        CodecId::RandK,
+        values,
+        &randk_indices(values.len(), k, seed),
+        format,
+        out,
+    );
 }
 
 pub(crate) fn encode_threshold(values: &[f32], threshold: f32, format: SparseValues, out: &mut Vec<u8>) {
@@ -111,6 +117,11 @@ fn gaps(indices: &[u32]) -> impl Iterator<Item = u32> + '_ {
 fn write(id: CodecId, values: &[f32], indices: &[u32], format: SparseValues, out: &mut Vec<u8>) {
     let nnz = indices.len();
     let index_bytes: usize = gaps(indices).map(varint_len).sum();
+    // At most 5 bytes per index: only a message of nearly 2^32 kept elements comes near.
+    assert!(
+        u32::try_from(index_bytes).is_ok(),
+        "sparse indices beyond 4 GiB in one message"
+    );
     let value_bytes = format.bytes() * nnz;
     let mut params = vec![nnz as u32, VALUES_F32, index_bytes as u32];
     let scale = match format {
@@ -475,7 +486,19 @@ mod tests {
 
     #[test]
     fn varints_round_trip_at_every_length() {
-        for v in [0u32, 1, 127, 128, 16_383, 16_384, (1 << 21) - 1, 1 << 21, (1 << 28) - 1, 1 << 28, u32::MAX] {
+        for v in [
+            0u32,
+            1,
+            127,
+            128,
+            16_383,
+            16_384,
+            (1 << 21) - 1,
+            1 << 21,
+            (1 << 28) - 1,
+            1 << 28,
+            u32::MAX,
+        ] {
             assert_eq!(gaps(&[v]).collect::<Vec<u32>>(), [v]);
             let mut bytes = Vec::new();
             let mut g = v;

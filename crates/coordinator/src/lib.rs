@@ -577,7 +577,9 @@ mod tests {
         c.on_event(0, join_on(1, None, "a:1"));
         assert!(c.on_event(4000, Event::Tick).is_empty());
         match c.on_event(6000, Event::Tick).last() {
-            Some(Command::Exit(Outcome::Failed { reason, .. })) => assert!(reason.contains("only 1 of 3 workers"), "{reason}"),
+            Some(Command::Exit(Outcome::Failed { reason, .. })) => {
+                assert!(reason.contains("only 1 of 3 workers"), "{reason}")
+            }
             other => panic!("{other:?}"),
         }
     }

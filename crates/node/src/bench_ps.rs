@@ -89,7 +89,10 @@ impl Zipf {
             acc += (k as f64).powf(-s);
             cdf.push(acc);
         }
-        Self { cdf, mask: n as u64 - 1 }
+        Self {
+            cdf,
+            mask: n as u64 - 1,
+        }
     }
 
     fn row(&self, rng: &mut Rng) -> u32 {
@@ -116,7 +119,9 @@ impl Zipf {
 
 fn pool(spec: &PsBenchSpec, zipf: &Zipf, worker: u32) -> Vec<Vec<u32>> {
     let mut rng = Rng::derive(spec.seed, 0xB5 ^ ((worker as u64) << 16));
-    (0..POOL_PUSHES).map(|_| zipf.push_rows(&mut rng, spec.keys_per_push)).collect()
+    (0..POOL_PUSHES)
+        .map(|_| zipf.push_rows(&mut rng, spec.keys_per_push))
+        .collect()
 }
 
 /// The placement every shard and worker uses: consistent hashing, plus the
@@ -321,7 +326,11 @@ pub fn worker(spec: &PsBenchSpec, env: &ClusterEnv, secret: &wire::Secret) -> Re
 }
 
 /// Combines the workers' and servers' lines of a networked run into one result.
-pub fn combine(spec: &PsBenchSpec, workers: &[PsBenchResult], servers: &[crate::server::ServerReport]) -> PsBenchResult {
+pub fn combine(
+    spec: &PsBenchSpec,
+    workers: &[PsBenchResult],
+    servers: &[crate::server::ServerReport],
+) -> PsBenchResult {
     let mut r = base(spec, "network");
     r.key_updates = workers.iter().map(|w| w.key_updates).sum();
     // The run lasts as long as its slowest worker.

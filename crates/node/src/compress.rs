@@ -209,10 +209,7 @@ enum How {
     /// Summed as f32 by the dense all-reduce.
     Dense,
     /// A codec message, all-gathered.
-    Message {
-        spec: CodecSpec,
-        ef: Option<ErrorFeedback>,
-    },
+    Message { spec: CodecSpec, ef: Option<ErrorFeedback> },
     /// PowerSGD factors, all-reduced; `m` holds the corrected gradient between the rounds.
     PowerSgd {
         ps: PowerSgd,
@@ -289,7 +286,12 @@ impl CompressExchange {
             let how = match cfg.compress {
                 CodecSpec::None => How::Dense,
                 CodecSpec::PowerSgd { rank: r } if PowerSgd::compresses(r as usize, rows, cols) => How::PowerSgd {
-                    ps: PowerSgd::new(r as usize, rows, cols, Rng::derive(seed, POWERSGD_LABEL ^ i as u64).next_u64()),
+                    ps: PowerSgd::new(
+                        r as usize,
+                        rows,
+                        cols,
+                        Rng::derive(seed, POWERSGD_LABEL ^ i as u64).next_u64(),
+                    ),
                     ef,
                     m: vec![0.0; n],
                     p_at: 0,
@@ -310,7 +312,13 @@ impl CompressExchange {
             });
         }
         let mut uncompressed = Traffic::new(world);
-        plan_traffic(all_reduce_kind(layout.len(), world), rank, world, layout.len(), &mut uncompressed);
+        plan_traffic(
+            all_reduce_kind(layout.len(), world),
+            rank,
+            world,
+            layout.len(),
+            &mut uncompressed,
+        );
         let mut ex = Self {
             comm,
             rank,
@@ -403,7 +411,9 @@ impl CompressExchange {
                 let name = format!("rank{rank}.{}.{}", s.name, ErrorFeedback::STATE_SUFFIX);
                 match find(&name) {
                     Some(v) => ef.load_state(v).map_err(|e| bad(&name, e))?,
-                    None => tracing::warn!(tensor = %name, "no error-feedback residual in the checkpoint; starting from zero"),
+                    None => {
+                        tracing::warn!(tensor = %name, "no error-feedback residual in the checkpoint; starting from zero")
+                    }
                 }
             }
             if let Some(ps) = ps {
@@ -424,7 +434,14 @@ impl CompressExchange {
     }
 
     /// Runs one collective and counts what it moves.
-    fn run(comm: &mut Comm, traffic: &mut Traffic, kind: Kind, buf: &mut [f32], step: u64, what: &str) -> Result<(), JobError> {
+    fn run(
+        comm: &mut Comm,
+        traffic: &mut Traffic,
+        kind: Kind,
+        buf: &mut [f32],
+        step: u64,
+        what: &str,
+    ) -> Result<(), JobError> {
         comm.run(kind, buf, step, what)?;
         plan_traffic(kind, comm.rank(), comm.world(), buf.len(), traffic);
         Ok(())
@@ -436,7 +453,9 @@ impl CompressExchange {
         self.mine.clear();
         let mut any = false;
         for (i, s) in self.slots.iter_mut().enumerate() {
-            let How::Message { spec, ef } = &mut s.how else { continue };
+            let How::Message { spec, ef } = &mut s.how else {
+                continue;
+            };
             any = true;
             let g = &grad[s.range.clone()];
             let seed = Self::seed_for(self.seed, step, rank, i);
@@ -447,7 +466,8 @@ impl CompressExchange {
             match ef {
                 Some(ef) => {
                     t.norm2 += g.iter().zip(ef.state()).map(|(a, r)| sq(a + r)).sum::<f64>();
-                    ef.compress_shaped(spec, g, &s.shape, seed, &mut self.msg).map_err(failed)?;
+                    ef.compress_shaped(spec, g, &s.shape, seed, &mut self.msg)
+                        .map_err(failed)?;
                     t.err2 += ef.state().iter().map(|r| sq(*r)).sum::<f64>();
                 }
                 None => {
@@ -476,13 +496,23 @@ impl CompressExchange {
         if !any {
             return Ok(());
         }
-        assert!(self.mine.len() <= self.mine_bytes_max, "a codec made a message beyond its bound");
+        assert!(
+            self.mine.len() <= self.mine_bytes_max,
+            "a codec made a message beyond its bound"
+        );
         // Lengths first: a rank's length travels as the bits of one f32.
         self.lens.clear();
         self.lens.resize(world, 0.0);
         self.lens[rank as usize] = f32::from_bits(self.mine.len() as u32);
         let mut lens = std::mem::take(&mut self.lens);
-        Self::run(&mut self.comm, t, Kind::AllGather, &mut lens, step, "compressed gradient lengths")?;
+        Self::run(
+            &mut self.comm,
+            t,
+            Kind::AllGather,
+            &mut lens,
+            step,
+            "compressed gradient lengths",
+        )?;
         self.lens = lens;
         let lens: Vec<usize> = self.lens.iter().map(|v| v.to_bits() as usize).collect();
         if let Some(r) = (0..world).find(|&r| lens[r] > self.mine_bytes_max) {
@@ -504,7 +534,14 @@ impl CompressExchange {
             *w = f32::from_le_bytes(word);
         }
         let mut buf = std::mem::take(&mut self.words);
-        let r = Self::run(&mut self.comm, t, Kind::AllGather, &mut buf, step, "compressed gradient all-gather");
+        let r = Self::run(
+            &mut self.comm,
+            t,
+            Kind::AllGather,
+            &mut buf,
+            step,
+            "compressed gradient all-gather",
+        );
         self.words = buf;
         r?;
         for s in &self.slots {
@@ -537,7 +574,10 @@ impl CompressExchange {
                 at += 4 + n;
             }
             if at != self.theirs.len() {
-                return Err(broken(format!("{} bytes after the last message", self.theirs.len() - at)));
+                return Err(broken(format!(
+                    "{} bytes after the last message",
+                    self.theirs.len() - at
+                )));
             }
         }
         Ok(())
@@ -545,20 +585,22 @@ impl CompressExchange {
 
     /// The f32 tensors and PowerSGD's P in one all-reduce, then PowerSGD's Q in another.
     fn exchange_dense(&mut self, step: u64, grad: &mut [f32], t: &mut Traffic) -> Result<(), JobError> {
+        // The f32 tensors first, in slot order (they are copied back in that order), then the P factors.
         self.dense.clear();
+        for s in &self.slots {
+            if let How::Dense = s.how {
+                self.dense.extend_from_slice(&grad[s.range.clone()]);
+            }
+        }
         for s in &mut self.slots {
-            match &mut s.how {
-                How::Dense => self.dense.extend_from_slice(&grad[s.range.clone()]),
-                How::PowerSgd { ps, ef, m, p_at, .. } => {
-                    m.copy_from_slice(&grad[s.range.clone()]);
-                    if let Some(ef) = ef {
-                        ef.correct(m);
-                    }
-                    *p_at = self.dense.len();
-                    self.dense.resize(*p_at + ps.p_len(), 0.0);
-                    ps.compute_p(m, &mut self.dense[*p_at..]);
+            if let How::PowerSgd { ps, ef, m, p_at, .. } = &mut s.how {
+                m.copy_from_slice(&grad[s.range.clone()]);
+                if let Some(ef) = ef {
+                    ef.correct(m);
                 }
-                How::Message { .. } => {}
+                *p_at = self.dense.len();
+                self.dense.resize(*p_at + ps.p_len(), 0.0);
+                ps.compute_p(m, &mut self.dense[*p_at..]);
             }
         }
         if self.dense.is_empty() {
@@ -857,7 +899,10 @@ mod tests {
         s.validate().expect("valid");
         assert!(s.is_active());
         let plan = s.resolve(&mlp_layout()).expect("resolves");
-        let shown: Vec<(String, bool)> = plan.iter().map(|c| (c.compress.to_string(), c.error_feedback())).collect();
+        let shown: Vec<(String, bool)> = plan
+            .iter()
+            .map(|c| (c.compress.to_string(), c.error_feedback()))
+            .collect();
         let want = [
             ("int8", true),      // layers.0.weight: the second group
             ("none", false),     // layers.0.bias: the first group, before the second
@@ -873,17 +918,171 @@ mod tests {
     #[test]
     fn bad_groups_are_refused_with_what_is_wrong() {
         let s = section("codec = \"int8\"\n[[groups]]\nparams = []\ncodec = \"none\"\n");
-        assert!(s.validate().expect_err("empty").contains("compress.groups[0] names no tensors"));
+        assert!(
+            s.validate()
+                .expect_err("empty")
+                .contains("compress.groups[0] names no tensors")
+        );
         let s = section("[[groups]]\nparams = [\"layers.9.*\"]\ncodec = \"fp16\"\n");
         s.validate().expect("syntax is fine");
         let e = s.resolve(&mlp_layout()).expect_err("matches nothing");
-        assert!(e.contains("compress.groups[0]: no tensor matches [\"layers.9.*\"]"), "{e}");
+        assert!(
+            e.contains("compress.groups[0]: no tensor matches [\"layers.9.*\"]"),
+            "{e}"
+        );
         assert!(e.contains("layers.2.bias"), "{e}");
         let e = toml::from_str::<CompressSection>("codec = \"topk:2\"").expect_err("bad codec");
         assert!(e.to_string().contains("fraction must be in (0, 1]"), "{e}");
         let e = toml::from_str::<CompressSection>("[[groups]]\nparams = [\"*\"]\n").expect_err("no codec");
         assert!(e.to_string().contains("codec"), "{e}");
         assert!(!CompressSection::default().is_active());
+    }
+
+    /// `world` ranks over loopback TCP, each with its own coordinator stream (unused here).
+    fn exchanges(world: usize, section: &CompressSection, layout: &Layout) -> Vec<CompressExchange> {
+        use std::net::{TcpListener, TcpStream};
+        let pair = || {
+            let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let a = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+            let (b, _) = l.accept().expect("accept");
+            (a, b)
+        };
+        let mut m: Vec<Vec<Option<TcpStream>>> = (0..world).map(|_| (0..world).map(|_| None).collect()).collect();
+        for (i, j) in (0..world).flat_map(|i| (i + 1..world).map(move |j| (i, j))) {
+            let (a, b) = pair();
+            m[i][j] = Some(a);
+            m[j][i] = Some(b);
+        }
+        m.into_iter()
+            .enumerate()
+            .map(|(r, conns)| {
+                let comm = Comm::new(r as u32, conns, CollectiveConfig::default(), 10_000, true).expect("comm");
+                let coordinator = Arc::new(Mutex::new(pair().0));
+                CompressExchange::new(comm, section, layout, 7, coordinator, &[]).expect("exchange")
+            })
+            .collect()
+    }
+
+    /// Runs one step on every rank (threads) and returns each rank's result.
+    fn step(exchanges: &mut [CompressExchange], grads: &[Vec<f32>], step: u64) -> Vec<Vec<f32>> {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = exchanges
+                .iter_mut()
+                .zip(grads)
+                .map(|(ex, g)| {
+                    s.spawn(move || {
+                        let mut g = g.clone();
+                        ex.allreduce_gradient(step, &mut g).expect("exchange");
+                        g
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("rank thread")).collect()
+        })
+    }
+
+    fn small_layout() -> Layout {
+        let mut l = Layout::new();
+        l.push("w", &[20, 30], tensor::ParamKind::Dense);
+        l.push("b", &[7], tensor::ParamKind::Dense);
+        l
+    }
+
+    fn gradients(world: usize, n: usize, seed: u64) -> Vec<Vec<f32>> {
+        let mut rng = Rng::new(seed);
+        (0..world)
+            .map(|_| (0..n).map(|_| rng.normal() as f32).collect())
+            .collect()
+    }
+
+    #[test]
+    fn every_rank_gets_the_same_sum_of_each_ranks_message() {
+        let layout = small_layout();
+        for codec in [
+            "topk:0.1",
+            "topk:0.05:f16",
+            "int8:64",
+            "qsgd:15",
+            "sign:8",
+            "threshold:1.5",
+        ] {
+            let section = section(&format!("codec = \"{codec}\"\nerror_feedback = false\n"));
+            let world = 3;
+            let mut ex = exchanges(world, &section, &layout);
+            let grads = gradients(world, layout.len(), 11);
+            let got = step(&mut ex, &grads, 5);
+            for r in 1..world {
+                assert!(
+                    got[r].iter().zip(&got[0]).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{codec}: rank {r} differs from rank 0"
+                );
+            }
+            // The same messages decoded in rank order, by hand.
+            let spec: CodecSpec = codec.parse().expect("codec");
+            let mut want = vec![0f32; layout.len()];
+            for (r, g) in grads.iter().enumerate() {
+                for (i, t) in layout.tensors().iter().enumerate() {
+                    let seed = CompressExchange::seed_for(7, 5, r as u32, i);
+                    let mut msg = Vec::new();
+                    codec::encode_shaped(&spec, &g[t.range()], &t.shape, seed, &mut msg).expect("encode");
+                    codec::decode_add(&msg, &mut want[t.range()]).expect("decode");
+                }
+            }
+            assert!(
+                got[0].iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{codec}: not the rank-ordered sum of the messages"
+            );
+        }
+    }
+
+    #[test]
+    fn quantisation_error_is_the_sum_of_each_ranks_own_bound() {
+        // int8 rounds each rank's values once, to within its bucket's max/127: the sum is off
+        // by at most the sum of those bounds, however many ranks there are.
+        let mut l = Layout::new();
+        l.push("v", &[4096], tensor::ParamKind::Dense);
+        let section = section("codec = \"int8:4096\"\n");
+        for world in [2, 4] {
+            let mut ex = exchanges(world, &section, &l);
+            let grads = gradients(world, l.len(), world as u64);
+            let got = step(&mut ex, &grads, 0);
+            let bound: f32 = grads
+                .iter()
+                .map(|g| g.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0)
+                .sum();
+            for (i, v) in got[0].iter().enumerate() {
+                let exact: f32 = grads.iter().map(|g| g[i]).sum();
+                assert!(
+                    (v - exact).abs() <= bound * 1.0001,
+                    "world {world}: {v} vs {exact}, bound {bound}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn powersgd_with_f32_biases_agrees_on_every_rank_and_counts_its_bytes() {
+        let layout = small_layout();
+        let section = section("codec = \"powersgd:2\"\n");
+        let world = 2;
+        let mut ex = exchanges(world, &section, &layout);
+        let mut grads = gradients(world, layout.len(), 3);
+        for s in 0..3 {
+            let got = step(&mut ex, &grads, s);
+            assert!(got[0].iter().zip(&got[1]).all(|(a, b)| a.to_bits() == b.to_bits()));
+            assert!(got[0].iter().all(|v| v.is_finite()));
+            // The bias is all-reduced exactly.
+            let b = layout.get("b").expect("b").range();
+            for i in b {
+                assert_eq!(got[0][i], grads[0][i] + grads[1][i]);
+            }
+            grads = gradients(world, layout.len(), 4 + s);
+        }
+        let t = ex[0].take_traffic().expect("counted");
+        // P (2·20) and the bias (7) in one all-reduce, Q (2·30) in another, 3 steps, one peer.
+        let frames = 3 * 2 * 32;
+        assert_eq!(t.sent_total(), 3 * 4 * (2 * 20 + 7 + 2 * 30) + frames);
+        assert!(t.uncompressed > t.sent_total());
     }
 
     #[test]

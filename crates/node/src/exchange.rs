@@ -20,8 +20,8 @@ use std::time::Duration;
 use wire::msg::ToCoordinator;
 
 use crate::comm::Comm;
-use crate::error::JobError;
 use crate::compress::{all_reduce_kind, plan_traffic};
+use crate::error::JobError;
 use crate::net;
 use crate::report::Traffic;
 use crate::train::Exchange;
@@ -110,7 +110,13 @@ impl AllreduceExchange {
     /// Counts an all-reduce of `len` f32s (uncompressed: it is its own reference).
     fn count(&mut self, len: usize) {
         let before = self.traffic.sent_total();
-        plan_traffic(all_reduce_kind(len, self.world), self.rank, self.world, len, &mut self.traffic);
+        plan_traffic(
+            all_reduce_kind(len, self.world),
+            self.rank,
+            self.world,
+            len,
+            &mut self.traffic,
+        );
         self.traffic.uncompressed += self.traffic.sent_total() - before;
     }
 

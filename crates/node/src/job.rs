@@ -13,6 +13,11 @@ pub fn run(cfg: JobConfig, resume: Option<&Path>, obs: &mut dyn Observer) -> Res
     if cfg.cluster.workers > 1 || cfg.cluster.servers > 0 {
         return crate::launcher::run(&cfg, resume, obs);
     }
+    if cfg.compress.momentum > 0.0 {
+        tracing::warn!(
+            "compress.momentum applies between workers; one process trains without momentum (set optim.momentum instead)"
+        );
+    }
     let data = load_data(&cfg)?;
     let mut trainer = Trainer::new(cfg, data, 0, 1)?;
     if let Some(dir) = resume {

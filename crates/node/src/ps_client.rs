@@ -428,8 +428,11 @@ impl PsExchange {
             }
             match self.push_codec.as_mut() {
                 Some(c) if !self.dense.is_empty() => {
-                    let seed = tensor::Rng::derive(c.seed ^ 0x9B5C_0DE0, (clock << 20) ^ (u64::from(self.rank) << 8) ^ s as u64)
-                        .next_u64();
+                    let seed = tensor::Rng::derive(
+                        c.seed ^ 0x9B5C_0DE0,
+                        (clock << 20) ^ (u64::from(self.rank) << 8) ^ s as u64,
+                    )
+                    .next_u64();
                     let failed = |e: codec::CodecError| JobError::Server {
                         server: s as u32,
                         why: format!("compressing a push: {e}"),
@@ -437,7 +440,11 @@ impl PsExchange {
                     let g = &self.dense;
                     match &mut c.residuals[s] {
                         Some(ef) => {
-                            self.traffic.norm2 += g.iter().zip(ef.state()).map(|(a, r)| f64::from(a + r).powi(2)).sum::<f64>();
+                            self.traffic.norm2 += g
+                                .iter()
+                                .zip(ef.state())
+                                .map(|(a, r)| f64::from(a + r).powi(2))
+                                .sum::<f64>();
                             ef.compress(&c.spec, g, seed, &mut c.msg).map_err(failed)?;
                             self.traffic.err2 += ef.state().iter().map(|r| f64::from(*r).powi(2)).sum::<f64>();
                         }
@@ -447,7 +454,11 @@ impl PsExchange {
                             c.decoded.resize(g.len(), 0.0);
                             codec::decode(&c.msg, &mut c.decoded).map_err(failed)?;
                             self.traffic.norm2 += g.iter().map(|a| f64::from(*a).powi(2)).sum::<f64>();
-                            self.traffic.err2 += g.iter().zip(&c.decoded).map(|(a, d)| f64::from(a - d).powi(2)).sum::<f64>();
+                            self.traffic.err2 += g
+                                .iter()
+                                .zip(&c.decoded)
+                                .map(|(a, d)| f64::from(a - d).powi(2))
+                                .sum::<f64>();
                         }
                     }
                     ps::msg::encode_push_coded(clock, &c.msg, &self.keys[s], &self.values[s], &mut self.buf);

@@ -45,7 +45,8 @@ pub struct CommReport {
     /// Mean bytes sent and received per step.
     pub sent_per_step: f64,
     pub received_per_step: f64,
-    /// Mean bytes sent to and received from each peer per step, by rank.
+    /// Mean bytes sent to and received from each peer per step: by rank
+    /// (all-reduce), or by shard (parameter servers).
     pub sent_per_peer: Vec<f64>,
     pub received_per_peer: Vec<f64>,
     /// What an uncompressed all-reduce of the same gradient sends, over what was sent.
@@ -117,8 +118,16 @@ impl Traffic {
             received_per_step: self.received_total() as f64 / steps,
             sent_per_peer: per(&self.sent),
             received_per_peer: per(&self.received),
-            ratio: if sent == 0 { 1.0 } else { self.uncompressed as f64 / sent as f64 },
-            rel_error: if self.norm2 > 0.0 { (self.err2 / self.norm2).sqrt() } else { 0.0 },
+            ratio: if sent == 0 {
+                1.0
+            } else {
+                self.uncompressed as f64 / sent as f64
+            },
+            rel_error: if self.norm2 > 0.0 {
+                (self.err2 / self.norm2).sqrt()
+            } else {
+                0.0
+            },
             sent_total: total.sent_total(),
             received_total: total.received_total(),
         }

@@ -77,7 +77,11 @@ pub fn describe_shards(reports: &[ServerReport]) -> String {
     let ratio = |f: fn(&ShardStats) -> u64| {
         let v: Vec<f64> = reports.iter().map(|r| f(&r.stats) as f64).collect();
         let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
-        if mean > 0.0 { v.iter().cloned().fold(0.0, f64::max) / mean } else { 1.0 }
+        if mean > 0.0 {
+            v.iter().cloned().fold(0.0, f64::max) / mean
+        } else {
+            1.0
+        }
     };
     let mut hist = vec![0u64; ps::shard::STALENESS_BUCKETS];
     for r in reports {
@@ -194,7 +198,9 @@ pub fn run(env: &ClusterEnv, secret: &Secret, opts: &ServerOptions) -> Result<Se
     for s in &streams {
         s.set_write_timeout(Some(Duration::from_millis(opts.write_timeout_ms)))
             .map_err(|e| JobError::io("set_write_timeout", e))?;
-        writers.push(Mutex::new(s.try_clone().map_err(|e| JobError::io("cloning a worker stream", e))?));
+        writers.push(Mutex::new(
+            s.try_clone().map_err(|e| JobError::io("cloning a worker stream", e))?,
+        ));
     }
     let shared = Arc::new(Shared {
         shard,
@@ -241,7 +247,9 @@ fn accept_workers(
     let deadline = Instant::now() + Duration::from_millis(RENDEZVOUS_TIMEOUT_MS);
     // Blocking accepts on a thread; this one waits on the channel with the deadline.
     let (tx, rx) = mpsc::channel();
-    let accept = listener.try_clone().map_err(|e| JobError::io("cloning the listener", e))?;
+    let accept = listener
+        .try_clone()
+        .map_err(|e| JobError::io("cloning the listener", e))?;
     thread::Builder::new()
         .name("ps-accept".into())
         .spawn(move || {
@@ -273,7 +281,10 @@ fn accept_workers(
         if peer.role != Role::Worker || hello.generation != generation || hello.rank >= workers {
             return Err(JobError::Peer {
                 rank: hello.rank,
-                why: format!("server {shard} got an unexpected hello {hello:?} from a {:?}", peer.role),
+                why: format!(
+                    "server {shard} got an unexpected hello {hello:?} from a {:?}",
+                    peer.role
+                ),
             });
         }
         if streams[hello.rank as usize].is_some() {
@@ -306,7 +317,11 @@ fn take_init(s: &mut TcpStream, shard: u32, workers: u32) -> Result<(Layout, (Sh
         &placement,
         vec![0.0; n_values],
     )?;
-    let want = if init.resume_at.is_some() { engine.image_len() } else { n_values };
+    let want = if init.resume_at.is_some() {
+        engine.image_len()
+    } else {
+        n_values
+    };
     let mut values: Vec<f32> = Vec::with_capacity(want);
     s.set_read_timeout(Some(Duration::from_millis(RENDEZVOUS_TIMEOUT_MS)))
         .map_err(|e| JobError::io("set_read_timeout", e))?;
@@ -369,7 +384,10 @@ fn serve_connection(shared: &Shared, worker: u32, mut s: TcpStream) -> Result<()
             why: format!("sent server {shard} {e}"),
         })?;
         let outputs = {
-            let mut engine = shared.engine.lock().map_err(|_| broke("another connection thread panicked".into()))?;
+            let mut engine = shared
+                .engine
+                .lock()
+                .map_err(|_| broke("another connection thread panicked".into()))?;
             match msg {
                 Message::Pull(p) => engine.on_pull(worker, p),
                 Message::Push(p) => engine.on_push(worker, p),
@@ -413,7 +431,9 @@ fn serve_connection(shared: &Shared, worker: u32, mut s: TcpStream) -> Result<()
                     worker
                 }
             };
-            let mut w = shared.writers[to as usize].lock().map_err(|_| broke("a writer lock is poisoned".into()))?;
+            let mut w = shared.writers[to as usize]
+                .lock()
+                .map_err(|_| broke("a writer lock is poisoned".into()))?;
             write_frame(&mut w, shard, &out).map_err(|e| JobError::Peer {
                 rank: to,
                 why: format!("server {shard} could not reply: {e}"),

@@ -29,7 +29,9 @@ pub struct Restored {
     pub exchange: Vec<(String, Vec<f32>)>,
 }
 
-/// Writes a checkpoint of the current state into `dir` and prunes old ones.
+/// Writes a checkpoint of the current state into `dir` and prunes old ones;
+/// `exchange` is the exchange's own state (the `compress` group), if any.
+#[allow(clippy::too_many_arguments)]
 pub fn save(
     dir: &Path,
     keep_last: usize,

@@ -122,7 +122,10 @@ impl LocalLayout {
         };
         match gt.kind {
             ParamKind::Dense => {
-                let Some((r, _)) = self.dense.iter().find(|(r, _)| r.start >= gt.offset && r.end <= gt.offset + gt.len())
+                let Some((r, _)) = self
+                    .dense
+                    .iter()
+                    .find(|(r, _)| r.start >= gt.offset && r.end <= gt.offset + gt.len())
                 else {
                     return false;
                 };

@@ -142,7 +142,16 @@ pub fn encode_push(clock: u64, dense: &[f32], keys: &[u64], values: &[f32], out:
 
 /// Encodes a coded push: the dense part is the codec message `dense_coded`.
 pub fn encode_push_coded(clock: u64, dense_coded: &[u8], keys: &[u64], values: &[f32], out: &mut Vec<u8>) {
-    head(out, KIND_PUSH_CODED, 0, keys.len(), clock, 0, dense_coded.len(), values.len());
+    head(
+        out,
+        KIND_PUSH_CODED,
+        0,
+        keys.len(),
+        clock,
+        0,
+        dense_coded.len(),
+        values.len(),
+    );
     put_keys(out, keys);
     out.extend_from_slice(dense_coded);
     put_f32(out, values);
@@ -180,7 +189,10 @@ fn f32s(b: &[u8]) -> Vec<f32> {
 /// its `Table` tensors and a push's values must match the keys' row lengths.
 pub fn decode(bytes: &[u8], layout: Option<&Layout>) -> Result<Message, PsError> {
     if bytes.len() < HEAD_BYTES {
-        return Err(bad(format!("{} bytes, shorter than the {HEAD_BYTES}-byte head", bytes.len())));
+        return Err(bad(format!(
+            "{} bytes, shorter than the {HEAD_BYTES}-byte head",
+            bytes.len()
+        )));
     }
     let (kind, flags) = (bytes[0], bytes[1]);
     if bytes[2] != 0 || bytes[3] != 0 || flags & !(FLAG_DENSE | FLAG_WAIT_ALL | FLAG_SNAPSHOT) != 0 {
@@ -211,7 +223,9 @@ pub fn decode(bytes: &[u8], layout: Option<&Layout>) -> Result<Message, PsError>
         .collect();
     let snapshot = flags & FLAG_SNAPSHOT != 0;
     if snapshot && (kind != KIND_PULL || n_keys != 2 || flags & FLAG_DENSE != 0) {
-        return Err(bad("a snapshot request is a pull of exactly two numbers (offset, length)"));
+        return Err(bad(
+            "a snapshot request is a pull of exactly two numbers (offset, length)",
+        ));
     }
     let expected_values = match layout {
         Some(l) if !snapshot => Some(check_keys(&keys, l)?),
@@ -235,7 +249,9 @@ pub fn decode(bytes: &[u8], layout: Option<&Layout>) -> Result<Message, PsError>
             if let Some(want) = expected_values
                 && want != n_values
             {
-                return Err(bad(format!("push of {n_keys} keys carries {n_values} values; the rows hold {want}")));
+                return Err(bad(format!(
+                    "push of {n_keys} keys carries {n_values} values; the rows hold {want}"
+                )));
             }
             if kind == KIND_PUSH_CODED {
                 return Ok(Message::PushCoded {
@@ -277,7 +293,10 @@ fn check_keys(keys: &[u64], layout: &Layout) -> Result<usize, PsError> {
             return Err(bad(format!("key {k:#x} names tensor {t}, which is not a table")));
         };
         if row as usize >= p.shape[0] {
-            return Err(bad(format!("key {k:#x}: row {row} outside table `{}` of {} rows", p.name, p.shape[0])));
+            return Err(bad(format!(
+                "key {k:#x}: row {row} outside table `{}` of {} rows",
+                p.name, p.shape[0]
+            )));
         }
         total += p.row_len();
     }
@@ -366,11 +385,21 @@ mod tests {
         let l = layout();
         let mut b = Vec::new();
         encode_push(0, &[], &[key(1, 10)], &[0.0; 3], &mut b);
-        assert!(decode(&b, Some(&l)).unwrap_err().to_string().contains("row 10 outside table `emb`"));
+        assert!(
+            decode(&b, Some(&l))
+                .unwrap_err()
+                .to_string()
+                .contains("row 10 outside table `emb`")
+        );
         encode_push(0, &[], &[key(0, 1)], &[0.0; 3], &mut b);
         assert!(decode(&b, Some(&l)).unwrap_err().to_string().contains("not a table"));
         encode_push(0, &[], &[key(1, 1)], &[0.0; 2], &mut b);
-        assert!(decode(&b, Some(&l)).unwrap_err().to_string().contains("carries 2 values"));
+        assert!(
+            decode(&b, Some(&l))
+                .unwrap_err()
+                .to_string()
+                .contains("carries 2 values")
+        );
         b.truncate(b.len() - 1);
         assert!(decode(&b, Some(&l)).unwrap_err().to_string().contains("need"));
     }

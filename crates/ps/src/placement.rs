@@ -244,7 +244,11 @@ mod tests {
             }
             for t in l.tensors() {
                 let want = u8::from(t.kind == ParamKind::Dense);
-                assert!(seen[t.range()].iter().all(|&c| c == want), "{shards} shards, {}", t.name);
+                assert!(
+                    seen[t.range()].iter().all(|&c| c == want),
+                    "{shards} shards, {}",
+                    t.name
+                );
             }
             let lens: Vec<usize> = (0..shards).map(|s| p.dense_len(s)).collect();
             assert!(lens.iter().max().unwrap() - lens.iter().min().unwrap() <= 1, "{lens:?}");
@@ -257,7 +261,9 @@ mod tests {
         let a = Placement::new(PlacementSpec::hashed(4, VNODES_DEFAULT), &l).unwrap();
         let b = Placement::new(PlacementSpec::hashed(5, VNODES_DEFAULT), &l).unwrap();
         let n = 200_000u32;
-        let moved = (0..n).filter(|&r| a.shard_of(key(1, r)) != b.shard_of(key(1, r))).count();
+        let moved = (0..n)
+            .filter(|&r| a.shard_of(key(1, r)) != b.shard_of(key(1, r)))
+            .count();
         let frac = moved as f64 / n as f64;
         // Ideal 1/5 = 0.2; modulo hashing would move 0.8.
         assert!((0.12..0.3).contains(&frac), "moved {frac}");

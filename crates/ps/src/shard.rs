@@ -393,7 +393,11 @@ impl Shard {
                 .filter(|r| r.end <= image.len())
                 .ok_or_else(|| PsError::Protocol {
                     worker,
-                    why: format!("snapshot part {offset}+{len} outside the {} values of shard {}", image.len(), self.index),
+                    why: format!(
+                        "snapshot part {offset}+{len} outside the {} values of shard {}",
+                        image.len(),
+                        self.index
+                    ),
                 })?;
             return Ok(Output::Pulled {
                 worker,
@@ -434,7 +438,10 @@ impl Shard {
             .and_then(|i| self.map.tables[i].local_row(row).map(|r| (i, r)))
             .ok_or_else(|| PsError::Protocol {
                 worker,
-                why: format!("key {key:#x} (tensor {tensor}, row {row}) is not on shard {}", self.index),
+                why: format!(
+                    "key {key:#x} (tensor {tensor}, row {row}) is not on shard {}",
+                    self.index
+                ),
             })
     }
 
@@ -500,7 +507,11 @@ impl Shard {
             }
         }
         p.pushes += 1;
-        while self.pending.get(&self.applied).is_some_and(|p| p.pushes == self.workers) {
+        while self
+            .pending
+            .get(&self.applied)
+            .is_some_and(|p| p.pushes == self.workers)
+        {
             let p = self.pending.remove(&self.applied).expect("checked");
             for (s, (rows, values)) in self.scratch.iter_mut().zip(p.rows.into_iter().zip(p.values)) {
                 s.rows = rows;
@@ -596,10 +607,15 @@ mod tests {
         let (_, _, mut s) = setup(2, Consistency::Bsp);
         assert_eq!(s.on_pull(0, pull(0)).unwrap().len(), 1, "step 0 reads at once");
         s.on_push(0, push(0, 1.0)).unwrap();
-        assert!(s.on_pull(0, pull(1)).unwrap().is_empty(), "worker 1 has not pushed step 0");
+        assert!(
+            s.on_pull(0, pull(1)).unwrap().is_empty(),
+            "worker 1 has not pushed step 0"
+        );
         let out = s.on_push(1, push(0, 2.0)).unwrap();
         assert_eq!(out.len(), 2, "ack and the released pull: {out:?}");
-        let Output::Pulled { dense, values, .. } = &out[1] else { panic!("{out:?}") };
+        let Output::Pulled { dense, values, .. } = &out[1] else {
+            panic!("{out:?}")
+        };
         assert_eq!(dense, &vec![-3.0; 3], "one SGD step on the sum");
         assert_eq!(values, &vec![-3.0, -6.0]);
         assert_eq!(s.stats().steps_applied, 1);
@@ -618,7 +634,17 @@ mod tests {
         // The slowest worker is never made to wait.
         assert_eq!(s.on_pull(1, pull(0)).unwrap().len(), 1);
         let out = s.on_push(1, push(0, 1.0)).unwrap();
-        assert!(matches!(out[1], Output::Pulled { worker: 0, clock: 3, .. }), "{out:?}");
+        assert!(
+            matches!(
+                out[1],
+                Output::Pulled {
+                    worker: 0,
+                    clock: 3,
+                    ..
+                }
+            ),
+            "{out:?}"
+        );
         assert_eq!(s.stats().staleness[2], 2, "read 2 ahead, twice");
         assert_eq!(s.stats().staleness[0], 1);
         assert_eq!(s.stats().steps_applied, 4, "each push is a step");
@@ -640,7 +666,10 @@ mod tests {
 
     #[test]
     fn staleness_buckets_are_exact_then_powers_of_two() {
-        assert_eq!((0..16).map(staleness_bucket).collect::<Vec<_>>(), (0..16).collect::<Vec<_>>());
+        assert_eq!(
+            (0..16).map(staleness_bucket).collect::<Vec<_>>(),
+            (0..16).collect::<Vec<_>>()
+        );
         assert_eq!(staleness_bucket(16), 16);
         assert_eq!(staleness_bucket(31), 16);
         assert_eq!(staleness_bucket(32), 17);

@@ -88,7 +88,8 @@ impl HotKeys {
         let h = mix64(key);
         (0..DEPTH)
             .map(|d| {
-                let i = (h as u32).wrapping_add((d as u32).wrapping_mul((h >> 32) as u32 | 1)) as usize & (self.width - 1);
+                let i =
+                    (h as u32).wrapping_add((d as u32).wrapping_mul((h >> 32) as u32 | 1)) as usize & (self.width - 1);
                 self.counts[d * self.width + i]
             })
             .min()

@@ -156,7 +156,10 @@ fn parameter_server_checkpoint_resumes_on_another_cluster_shape() {
     let acc = |out: &Finished| {
         let lines = out.json_lines();
         let done = find_event(&lines, "done").unwrap_or_else(|| panic!("no done line: {}", out.shown()));
-        (done["last"]["test_acc"].as_f64().unwrap_or(0.0), done["servers"].as_array().map(Vec::len))
+        (
+            done["last"]["test_acc"].as_f64().unwrap_or(0.0),
+            done["servers"].as_array().map(Vec::len),
+        )
     };
     let ((acc_a, shards_a), (acc_b, shards_b)) = (acc(&straight), acc(&resumed));
     assert_eq!((shards_a, shards_b), (Some(2), Some(3)));

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::support::{Finished, RUN_TIMEOUT, event, example, find_event, fashion_mnist, run, sinter, temp_dir};
+use crate::support::{Finished, RUN_TIMEOUT, event, example, fashion_mnist, find_event, run, sinter, temp_dir};
 
 /// Trains the example MLP on 2 workers with `extra` `--set`s and returns the run.
 fn train(dir: &Path, name: &str, extra: &[String]) -> Finished {
@@ -49,16 +49,16 @@ fn topk_with_error_feedback_sends_20x_fewer_bytes_and_learns() {
     assert_eq!(p["steps"], 90);
     assert_eq!(t["steps"], 90);
     let (pb, tb) = (number(&p, "bytes_sent"), number(&t, "bytes_sent"));
-    assert!(tb > 0.0 && pb >= 20.0 * tb, "f32 sent {pb} bytes, top-k {tb}: less than 20× apart");
+    assert!(
+        tb > 0.0 && pb >= 20.0 * tb,
+        "f32 sent {pb} bytes, top-k {tb}: less than 20× apart"
+    );
 
     let lines = topk.json_lines();
     let evals: Vec<&Value> = lines.iter().filter(|v| event(v) == Some("eval")).collect();
     assert_eq!(evals.len(), 2, "evaluations at steps 30 and 60: {}", topk.shown());
     let epoch = find_event(&lines, "epoch").unwrap_or_else(|| panic!("no epoch line: {}", topk.shown()));
-    let losses = [
-        number(evals[0], "train_loss"),
-        number(evals[1], "train_loss"),
-    ];
+    let losses = [number(evals[0], "train_loss"), number(evals[1], "train_loss")];
     assert!(losses[1] < losses[0], "the loss did not decrease: {losses:?}");
     assert!(number(epoch, "test_acc") > 0.7, "{epoch}");
     // Per step and per peer, with the ratio and the error, on every epoch and eval line.
@@ -68,7 +68,11 @@ fn topk_with_error_feedback_sends_20x_fewer_bytes_and_learns() {
     assert!(rel > 0.0 && rel <= 1.0, "{comm}");
     let per_peer = comm["sent_per_peer"].as_array().expect("per peer");
     assert_eq!(per_peer.len(), 2);
-    assert_eq!(per_peer[0].as_f64(), Some(0.0), "rank 0 sends nothing to itself: {comm}");
+    assert_eq!(
+        per_peer[0].as_f64(),
+        Some(0.0),
+        "rank 0 sends nothing to itself: {comm}"
+    );
     assert!(number(comm, "sent_per_step") > 0.0);
     assert_eq!(number(comm, "sent_total"), tb, "{comm}");
     let plain_epoch = find_event(&plain.json_lines(), "epoch").cloned().expect("epoch line");
@@ -80,7 +84,11 @@ fn safetensors(dir: &Path) -> PathBuf {
         .unwrap_or_else(|e| panic!("listing {}: {e}", dir.display()))
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("step-")))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("step-"))
+        })
         .collect();
     v.sort();
     v.pop().unwrap_or_else(|| panic!("no checkpoint in {}", dir.display()))
@@ -116,7 +124,11 @@ fn resume_with_compression_state_is_exact() {
         if resume {
             cmd.arg("--resume").arg(ckpt);
         }
-        let out = run(&format!("sinter train ({epochs} epochs, resume {resume})"), &mut cmd, RUN_TIMEOUT);
+        let out = run(
+            &format!("sinter train ({epochs} epochs, resume {resume})"),
+            &mut cmd,
+            RUN_TIMEOUT,
+        );
         out.assert_success().assert_no_panic();
         out
     };

@@ -16,7 +16,18 @@ fn click_job(dir: &Path) -> std::path::PathBuf {
     run(
         "sinter data gen",
         sinter(dir)
-            .args(["data", "gen", "click", "--rows", "40000", "--test-rows", "10000", "--hash-bits", "16", "--out"])
+            .args([
+                "data",
+                "gen",
+                "click",
+                "--rows",
+                "40000",
+                "--test-rows",
+                "10000",
+                "--hash-bits",
+                "16",
+                "--out",
+            ])
             .arg(&train),
         RUN_TIMEOUT,
     )
@@ -89,19 +100,39 @@ fn sparse_logreg_trains_through_two_shards_under_each_consistency_rule() {
         let lines = out.json_lines();
         let done = find_event(&lines, "done").unwrap_or_else(|| panic!("no done line: {}", out.shown()));
         let last = &done["last"];
-        let (auc, bayes) = (last["test_auc"].as_f64().unwrap_or(0.0), last["bayes_auc"].as_f64().unwrap_or(1.0));
-        assert!(auc > bayes - 0.05, "{mode}: test AUC {auc} far below Bayes {bayes}: {}", out.shown());
+        let (auc, bayes) = (
+            last["test_auc"].as_f64().unwrap_or(0.0),
+            last["bayes_auc"].as_f64().unwrap_or(1.0),
+        );
+        assert!(
+            auc > bayes - 0.05,
+            "{mode}: test AUC {auc} far below Bayes {bayes}: {}",
+            out.shown()
+        );
         let servers = done["servers"].as_array().cloned().unwrap_or_default();
         assert_eq!(servers.len(), 2, "{mode}: one report per shard: {}", out.shown());
-        let keys: Vec<f64> = servers.iter().map(|s| s["stats"]["keys"].as_f64().unwrap_or(0.0)).collect();
+        let keys: Vec<f64> = servers
+            .iter()
+            .map(|s| s["stats"]["keys"].as_f64().unwrap_or(0.0))
+            .collect();
         assert!(keys.iter().all(|k| *k > 0.0), "{mode}: a shard saw no keys: {keys:?}");
         let skew = keys.iter().cloned().fold(0.0, f64::max) / (keys.iter().sum::<f64>() / 2.0);
         assert!(skew < 1.2, "{mode}: shard key load max/mean {skew}");
         let stale = max_staleness(&servers);
-        assert!(stale <= bound, "{mode}: a pull read {stale} steps stale (bound {bound})");
+        assert!(
+            stale <= bound,
+            "{mode}: a pull read {stale} steps stale (bound {bound})"
+        );
         if mode == "bsp" {
-            let applied: Vec<u64> = servers.iter().map(|s| s["stats"]["steps_applied"].as_u64().unwrap_or(0)).collect();
-            assert_eq!(applied[0], done["steps"].as_u64().unwrap_or(1), "BSP applies one step per global step");
+            let applied: Vec<u64> = servers
+                .iter()
+                .map(|s| s["stats"]["steps_applied"].as_u64().unwrap_or(0))
+                .collect();
+            assert_eq!(
+                applied[0],
+                done["steps"].as_u64().unwrap_or(1),
+                "BSP applies one step per global step"
+            );
         }
     }
 }
@@ -113,10 +144,16 @@ fn killed_server_ends_the_job_naming_the_shard() {
     let dir = temp_dir();
     let mut launcher = Proc::spawn(
         "sinter train --servers 2",
-        sinter(dir.path())
-            .arg("train")
-            .arg(example("fashion-mlp.toml"))
-            .args(["--workers", "2", "--servers", "2", "--json", "-q", "--set", "train.epochs=1000"]),
+        sinter(dir.path()).arg("train").arg(example("fashion-mlp.toml")).args([
+            "--workers",
+            "2",
+            "--servers",
+            "2",
+            "--json",
+            "-q",
+            "--set",
+            "train.epochs=1000",
+        ]),
     );
     launcher.wait_json("the start line", RUN_TIMEOUT, |v| event(v) == Some("start"));
     let started = descendants(launcher.pid);
@@ -130,7 +167,11 @@ fn killed_server_ends_the_job_naming_the_shard() {
     let out = launcher.wait(Duration::from_secs(10));
     assert!(!out.status.success(), "the job succeeded: {}", out.shown());
     out.assert_no_panic();
-    assert!(out.stderr.contains("server"), "stderr does not name the server: {}", out.shown());
+    assert!(
+        out.stderr.contains("server"),
+        "stderr does not name the server: {}",
+        out.shown()
+    );
     let alive: Vec<_> = guard.0.iter().filter(|p| p.alive()).collect();
     assert!(alive.is_empty(), "still running: {alive:?}\n{}", out.shown());
 }

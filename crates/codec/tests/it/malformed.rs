@@ -164,7 +164,10 @@ fn each_kind_of_damage_is_named() {
         "topk message: parameter `index_bytes` = 4: must be between 1 and 5 bytes per index"
     );
     let f16 = message("topk:0.05:f16", &x);
-    assert_eq!(f32::from_bits(u32::from_le_bytes(f16[20..24].try_into().expect("4"))), 50.0);
+    assert_eq!(
+        f32::from_bits(u32::from_le_bytes(f16[20..24].try_into().expect("4"))),
+        50.0
+    );
     assert_eq!(f16.len(), 24 + 5 + 2 * 5);
 
     let psgd = {
