@@ -42,7 +42,9 @@ pub enum JobError {
     Collective(#[from] collective::CollectiveError),
     #[error("parameters differ between ranks after epoch {epoch}: {detail}")]
     Diverged { epoch: u32, detail: String },
-    #[error("training diverged: the loss became {loss} at step {step}; lower optim.lr (or the momentum, with asynchronous servers)")]
+    #[error(
+        "training diverged: the loss became {loss} at step {step}; lower optim.lr (or the momentum, with asynchronous servers)"
+    )]
     NotFinite { step: u64, loss: f32 },
     #[error("interrupted")]
     Interrupted,

@@ -364,23 +364,26 @@ pub fn run(cfg: &JobConfig, resume: Option<&Path>, obs: &mut dyn Observer) -> Re
             servers.push(r);
         }
     };
-    cluster.supervise_all(&mut |rank, v| {
-        if v.get("event").and_then(|e| e.as_str()) == Some("done") {
-            if rank == 0 {
-                summary = serde_json::from_value::<Summary>(v).ok();
+    cluster.supervise_all(
+        &mut |rank, v| {
+            if v.get("event").and_then(|e| e.as_str()) == Some("done") {
+                if rank == 0 {
+                    summary = serde_json::from_value::<Summary>(v).ok();
+                }
+                return;
             }
-            return;
-        }
-        if let Ok(r) = serde_json::from_value::<Report>(v) {
-            let relay = match &r {
-                Report::Start { .. } | Report::Epoch(_) | Report::Eval(_) => rank == 0,
-                Report::Step(_) => true,
-            };
-            if relay {
-                obs.report(&r);
+            if let Ok(r) = serde_json::from_value::<Report>(v) {
+                let relay = match &r {
+                    Report::Start { .. } | Report::Epoch(_) | Report::Eval(_) => rank == 0,
+                    Report::Step(_) => true,
+                };
+                if relay {
+                    obs.report(&r);
+                }
             }
-        }
-    }, &mut on_server)?;
+        },
+        &mut on_server,
+    )?;
     let mut summary = summary.ok_or_else(|| JobError::Peer {
         rank: 0,
         why: "finished without a summary".into(),

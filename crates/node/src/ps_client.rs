@@ -134,7 +134,10 @@ impl PsExchange {
                     why: format!("{addr} answered as {them}"),
                 });
             }
-            net::send_control(&mut s, rank, &PeerHello {
+            net::send_control(
+                &mut s,
+                rank,
+                &PeerHello {
                     generation,
                     rank,
                     host: None,
@@ -363,7 +366,11 @@ impl PsExchange {
         for (s, got) in p.got.into_iter().enumerate() {
             let Some((dense, values)) = got else { continue };
             let ranges = self.placement.dense_ranges(s as u32);
-            let want: usize = if p.dense { ranges.iter().map(|r| r.len()).sum() } else { 0 };
+            let want: usize = if p.dense {
+                ranges.iter().map(|r| r.len()).sum()
+            } else {
+                0
+            };
             let want_values: usize = p.keys[s]
                 .iter()
                 .map(|&k| self.layout.tensors()[ps::split_key(k).0].row_len())
@@ -682,7 +689,8 @@ fn read_replies(shard: u32, mut s: TcpStream, tx: Sender<(u32, Result<Message, S
                 return Err(format!("expected a parameter-server frame, got {}", h.kind));
             }
             let mut payload = vec![0u8; h.payload_bytes as usize];
-            s.read_exact(&mut payload).map_err(|e| format!("reading a reply: {e}"))?;
+            s.read_exact(&mut payload)
+                .map_err(|e| format!("reading a reply: {e}"))?;
             h.check_payload(&payload).map_err(|e| e.to_string())?;
             ps::msg::decode(&payload, None).map_err(|e| e.to_string())
         });

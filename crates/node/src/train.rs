@@ -574,12 +574,7 @@ impl Trainer {
     ) -> Result<(f64, u64), JobError> {
         let lb = self.shard.local_batch;
         let steps = self.shard.steps_per_epoch as usize;
-        let has_dense = self
-            .model
-            .layout()
-            .tensors()
-            .iter()
-            .any(|t| t.kind == ParamKind::Dense);
+        let has_dense = self.model.layout().tensors().iter().any(|t| t.kind == ParamKind::Dense);
         let mut next = Batch::for_dataset(&self.data.train);
         let mut rows = Vec::new();
         let (mut loss_sum, mut samples) = (0.0f64, 0u64);
@@ -677,12 +672,10 @@ impl Trainer {
     }
 
     /// Predicts the test set batch by batch, calling `fetch` before each batch.
-    fn evaluate_with(
-        &mut self,
-        report: &mut EpochReport,
-        fetch: &mut Fetch<'_>,
-    ) -> Result<(), JobError> {
-        let Some(test) = self.data.test.as_ref() else { return Ok(()) };
+    fn evaluate_with(&mut self, report: &mut EpochReport, fetch: &mut Fetch<'_>) -> Result<(), JobError> {
+        let Some(test) = self.data.test.as_ref() else {
+            return Ok(());
+        };
         let classes = self.model.num_classes();
         let mut batch = Batch::for_dataset(test);
         let mut out = Vec::new();

@@ -18,8 +18,8 @@ use crate::config::{ClusterConfig, JobConfig, Transport};
 use crate::env::ClusterEnv;
 use crate::error::JobError;
 use crate::exchange::AllreduceExchange;
-use crate::ps_client::{InitArgs, PsExchange};
 use crate::net::{self, ControlReader};
+use crate::ps_client::{InitArgs, PsExchange};
 use crate::report::Observer;
 use crate::train::{Summary, Trainer};
 
@@ -262,7 +262,11 @@ fn connect_servers(
     let consistency = cluster.consistency();
     // BSP sums the workers' pushes into one step of the global batch; SSP and
     // async apply each push as its own step on the worker's batch.
-    let weight = if consistency == ps::Consistency::Bsp { trainer.weight() } else { 1.0 };
+    let weight = if consistency == ps::Consistency::Bsp {
+        trainer.weight()
+    } else {
+        1.0
+    };
     let init = if rank == 0 {
         let (hot_rows, total) = trainer.hot_rows(HOT_KEY_SAMPLE_ROWS, cluster.hot_keys);
         let layout = trainer.layout();
