@@ -1,6 +1,6 @@
 //! Prints `codec::bench::run` on 25 MiB of synthetic gradients (6.5M f32,
 //! normal with a few outliers), one core:
-//! `cargo run --release -p codec --example bench [-- SPEC...]`.
+//! `cargo run --release -p codec --example codec_speed [-- SPEC...]`.
 
 use std::time::{Duration, Instant};
 
