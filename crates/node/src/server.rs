@@ -27,13 +27,13 @@ use std::time::{Duration, Instant};
 use ps::{Message, Output, Placement, PlacementSpec, Shard, ShardStats};
 use serde::{Deserialize, Serialize};
 use tensor::Layout;
-use wire::msg::{FromCoordinator, PeerHello, ToCoordinator};
+use wire::msg::PeerHello;
 use wire::{FrameHeader, HEADER_BYTES, MessageType, PeerInfo, Role, Secret};
 
 use crate::env::ClusterEnv;
 use crate::error::JobError;
-use crate::net::{self, ControlReader};
-use crate::worker::{RENDEZVOUS_TIMEOUT_MS, spawn_abort_watch, spawn_heartbeats};
+use crate::net;
+use crate::worker::{RENDEZVOUS_TIMEOUT_MS, Welcomed, rendezvous, spawn_abort_watch, spawn_heartbeats};
 
 /// How often the engine loop looks for the coordinator's shutdown while idle.
 const IDLE_TICK_MS: u64 = 50;
@@ -130,49 +130,16 @@ struct Ended(Option<JobError>);
 
 /// Runs one shard until the coordinator's shutdown; returns its figures.
 pub fn run(env: &ClusterEnv, secret: &Secret, opts: &ServerOptions) -> Result<ServerReport, JobError> {
-    let coord_addr = env.coordinator.clone().ok_or_else(|| JobError::Config {
-        path: "$DMLC_PS_ROOT_URI".into(),
-        why: "a server needs the coordinator's address (DMLC_PS_ROOT_URI and DMLC_PS_ROOT_PORT, or MASTER_ADDR and MASTER_PORT)".into(),
-    })?;
-    let mut coord = net::connect(&coord_addr, RENDEZVOUS_TIMEOUT_MS)?;
-    let own = PeerInfo {
-        role: Role::Server,
-        rank: u32::MAX,
-    };
-    net::connect_handshake(&mut coord, secret, own)?;
-    let local_ip = coord.local_addr().map_err(|e| JobError::io("local address", e))?.ip();
-    let listener = net::listen(&format!("{local_ip}:0"))?;
-    let data_addr = listener
-        .local_addr()
-        .map_err(|e| JobError::io("listener address", e))?
-        .to_string();
-    net::send_control(
-        &mut coord,
-        own.rank,
-        &ToCoordinator::Join {
-            role: Role::Server,
-            rank: None,
-            data_addr,
-            pid: std::process::id(),
-        },
-    )?;
-    let mut reader = ControlReader::new(coord.try_clone().map_err(|e| JobError::io("cloning", e))?);
-    let welcome = match reader.recv::<FromCoordinator>(Some(RENDEZVOUS_TIMEOUT_MS))? {
-        Some(w @ FromCoordinator::Welcome { .. }) => w,
-        Some(FromCoordinator::Abort { reason, .. }) => return Err(JobError::Coordinator(reason)),
-        other => return Err(JobError::Coordinator(format!("expected a welcome, got {other:?}"))),
-    };
-    welcome.check().map_err(JobError::Coordinator)?;
-    let FromCoordinator::Welcome {
+    let Welcomed {
+        coord,
+        reader,
+        listener,
         generation,
         rank: shard,
         world: workers,
         servers,
         ..
-    } = welcome
-    else {
-        unreachable!("matched above")
-    };
+    } = rendezvous(env, secret, Role::Server)?;
     if shard as usize >= servers.len() {
         return Err(JobError::Coordinator(format!(
             "made this server shard {shard} of {}",

@@ -52,47 +52,16 @@ pub struct Member {
 /// Joins the cluster the environment names: authenticates with the coordinator,
 /// gets a rank, connects to every peer, and starts heartbeats and the abort watch.
 pub fn join(env: &ClusterEnv, secret: &Secret, cluster: &ClusterConfig) -> Result<Member, JobError> {
-    let coord_addr = env.coordinator.clone().ok_or_else(|| JobError::Config {
-        path: "$MASTER_ADDR".into(),
-        why: "a worker needs the coordinator's address (MASTER_ADDR and MASTER_PORT, or DMLC_PS_ROOT_URI and DMLC_PS_ROOT_PORT)".into(),
-    })?;
-    let mut coord = net::connect(&coord_addr, RENDEZVOUS_TIMEOUT_MS)?;
-    let own = PeerInfo {
-        role: Role::Worker,
-        rank: env.rank.unwrap_or(u32::MAX),
-    };
-    net::connect_handshake(&mut coord, secret, own)?;
-    // Peers reach us on the interface that reaches the coordinator.
-    let local_ip = coord.local_addr().map_err(|e| JobError::io("local address", e))?.ip();
-    let listener = net::listen(&format!("{local_ip}:0"))?;
-    let data_addr = listener
-        .local_addr()
-        .map_err(|e| JobError::io("listener address", e))?
-        .to_string();
-    let join = ToCoordinator::Join {
-        role: Role::Worker,
-        rank: env.rank,
-        data_addr,
-        pid: std::process::id(),
-    };
-    net::send_control(&mut coord, own.rank, &join)?;
-    let mut reader = ControlReader::new(coord.try_clone().map_err(|e| JobError::io("cloning", e))?);
-    let welcome = match reader.recv::<FromCoordinator>(Some(RENDEZVOUS_TIMEOUT_MS))? {
-        Some(w @ FromCoordinator::Welcome { .. }) => w,
-        Some(FromCoordinator::Abort { reason, .. }) => return Err(JobError::Coordinator(reason)),
-        other => return Err(JobError::Coordinator(format!("expected a welcome, got {other:?}"))),
-    };
-    welcome.check().map_err(JobError::Coordinator)?;
-    let FromCoordinator::Welcome {
+    let Welcomed {
+        coord,
+        reader,
+        listener,
         generation,
         rank,
         world,
         peers,
         servers,
-    } = welcome
-    else {
-        unreachable!("matched above")
-    };
+    } = rendezvous(env, secret, Role::Worker)?;
     tracing::info!(rank, world, generation, "joined");
     // With parameter servers, workers talk to the servers only.
     let conns = if servers.is_empty() {
@@ -126,6 +95,81 @@ pub fn join(env: &ClusterEnv, secret: &Secret, cluster: &ClusterConfig) -> Resul
         step,
         shutdown,
         comm,
+        servers,
+    })
+}
+
+/// A process the coordinator has admitted: its line to the coordinator, the
+/// listener its peers reach it on, and the membership the welcome named.
+pub(crate) struct Welcomed {
+    pub coord: TcpStream,
+    pub reader: ControlReader,
+    pub listener: TcpListener,
+    pub generation: u64,
+    /// Among the processes of its role (workers, or parameter-server shards).
+    pub rank: u32,
+    /// Workers in the job.
+    pub world: u32,
+    pub peers: Vec<String>,
+    pub servers: Vec<String>,
+}
+
+/// Authenticates with the coordinator the environment names, joins as `role`
+/// (asking for the environment's rank, if any, for a worker) and waits for the welcome.
+pub(crate) fn rendezvous(env: &ClusterEnv, secret: &Secret, role: Role) -> Result<Welcomed, JobError> {
+    let coord_addr = env.coordinator.clone().ok_or_else(|| JobError::Config {
+        path: "$MASTER_ADDR".into(),
+        why: format!(
+            "a {} needs the coordinator's address (MASTER_ADDR and MASTER_PORT, or DMLC_PS_ROOT_URI and DMLC_PS_ROOT_PORT)",
+            if role == Role::Server { "server" } else { "worker" }
+        ),
+    })?;
+    let mut coord = net::connect(&coord_addr, RENDEZVOUS_TIMEOUT_MS)?;
+    let asked = if role == Role::Worker { env.rank } else { None };
+    let own = PeerInfo {
+        role,
+        rank: asked.unwrap_or(u32::MAX),
+    };
+    net::connect_handshake(&mut coord, secret, own)?;
+    // Peers reach us on the interface that reaches the coordinator.
+    let local_ip = coord.local_addr().map_err(|e| JobError::io("local address", e))?.ip();
+    let listener = net::listen(&format!("{local_ip}:0"))?;
+    let data_addr = listener
+        .local_addr()
+        .map_err(|e| JobError::io("listener address", e))?
+        .to_string();
+    let join = ToCoordinator::Join {
+        role,
+        rank: asked,
+        data_addr,
+        pid: std::process::id(),
+    };
+    net::send_control(&mut coord, own.rank, &join)?;
+    let mut reader = ControlReader::new(coord.try_clone().map_err(|e| JobError::io("cloning", e))?);
+    let welcome = match reader.recv::<FromCoordinator>(Some(RENDEZVOUS_TIMEOUT_MS))? {
+        Some(w @ FromCoordinator::Welcome { .. }) => w,
+        Some(FromCoordinator::Abort { reason, .. }) => return Err(JobError::Coordinator(reason)),
+        other => return Err(JobError::Coordinator(format!("expected a welcome, got {other:?}"))),
+    };
+    welcome.check().map_err(JobError::Coordinator)?;
+    let FromCoordinator::Welcome {
+        generation,
+        rank,
+        world,
+        peers,
+        servers,
+    } = welcome
+    else {
+        unreachable!("matched above")
+    };
+    Ok(Welcomed {
+        coord,
+        reader,
+        listener,
+        generation,
+        rank,
+        world,
+        peers,
         servers,
     })
 }
