@@ -48,6 +48,14 @@ fuzz_target!(|data: &[u8]| {
                     assert!(frame.header.payload_bytes <= CONTROL_PAYLOAD_BYTES_MAX);
                     assert_eq!(FrameHeader::decode(&frame.header.encode()).ok(), Some(frame.header));
                     let _ = decode_control::<Message>(&frame.header, &frame.payload);
+                    // The real control messages (replication's `ServerRole`, `BuildBackup`,
+                    // `Promote`, `BackupReady` among them): decoding and bound checks never panic.
+                    if let Ok(m) = decode_control::<wire::msg::FromCoordinator>(&frame.header, &frame.payload) {
+                        let _ = m.check();
+                    }
+                    if let Ok(m) = decode_control::<wire::msg::ToCoordinator>(&frame.header, &frame.payload) {
+                        let _ = m.check();
+                    }
                 }
                 Ok(None) => break,
                 Err(_) => break 'reads,

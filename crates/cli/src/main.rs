@@ -53,10 +53,81 @@ enum Command {
     /// Run one worker of a cluster; finds the coordinator through MASTER_ADDR/MASTER_PORT
     /// (or DMLC_PS_ROOT_URI/DMLC_PS_ROOT_PORT) and takes RANK/WORLD_SIZE if set.
     Worker(WorkerArgs),
+    /// Deterministic simulation of the protocols under faults (`--fuzz` for many
+    /// seeds, `--reproduce SEED` to replay one), or scale prediction (`--predict`).
+    Sim(SimArgs),
     /// Run one parameter-server shard of a cluster; finds the coordinator through
     /// DMLC_PS_ROOT_URI/DMLC_PS_ROOT_PORT (or MASTER_ADDR/MASTER_PORT). Takes its
     /// model, optimizer and placement from worker 0: no config file needed.
     Server(ServerArgs),
+}
+
+#[derive(Args)]
+struct SimArgs {
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Workers; with --predict a comma-separated list (up to 4096).
+    #[arg(long, default_value = "4")]
+    workers: String,
+    /// Parameter-server shards (0: all-reduce).
+    #[arg(long, default_value_t = 0)]
+    servers: u32,
+    /// none, all, or a comma-separated list of delay, loss, partition, crash, slow.
+    #[arg(long, default_value = "all")]
+    faults: String,
+    #[arg(long, default_value_t = 20)]
+    steps: u64,
+    /// bsp, ssp or async (parameter-server jobs).
+    #[arg(long, default_value = "ssp")]
+    consistency: String,
+    #[arg(long, default_value_t = 2)]
+    staleness: u32,
+    /// Write the whole trace (one line per event) to this file.
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// Replay fuzz seed SEED with its trace's last events.
+    #[arg(long, value_name = "SEED")]
+    reproduce: Option<u64>,
+    /// Run seeds --seed .. --seed + --seeds, each a random job shape and fault mix.
+    #[arg(long)]
+    fuzz: bool,
+    #[arg(long, default_value_t = 1000)]
+    seeds: u64,
+    /// Test-only: switch a known protocol bug back on (ssp-off-by-one).
+    #[arg(long, hide = true)]
+    bug: Option<String>,
+    /// Predict step time, throughput and scaling efficiency instead.
+    #[arg(long)]
+    predict: bool,
+    /// Model size in f32 parameters (e.g. 100M).
+    #[arg(long, default_value = "100M")]
+    params: String,
+    /// One worker's compute per step, in ms.
+    #[arg(long, default_value_t = 100.0)]
+    compute_ms: f64,
+    /// Samples per worker per step.
+    #[arg(long, default_value_t = 32)]
+    batch: u64,
+    /// Link rate (e.g. 25gbit, 100mbit).
+    #[arg(long, default_value = "25gbit")]
+    bandwidth: String,
+    #[arg(long, default_value_t = 10.0)]
+    latency_us: f64,
+    /// allreduce and/or ps, comma-separated.
+    #[arg(long, default_value = "allreduce")]
+    strategy: String,
+    /// Codecs, comma-separated (none, topk:0.01:f16, int8, ...).
+    #[arg(long, default_value = "none")]
+    codec: String,
+    /// Codec encode and decode GB/s (default: this machine's `sinter bench codec` figures).
+    #[arg(long, num_args = 2, value_names = ["ENCODE", "DECODE"])]
+    codec_gbps: Vec<f64>,
+    /// One JSON object per prediction.
+    #[arg(long)]
+    json: bool,
+    /// Write the efficiency plot (SVG) here.
+    #[arg(long)]
+    plot: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -67,6 +138,9 @@ struct ServerArgs {
     /// A reply a worker does not take within this long fails the server.
     #[arg(long, default_value_t = 30_000)]
     write_timeout_ms: u64,
+    /// Server processes per shard (`cluster.replicas`); must match the coordinator's.
+    #[arg(long, default_value_t = 1)]
+    replicas: u32,
     /// File holding the shared secret (default: the SINTER_SECRET variable).
     #[arg(long)]
     secret_file: Option<PathBuf>,
@@ -83,6 +157,17 @@ struct CoordinatorArgs {
     /// Number of parameter-server shards; default $DMLC_NUM_SERVER, else 0.
     #[arg(long)]
     servers: Option<u32>,
+    /// Server processes per shard: 2 runs a primary and a backup of each (`cluster.replicas`).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=2))]
+    replicas: u32,
+    /// The job's checkpoint directory: a restarted coordinator continues the
+    /// membership generations of the newest checkpoint there.
+    #[arg(long)]
+    checkpoint_dir: Option<PathBuf>,
+    /// Elastic all-reduce job, as MIN:MAX workers (torchrun's --nnodes form):
+    /// lost workers no longer stop the job while MIN are left, and up to MAX may join.
+    #[arg(long, value_parser = parse_min_max)]
+    elastic: Option<(u32, u32)>,
     #[arg(long, default_value_t = 5_000)]
     heartbeat_timeout_ms: u64,
     #[arg(long, default_value_t = 120_000)]
@@ -155,6 +240,13 @@ struct PsArgs {
     /// The shard engines in this process without a network: the ceiling.
     #[arg(long)]
     inproc: bool,
+    /// Server processes per shard: 2 replicates each shard (primary and backup).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=2))]
+    replicas: u32,
+    /// Counter model: every push adds 1 to each of its keys; rank 0 checks the
+    /// final table against every push (lost or doubled updates).
+    #[arg(long)]
+    counter: bool,
     /// One JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -293,6 +385,7 @@ fn main() -> ExitCode {
         Command::Coordinator(a) => coordinator(a),
         Command::Worker(a) => worker(a),
         Command::Server(a) => server(a),
+        Command::Sim(a) => sim_command(a),
         Command::Bench(BenchCommand::Allreduce(a)) => bench_allreduce(a),
         Command::Bench(BenchCommand::Ps(a)) => bench_ps(a),
         Command::Bench(BenchCommand::Codec(a)) => bench_codec(a),
@@ -401,9 +494,14 @@ fn coordinator(a: CoordinatorArgs) -> Result<()> {
     let secret = load_secret(a.secret_file.as_deref())?;
     let listener = node::net::listen(&listen)?;
     let addr = listener.local_addr().context("listener address")?;
+    let saved = a.checkpoint_dir.as_deref().and_then(node::coord::saved_generation);
     out!(
         "{}",
-        serde_json::json!({ "listening": addr.to_string(), "world": world })
+        serde_json::json!({
+            "listening": addr.to_string(),
+            "world": world,
+            "continues_after": saved.map(|(generation, step)| serde_json::json!({"generation": generation, "step": step})),
+        })
     );
     let outcome = node::coord::run(
         listener,
@@ -412,6 +510,14 @@ fn coordinator(a: CoordinatorArgs) -> Result<()> {
             servers: a.servers.or(env.servers).unwrap_or(0),
             heartbeat_timeout_ms: a.heartbeat_timeout_ms,
             rendezvous_timeout_ms: a.rendezvous_timeout_ms,
+            continue_after: saved.map_or(0, |(generation, _)| generation),
+            replicas: a.replicas,
+            on_shard: Some(|v| out!("{}", node::coord::shard_json(v))),
+            elastic: a.elastic.map(|(min_workers, max_workers)| node::coord::Elastic {
+                min_workers,
+                max_workers,
+                settle_ms: node::coord::REGROUP_SETTLE_MS,
+            }),
         },
         secret,
     )?;
@@ -441,6 +547,7 @@ fn server(a: ServerArgs) -> Result<()> {
         &node::server::ServerOptions {
             heartbeat_timeout_ms: a.heartbeat_timeout_ms,
             write_timeout_ms: a.write_timeout_ms,
+            replicas: a.replicas,
         },
     )?;
     let mut line = serde_json::to_value(&report).context("server report to JSON")?;
@@ -456,6 +563,7 @@ fn worker(a: WorkerArgs) -> Result<()> {
         return server(ServerArgs {
             heartbeat_timeout_ms: cfg.cluster.heartbeat_timeout_ms,
             write_timeout_ms: cfg.cluster.collective_timeout_ms.max(30_000),
+            replicas: cfg.cluster.replicas,
             secret_file: cfg.cluster.secret_file.clone(),
         });
     }
@@ -523,6 +631,91 @@ fn bench_allreduce(a: AllreduceArgs) -> Result<()> {
     Ok(())
 }
 
+fn sim_command(a: SimArgs) -> Result<()> {
+    use sim::cmd;
+    let e = |e: String| anyhow::anyhow!(e);
+    let bug = a.bug.as_deref().map(str::parse::<sim::Bug>).transpose().map_err(e)?;
+    let mut stdout = std::io::stdout().lock();
+    let mut trace_file = match &a.trace {
+        Some(p) => Some(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?),
+        None => None,
+    };
+    let trace = trace_file.as_mut().map(|f| f as &mut dyn std::io::Write);
+    let held = if a.predict {
+        let workers = a
+            .workers
+            .split(',')
+            .map(|w| {
+                w.trim()
+                    .parse::<u32>()
+                    .map_err(|_| anyhow::anyhow!("--workers: `{w}` is not a number"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let strategies = a
+            .strategy
+            .split(',')
+            .map(|s| s.trim().parse::<sim::predict::Strategy>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(e)?;
+        let base = sim::predict::PredictConfig {
+            params: cmd::parse_count(&a.params).map_err(e)?,
+            compute_ns: (a.compute_ms * 1e6).round() as u64,
+            batch: a.batch,
+            workers: 1,
+            servers: a.servers.max(1),
+            link: sim::net::LinkSpec::new(
+                cmd::parse_rate(&a.bandwidth).map_err(e)?,
+                (a.latency_us * 1e3).round() as u64,
+            ),
+            strategy: sim::predict::Strategy::AllReduce,
+            codec: codec_none(),
+            consistency: cmd::parse_consistency(&a.consistency, a.staleness).map_err(e)?,
+            cpu: sim::predict::CpuModel::default(),
+        };
+        let run = cmd::PredictRun {
+            base,
+            workers,
+            strategies,
+            codecs: cmd::parse_codecs(&a.codec).map_err(e)?,
+            codec_gbps: (a.codec_gbps.len() == 2).then(|| (a.codec_gbps[0], a.codec_gbps[1])),
+            json: a.json,
+        };
+        let svg = cmd::predict_table(&run, &mut stdout).map_err(e)?;
+        if let Some(p) = &a.plot {
+            std::fs::write(p, svg).with_context(|| format!("writing {}", p.display()))?;
+        }
+        true
+    } else if let Some(seed) = a.reproduce {
+        cmd::reproduce(seed, bug, trace, &mut stdout).map_err(e)?
+    } else if a.fuzz {
+        let to = a.seed.checked_add(a.seeds).context("--seed + --seeds overflows")?;
+        cmd::fuzz_seeds(a.seed, to, bug, false, &mut stdout).map_err(e)?
+    } else {
+        let one = cmd::OneRun {
+            seed: a.seed,
+            workers: a
+                .workers
+                .trim()
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--workers: `{}` is not a number", a.workers))?,
+            servers: a.servers,
+            faults: a.faults.parse().map_err(|m: String| anyhow::anyhow!("--faults: {m}"))?,
+            steps: a.steps,
+            consistency: cmd::parse_consistency(&a.consistency, a.staleness).map_err(e)?,
+            bug,
+        };
+        cmd::one(&one, trace, &mut stdout).map_err(e)?
+    };
+    if !held {
+        anyhow::bail!("an invariant was violated (see above)");
+    }
+    Ok(())
+}
+
+fn codec_none() -> sim::predict::CodecSpec {
+    sim::predict::CodecSpec::None
+}
+
 fn bench_codec(a: CodecArgs) -> Result<()> {
     let bytes = match node::bench::parse_sizes(&a.size).map_err(|e| anyhow::anyhow!("--size: {e}"))?[..] {
         [b] => b,
@@ -578,6 +771,8 @@ fn bench_ps(a: PsArgs) -> Result<()> {
         consistency,
         staleness: a.staleness,
         seed: a.seed,
+        replicas: a.replicas,
+        counter: a.counter,
     };
     anyhow::ensure!(
         (1..=24).contains(&a.key_bits) && a.keys_per_push > 0 && a.keys_per_push <= 1 << (a.key_bits - 1),
@@ -630,11 +825,16 @@ fn bench_ps(a: PsArgs) -> Result<()> {
         ("--consistency", a.consistency.clone()),
         ("--staleness", a.staleness.to_string()),
         ("--seed", a.seed.to_string()),
+        ("--replicas", a.replicas.to_string()),
     ] {
         args.push(k.into());
         args.push(v.into());
     }
-    let mut cluster = node::launcher::LocalCluster::start_with_servers(a.workers, a.servers, 5_000, &args)?;
+    if a.counter {
+        args.push("--counter".into());
+    }
+    let mut cluster =
+        node::launcher::LocalCluster::start_replicated(a.workers, a.servers, a.replicas, 5_000, &args, None)?;
     let mut workers = Vec::new();
     let mut servers = Vec::new();
     cluster.supervise_all(
@@ -644,11 +844,19 @@ fn bench_ps(a: PsArgs) -> Result<()> {
             }
         },
         &mut |_, v| {
+            // Replicated shards: who serves each shard, as the coordinator says (for tests and logs).
+            if v.get("event").and_then(|e| e.as_str()) == Some("shard") {
+                if a.json {
+                    out!("{v}");
+                }
+                return;
+            }
             if let Ok(r) = serde_json::from_value::<node::server::ServerReport>(v) {
                 servers.push(r);
             }
         },
     )?;
+    servers.retain(|s| !s.backup);
     anyhow::ensure!(
         workers.len() == a.workers as usize && servers.len() == a.servers as usize,
         "got {} worker and {} server reports",
@@ -696,4 +904,15 @@ fn checkpoint_command(c: CheckpointCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `MIN:MAX`, with 1 <= MIN <= MAX.
+fn parse_min_max(s: &str) -> Result<(u32, u32), String> {
+    let (a, b) = s.split_once(':').ok_or_else(|| format!("`{s}` is not MIN:MAX"))?;
+    let min: u32 = a.trim().parse().map_err(|e| format!("MIN `{a}`: {e}"))?;
+    let max: u32 = b.trim().parse().map_err(|e| format!("MAX `{b}`: {e}"))?;
+    if min == 0 || min > max {
+        return Err(format!("`{s}`: need 1 <= MIN <= MAX"));
+    }
+    Ok((min, max))
 }

@@ -84,6 +84,18 @@ impl Observer for Console {
                 let done = u64::from(s.epoch - 1) * s.steps_per_epoch + s.step_in_epoch;
                 bar.set_position(done.min(bar.length().unwrap_or(done)));
             }
+            Report::Regroup(g) => {
+                if g.rank == 0 && !self.quiet {
+                    let line = format!(
+                        "generation {}: {} workers, continuing at step {} from rank {}'s state ({} rows of lost workers shared out, {} moved to joiners; {:.0} ms)",
+                        g.generation, g.world, g.step, g.source, g.lost_rows, g.moved_rows, g.regroup_ms
+                    );
+                    match &self.bar {
+                        Some(bar) if !bar.is_hidden() => bar.println(line),
+                        _ => eprintln!("{line}"),
+                    }
+                }
+            }
             Report::Epoch(e) | Report::Eval(e) => {
                 let mut line = match r {
                     Report::Eval(_) => format!(

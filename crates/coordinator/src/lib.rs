@@ -10,6 +10,12 @@ use std::collections::BTreeMap;
 
 use wire::msg::{FromCoordinator, Role, ToCoordinator};
 
+mod elastic;
+mod servers;
+
+pub use elastic::Elastic;
+pub use servers::ShardView;
+
 /// The runtime's handle for one connection.
 pub type ConnId = u64;
 
@@ -23,6 +29,9 @@ pub struct Config {
     pub heartbeat_timeout_ms: u64,
     /// All workers must have joined within this long of the first event.
     pub rendezvous_timeout_ms: u64,
+    /// `Some`: a lost worker opens a new generation of the survivors instead
+    /// of failing the job, and workers may join a running job.
+    pub elastic: Option<Elastic>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -46,6 +55,8 @@ pub enum Command {
     },
     /// The job is over; the runtime exits with this outcome.
     Exit(Outcome),
+    /// Replicated servers: who serves a shard now (for the runtime to report).
+    Shard(ShardView),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,6 +90,11 @@ pub struct Coordinator {
     started_ms: Option<u64>,
     /// Parameter checksums reported at each epoch end, by rank.
     checksums: BTreeMap<u32, BTreeMap<u32, u64>>,
+    /// Elastic jobs: when the next generation opens (a worker was lost or
+    /// joined; the wait lets the other news of the same event arrive).
+    regroup_due_ms: Option<u64>,
+    /// Parameter-server replicas: who is primary and backup of each shard.
+    replicas: servers::Replicas,
 }
 
 impl Coordinator {
@@ -92,11 +108,22 @@ impl Coordinator {
             members: BTreeMap::new(),
             started_ms: None,
             checksums: BTreeMap::new(),
+            regroup_due_ms: None,
+            replicas: servers::Replicas::new(1),
         }
     }
 
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// A restarted coordinator: numbers its generations after `generation`, the
+    /// last one its predecessor opened (kept in the job's checkpoint), so that
+    /// a process of the old membership is never taken for a new one.
+    pub fn continue_after(&mut self, generation: u64) {
+        if self.phase == Phase::Rendezvous {
+            self.generation = self.generation.max(generation);
+        }
     }
 
     pub fn is_over(&self) -> bool {
@@ -111,7 +138,7 @@ impl Coordinator {
         let started = *self.started_ms.get_or_insert(now_ms);
         match event {
             Event::Message { conn, msg } => self.on_message(now_ms, conn, msg),
-            Event::Disconnected { conn } => self.on_disconnect(conn),
+            Event::Disconnected { conn } => self.on_disconnect(now_ms, conn),
             Event::Tick => self.on_tick(now_ms, started),
         }
     }
@@ -139,10 +166,11 @@ impl Coordinator {
                 if let Some(m) = self.members.get_mut(&conn) {
                     m.finished = true;
                 }
+                // Joiners still waiting for a generation have no work to finish.
                 let workers_done = self
                     .members
                     .values()
-                    .filter(|m| m.role == Role::Worker)
+                    .filter(|m| m.role == Role::Worker && m.rank.is_some())
                     .all(|m| m.finished);
                 if self.phase == Phase::Running && workers_done {
                     self.phase = Phase::Over;
@@ -159,6 +187,10 @@ impl Coordinator {
                 }
                 Vec::new()
             }
+            ToCoordinator::PeerLost { generation, rank, step } => {
+                self.on_peer_lost(now_ms, conn, generation, rank, step)
+            }
+            ToCoordinator::BackupReady { shard } => self.on_backup_ready(conn, shard),
             ToCoordinator::Failed { reason } => match self.members.get(&conn) {
                 Some(m) => {
                     let (rank, who) = (m.worker_rank(), m.who());
@@ -190,9 +222,15 @@ impl Coordinator {
         data_addr: String,
         pid: u32,
     ) -> Vec<Command> {
+        if role == Role::Worker && self.phase == Phase::Running && self.cfg.elastic.is_some() {
+            return self.on_late_join(now_ms, conn, data_addr, pid);
+        }
+        if role == Role::Server && self.phase == Phase::Running && self.replicated() {
+            return self.on_server_join(now_ms, conn, data_addr, pid);
+        }
         let wanted = match role {
             Role::Worker => self.cfg.world,
-            Role::Server => self.cfg.servers,
+            Role::Server => self.server_processes(),
             _ => 0,
         };
         if wanted == 0 || self.phase != Phase::Rendezvous || self.members.contains_key(&conn) {
@@ -238,7 +276,7 @@ impl Coordinator {
                 finished: false,
             },
         );
-        if self.members.len() < (self.cfg.world + self.cfg.servers) as usize {
+        if self.members.len() < (self.cfg.world + self.server_processes()) as usize {
             return Vec::new();
         }
         // Everyone is here: give the unranked the free ranks of their role in order of arrival.
@@ -260,7 +298,11 @@ impl Coordinator {
             addrs
         };
         let peers = addrs(Role::Worker, self.cfg.world);
-        let servers = addrs(Role::Server, self.cfg.servers);
+        let servers = if self.replicas.per_shard > 1 {
+            self.assign_shards()
+        } else {
+            addrs(Role::Server, self.cfg.servers)
+        };
         self.generation += 1;
         self.phase = Phase::Running;
         // Members start heartbeats on the welcome; an early joiner's silence while
@@ -268,7 +310,8 @@ impl Coordinator {
         for m in self.members.values_mut() {
             m.last_heard_ms = now_ms;
         }
-        self.members
+        let mut cmds: Vec<Command> = self
+            .members
             .iter()
             .map(|(&conn, m)| Command::Send {
                 conn,
@@ -280,7 +323,11 @@ impl Coordinator {
                     servers: servers.clone(),
                 },
             })
-            .collect()
+            .collect();
+        if self.replicated() {
+            cmds.extend(self.shard_roles());
+        }
+        cmds
     }
 
     fn on_epoch_done(&mut self, conn: ConnId, epoch: u32, checksum: u64) -> Vec<Command> {
@@ -304,7 +351,7 @@ impl Coordinator {
         Vec::new()
     }
 
-    fn on_disconnect(&mut self, conn: ConnId) -> Vec<Command> {
+    fn on_disconnect(&mut self, now_ms: u64, conn: ConnId) -> Vec<Command> {
         let Some(m) = self.members.get(&conn) else {
             return Vec::new();
         };
@@ -316,8 +363,15 @@ impl Coordinator {
             self.members.remove(&conn);
             return Vec::new();
         }
+        let why = format!("{who} (pid {pid}) disconnected before finishing");
+        if self.elastic_for(conn) {
+            return self.on_worker_lost(now_ms, conn, why);
+        }
+        if self.replicated_server(conn) {
+            return self.on_server_lost(conn, why);
+        }
         self.members.remove(&conn);
-        self.fail(rank, format!("{who} (pid {pid}) disconnected before finishing"))
+        self.fail(rank, why)
     }
 
     fn on_tick(&mut self, now_ms: u64, started_ms: u64) -> Vec<Command> {
@@ -337,15 +391,29 @@ impl Coordinator {
             Phase::Running => {
                 let late = self
                     .members
-                    .values()
-                    .filter(|m| !m.finished)
-                    .map(|m| (now_ms.saturating_sub(m.last_heard_ms), m))
-                    .filter(|(silent, _)| *silent > self.cfg.heartbeat_timeout_ms)
-                    .max_by_key(|(silent, _)| *silent)
-                    .map(|(silent, m)| (silent, m.worker_rank(), m.who()));
+                    .iter()
+                    .filter(|(_, m)| !m.finished)
+                    .map(|(&conn, m)| (now_ms.saturating_sub(m.last_heard_ms), conn, m))
+                    .filter(|(silent, _, _)| *silent > self.cfg.heartbeat_timeout_ms)
+                    .max_by_key(|(silent, _, _)| *silent)
+                    .map(|(silent, conn, m)| (silent, conn, m.worker_rank(), m.who()));
                 match late {
-                    Some((silent, rank, who)) => self.fail(rank, format!("{who} sent no heartbeat for {silent} ms")),
-                    None => Vec::new(),
+                    Some((silent, conn, _, who)) if self.elastic_for(conn) => {
+                        let mut cmds = vec![Command::Close { conn }];
+                        cmds.extend(self.on_worker_lost(
+                            now_ms,
+                            conn,
+                            format!("{who} sent no heartbeat for {silent} ms"),
+                        ));
+                        cmds
+                    }
+                    Some((silent, conn, _, who)) if self.replicated_server(conn) => {
+                        let mut cmds = vec![Command::Close { conn }];
+                        cmds.extend(self.on_server_lost(conn, format!("{who} sent no heartbeat for {silent} ms")));
+                        cmds
+                    }
+                    Some((silent, _, rank, who)) => self.fail(rank, format!("{who} sent no heartbeat for {silent} ms")),
+                    None => self.regroup_if_due(now_ms),
                 }
             }
             _ => Vec::new(),
@@ -401,6 +469,7 @@ mod tests {
             servers: 0,
             heartbeat_timeout_ms: 1000,
             rendezvous_timeout_ms: 5000,
+            elastic: None,
         }
     }
 

@@ -18,6 +18,7 @@ mod meta;
 #[cfg(feature = "parquet")]
 mod parquet;
 mod partition;
+mod plan;
 mod read;
 mod sampling;
 mod source;
@@ -42,6 +43,7 @@ pub use meta::{META_BYTES_MAX, Meta, meta_path, read_meta, write_meta};
 #[cfg(feature = "parquet")]
 pub use parquet::{ParquetWriter, read_parquet};
 pub use partition::{EpochOrder, Partition, SkewReport, partition, partition_range};
+pub use plan::{EpochPlan, PLAN_ROWS_MAX, Reassigned, local_batches};
 pub use read::{Format, ReadOptions, detect_format, read_auto};
 pub use source::LINE_BYTES_MAX;
 pub use sparse::{HASH_BITS_MAX, hash_index};

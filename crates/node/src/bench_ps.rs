@@ -9,6 +9,12 @@
 //! `--inproc` runs the same `ps::Shard` engines in this process, on one
 //! thread, with the same key sets and no network: the ceiling the networked
 //! run is compared with.
+//!
+//! `--counter` makes the table a set of counters: SGD with lr 1 and a
+//! gradient of -1 per pushed key, so every applied push adds exactly 1 to
+//! each of its keys. Rank 0 reads the whole table at the end and compares it
+//! with the count computed from every worker's key sets: updates lost or
+//! applied twice (e.g. across failovers of replicated shards) show up exactly.
 
 use std::time::Instant;
 
@@ -37,6 +43,12 @@ pub struct PsBenchSpec {
     pub consistency: crate::config::ConsistencyMode,
     pub staleness: u32,
     pub seed: u64,
+    /// Server processes per shard (2: primary and backup).
+    #[serde(default)]
+    pub replicas: u32,
+    /// Counter model (see the module doc).
+    #[serde(default)]
+    pub counter: bool,
 }
 
 /// One worker's figures (networked runs), or the whole run's (`--inproc`).
@@ -62,6 +74,21 @@ pub struct PsBenchResult {
     pub keys_max_over_mean: f64,
     pub bytes_max_over_mean: f64,
     pub requests_max_over_mean: f64,
+    #[serde(default)]
+    pub replicas: u32,
+    /// Counter runs, rank 0: the sum the table should hold, what it holds,
+    /// and per key the shortfall and the excess, summed.
+    #[serde(default)]
+    pub counter_expected: Option<u64>,
+    #[serde(default)]
+    pub counter_total: Option<u64>,
+    #[serde(default)]
+    pub lost_updates: Option<u64>,
+    #[serde(default)]
+    pub extra_updates: Option<u64>,
+    /// The failovers this worker went through.
+    #[serde(default)]
+    pub failovers: Vec<crate::ps_client::FailoverRecord>,
 }
 
 fn layout(spec: &PsBenchSpec) -> Layout {
@@ -70,8 +97,13 @@ fn layout(spec: &PsBenchSpec) -> Layout {
     l
 }
 
-fn optim() -> optim::OptimConfig {
-    serde_json::from_str(r#"{"kind":"adagrad","lr":0.01}"#).expect("a valid optimizer config")
+fn optim(spec: &PsBenchSpec) -> optim::OptimConfig {
+    let json = if spec.counter {
+        r#"{"kind":"sgd","lr":1.0}"#
+    } else {
+        r#"{"kind":"adagrad","lr":0.01}"#
+    };
+    serde_json::from_str(json).expect("a valid optimizer config")
 }
 
 /// Zipf(s) over `n` ranks by inverse CDF; rank r maps to a scattered row.
@@ -144,14 +176,15 @@ fn placement_spec(spec: &PsBenchSpec, zipf: &Zipf) -> ps::PlacementSpec {
     p
 }
 
-fn gradient(rows: &[u32]) -> Gradient {
+fn gradient(rows: &[u32], counter: bool) -> Gradient {
+    let g = if counter { -1.0 } else { 1e-3 };
     Gradient {
         dense: Vec::new(),
         sparse: vec![SparseRows {
             tensor: 0,
             row_len: 1,
             rows: rows.to_vec(),
-            values: vec![1e-3; rows.len()],
+            values: vec![g; rows.len()],
         }],
     }
 }
@@ -186,6 +219,7 @@ impl PsBenchResult {
 
 fn base(spec: &PsBenchSpec, mode: &str) -> PsBenchResult {
     PsBenchResult {
+        replicas: spec.replicas.max(1),
         mode: mode.into(),
         servers: spec.servers,
         workers: spec.workers,
@@ -214,7 +248,7 @@ pub fn inproc(spec: &PsBenchSpec) -> Result<PsBenchResult, JobError> {
             s,
             spec.workers,
             consistency,
-            &optim(),
+            &optim(spec),
             &layout,
             &placement,
             vec![0.0; n],
@@ -272,10 +306,10 @@ pub fn worker(spec: &PsBenchSpec, env: &ClusterEnv, secret: &wire::Secret) -> Re
         servers: spec.servers,
         ..Default::default()
     };
-    let member = crate::worker::join(env, secret, &cluster)?;
+    let mut member = crate::worker::join(env, secret, &cluster)?;
     let layout = layout(spec);
     let params = vec![0.0f32; layout.len()];
-    let opt = optim();
+    let opt = optim(spec);
     let init = (member.rank == 0).then(|| InitArgs {
         params: &params,
         optim: &opt,
@@ -295,8 +329,12 @@ pub fn worker(spec: &PsBenchSpec, env: &ClusterEnv, secret: &wire::Secret) -> Re
         0,
         init,
     )?;
+    if let Some(notices) = member.ps_notices.take().filter(|_| spec.replicas > 1) {
+        let wait_ms = crate::ps_client::failover_wait_ms(cluster.heartbeat_timeout_ms);
+        ex.enable_failover(notices, secret.clone(), member.generation, wait_ms);
+    }
     let pushes = pool(spec, &zipf, member.rank);
-    let grads: Vec<Gradient> = pushes.iter().map(|r| gradient(r)).collect();
+    let grads: Vec<Gradient> = pushes.iter().map(|r| gradient(r, spec.counter)).collect();
     let mut params = params;
     let started = Instant::now();
     let mut updates = 0u64;
@@ -313,8 +351,19 @@ pub fn worker(spec: &PsBenchSpec, env: &ClusterEnv, secret: &wire::Secret) -> Re
     }
     ex.flush(spec.steps)?;
     let wall = started.elapsed().as_secs_f64();
+    let counted = match spec.counter && member.rank == 0 {
+        true => Some(count_check(spec, &zipf, &mut ex, &mut params)?),
+        false => None,
+    };
     crate::worker::report_end(&member.coord, &member.shutdown, member.rank, Ok(spec.steps))?;
     let mut r = base(spec, "network");
+    if let Some((expected, total, lost, extra)) = counted {
+        r.counter_expected = Some(expected);
+        r.counter_total = Some(total);
+        r.lost_updates = Some(lost);
+        r.extra_updates = Some(extra);
+    }
+    r.failovers = ex.failovers.clone();
     r.key_updates = updates;
     r.wall_s = wall;
     r.key_updates_per_s = updates as f64 / wall.max(1e-9);
@@ -325,6 +374,43 @@ pub fn worker(spec: &PsBenchSpec, env: &ClusterEnv, secret: &wire::Secret) -> Re
     Ok(r)
 }
 
+/// Counter runs: reads every row once every worker has pushed every step and
+/// compares it with the count of every push of every worker. Returns (expected
+/// total, total held, shortfall, excess).
+fn count_check(
+    spec: &PsBenchSpec,
+    zipf: &Zipf,
+    ex: &mut PsExchange,
+    params: &mut [f32],
+) -> Result<(u64, u64, u64, u64), JobError> {
+    let rows = 1usize << spec.key_bits;
+    let mut want = vec![0u64; rows];
+    for w in 0..spec.workers {
+        let p = pool(spec, zipf, w);
+        for step in 0..spec.steps {
+            for &r in &p[step as usize % POOL_PUSHES] {
+                want[r as usize] += 1;
+            }
+        }
+    }
+    let all: Vec<u32> = (0..rows as u32).collect();
+    ex.pull_start(spec.steps, &all, false, true)?;
+    ex.pull_finish(params)?;
+    let (mut total, mut lost, mut extra) = (0u64, 0u64, 0u64);
+    for (r, &w) in want.iter().enumerate() {
+        // Counts stay exact in f32 up to 2^24.
+        let got = params[r].round().max(0.0) as u64;
+        total += got;
+        lost += w.saturating_sub(got);
+        extra += got.saturating_sub(w);
+    }
+    let expected = want.iter().sum();
+    if lost > 0 || extra > 0 {
+        tracing::error!(expected, total, lost, extra, "the counters do not add up");
+    }
+    Ok((expected, total, lost, extra))
+}
+
 /// Combines the workers' and servers' lines of a networked run into one result.
 pub fn combine(
     spec: &PsBenchSpec,
@@ -332,6 +418,16 @@ pub fn combine(
     servers: &[crate::server::ServerReport],
 ) -> PsBenchResult {
     let mut r = base(spec, "network");
+    r.replicas = spec.replicas.max(1);
+    for w in workers {
+        r.failovers.extend(w.failovers.iter().cloned());
+        if w.counter_expected.is_some() {
+            r.counter_expected = w.counter_expected;
+            r.counter_total = w.counter_total;
+            r.lost_updates = w.lost_updates;
+            r.extra_updates = w.extra_updates;
+        }
+    }
     r.key_updates = workers.iter().map(|w| w.key_updates).sum();
     // The run lasts as long as its slowest worker.
     r.wall_s = workers.iter().map(|w| w.wall_s).fold(0.0, f64::max);
@@ -341,7 +437,8 @@ pub fn combine(
     r.pull_p99_us = workers.iter().map(|w| w.pull_p99_us).fold(0.0, f64::max);
     r.push_p50_us = mean(|w| w.push_p50_us);
     r.push_p99_us = workers.iter().map(|w| w.push_p99_us).fold(0.0, f64::max);
-    let mut servers: Vec<&crate::server::ServerReport> = servers.iter().collect();
+    // Replicated shards: the load is the primaries'.
+    let mut servers: Vec<&crate::server::ServerReport> = servers.iter().filter(|s| !s.backup).collect();
     servers.sort_by_key(|s| s.shard);
     r.set_load(&servers.iter().map(|s| &s.stats).collect::<Vec<_>>());
     r

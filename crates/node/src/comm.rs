@@ -365,6 +365,22 @@ impl Comm {
         self.run(Kind::AllReduce(alg), buf, step, what)
     }
 
+    /// Copies `root`'s `buf` to every rank, choosing the algorithm by size.
+    pub fn broadcast(&mut self, buf: &mut [f32], root: u32, step: u64, what: &str) -> Result<(), JobError> {
+        let algorithm = self.cfg.broadcast_algorithm(buf.len() * 4, self.world);
+        self.run(Kind::Broadcast { root, algorithm }, buf, step, what)
+    }
+
+    /// Handles on every peer's TCP stream (shared-memory links included: their
+    /// stream tells liveness). Shutting one down fails the collective that waits on it.
+    pub fn stream_handles(&self) -> Vec<TcpStream> {
+        self.peers
+            .iter()
+            .flatten()
+            .filter_map(|p| p.link.stream().try_clone().ok())
+            .collect()
+    }
+
     /// Runs one collective over `buf` (the same `kind` and length on every rank, in the
     /// same order). `step` and `what` only label errors.
     pub fn run(&mut self, kind: Kind, buf: &mut [f32], step: u64, what: &str) -> Result<(), JobError> {

@@ -169,10 +169,37 @@ pub struct ClusterConfig {
     pub hot_keys: usize,
     /// Parameter server: virtual nodes per shard on the consistent-hash ring.
     pub vnodes: u32,
+    /// Parameter server: server processes per shard. 1: a lost server stops
+    /// the job. 2: each shard has a primary and a backup that applies every
+    /// push before it is acknowledged; a lost primary's backup takes over, and
+    /// the launcher starts a replacement that becomes the new backup.
+    pub replicas: u32,
     /// File holding the shared secret peers authenticate with; the
     /// `SINTER_SECRET` environment variable is used when absent; the launcher
     /// makes a fresh one for a local cluster.
     pub secret_file: Option<PathBuf>,
+    /// All-reduce jobs: survive the loss of workers (the survivors regroup
+    /// and continue) and take in workers that join a running job. Off: the
+    /// first lost worker stops the job, naming it.
+    pub elastic: bool,
+    /// Elastic jobs: fewer workers than this left stops the job.
+    pub min_workers: u32,
+    /// Elastic jobs: joins beyond this many workers are refused (0: `workers`).
+    pub max_workers: u32,
+    /// `sinter train`, elastic jobs: how many lost workers the launcher
+    /// replaces with new processes over the whole run.
+    pub max_restarts: u32,
+}
+
+impl ClusterConfig {
+    /// `max_workers`, with 0 meaning `workers`.
+    pub fn max_workers_or_workers(&self) -> u32 {
+        if self.max_workers == 0 {
+            self.workers
+        } else {
+            self.max_workers
+        }
+    }
 }
 
 impl Default for ClusterConfig {
@@ -192,7 +219,12 @@ impl Default for ClusterConfig {
             staleness: 4,
             hot_keys: 1024,
             vnodes: ps::placement::VNODES_DEFAULT,
+            replicas: 1,
             secret_file: None,
+            elastic: false,
+            min_workers: 1,
+            max_workers: 0,
+            max_restarts: 0,
         }
     }
 }
@@ -323,6 +355,9 @@ impl JobConfig {
                 t.batch_size, c.workers
             ));
         }
+        if !(1..=2).contains(&c.replicas) || (c.replicas > 1 && c.servers == 0) {
+            return Err("cluster.replicas must be 1, or 2 with cluster.servers".into());
+        }
         if c.servers > crate::SERVERS_MAX {
             return Err(format!("cluster.servers must be in 0..={}", crate::SERVERS_MAX));
         }
@@ -337,6 +372,20 @@ impl JobConfig {
         }
         if c.average_every == 0 {
             return Err("cluster.average_every must be at least 1".into());
+        }
+        if c.elastic && c.servers > 0 {
+            return Err(
+                "cluster.elastic applies to all-reduce jobs; with cluster.servers a lost worker stops the job".into(),
+            );
+        }
+        if c.elastic && (c.min_workers == 0 || c.min_workers > c.workers || c.max_workers_or_workers() < c.workers) {
+            return Err(format!(
+                "cluster.min_workers ({}) must be in 1..=workers ({}) and cluster.max_workers ({}) at least workers",
+                c.min_workers, c.workers, c.max_workers
+            ));
+        }
+        if c.max_workers > crate::WORKERS_MAX {
+            return Err(format!("cluster.max_workers must be at most {}", crate::WORKERS_MAX));
         }
         if c.heartbeat_timeout_ms < 100 || c.collective_timeout_ms < 100 {
             return Err("cluster timeouts must be at least 100 ms".into());

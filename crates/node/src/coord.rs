@@ -8,8 +8,8 @@ use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::thread;
 use std::time::{Duration, Instant};
 
-pub use coordinator::Outcome;
 use coordinator::{Command, ConnId, Coordinator, Event};
+pub use coordinator::{Elastic, Outcome, ShardView};
 use wire::msg::ToCoordinator;
 use wire::{PeerInfo, Role, Secret};
 
@@ -27,7 +27,32 @@ pub struct CoordinatorConfig {
     pub servers: u32,
     pub heartbeat_timeout_ms: u64,
     pub rendezvous_timeout_ms: u64,
+    /// Survive lost workers and take in new ones (see `coordinator::elastic`).
+    pub elastic: Option<coordinator::Elastic>,
+    /// A restarted coordinator: the last generation its predecessor opened.
+    pub continue_after: u64,
+    /// Server processes per shard: 1, or 2 for a primary and a backup (`coordinator::servers`).
+    pub replicas: u32,
+    /// Called when a replicated shard's primary or backup changes (the binary prints it).
+    pub on_shard: Option<fn(&ShardView)>,
 }
+
+/// The membership generation and step of the newest good checkpoint in `dir`
+/// (what a restarted coordinator continues after), if there is one.
+pub fn saved_generation(dir: &std::path::Path) -> Option<(u64, u64)> {
+    let (snap, _) = checkpoint::load_latest(dir).ok()?;
+    let generation = snap
+        .manifest
+        .data_position
+        .get("generation")
+        .and_then(|g| g.as_u64())
+        .unwrap_or(0);
+    Some((generation, snap.manifest.step))
+}
+
+/// Elastic jobs: how long after the first news of a lost or joining worker the
+/// next generation opens, so that the other news of the same event make one generation.
+pub const REGROUP_SETTLE_MS: u64 = 100;
 
 enum Input {
     Joined { conn: ConnId, stream: TcpStream },
@@ -49,10 +74,18 @@ pub fn run(listener: TcpListener, cfg: CoordinatorConfig, secret: Secret) -> Res
         servers: cfg.servers,
         heartbeat_timeout_ms: cfg.heartbeat_timeout_ms,
         rendezvous_timeout_ms: cfg.rendezvous_timeout_ms,
-    });
+        elastic: cfg.elastic,
+    })
+    .with_replicas(cfg.replicas.clamp(1, 2));
+    engine.continue_after(cfg.continue_after);
     let mut conns: HashMap<ConnId, TcpStream> = HashMap::new();
     let start = Instant::now();
-    let tick = Duration::from_millis((cfg.heartbeat_timeout_ms / TICKS_PER_TIMEOUT).max(10));
+    let mut tick_ms = (cfg.heartbeat_timeout_ms / TICKS_PER_TIMEOUT).max(10);
+    if let Some(e) = cfg.elastic {
+        // A regroup opens within a tick of its settle time.
+        tick_ms = tick_ms.min((e.settle_ms / 2).max(10));
+    }
+    let tick = Duration::from_millis(tick_ms);
     let mut next_tick = Instant::now() + tick;
     loop {
         let now_ms = start.elapsed().as_millis() as u64;
@@ -87,6 +120,12 @@ pub fn run(listener: TcpListener, cfg: CoordinatorConfig, secret: Secret) -> Res
                 Command::Close { conn } => {
                     if let Some(s) = conns.remove(&conn) {
                         let _ = s.shutdown(Shutdown::Both);
+                    }
+                }
+                Command::Shard(v) => {
+                    tracing::info!(shard = v.shard, primary = ?v.primary_pid, backup = ?v.backup_pid, ready = v.backup_ready, failovers = v.failovers, "shard replicas");
+                    if let Some(f) = cfg.on_shard {
+                        f(&v);
                     }
                 }
                 Command::Exit(outcome) => {
@@ -158,4 +197,16 @@ fn read_loop(conn: ConnId, stream: TcpStream, tx: &Sender<Input>) {
         }
     }
     let _ = tx.send(Input::Gone { conn });
+}
+
+/// A shard's replicas as the JSON line `sinter coordinator` prints (`"event": "shard"`).
+pub fn shard_json(v: &ShardView) -> serde_json::Value {
+    serde_json::json!({
+        "event": "shard",
+        "shard": v.shard,
+        "primary_pid": v.primary_pid,
+        "backup_pid": v.backup_pid,
+        "backup_ready": v.backup_ready,
+        "failovers": v.failovers,
+    })
 }

@@ -36,6 +36,9 @@ pub enum JobError {
     Ps(#[from] ps::PsError),
     #[error("coordinator: {0}")]
     Coordinator(String),
+    /// The coordinator process died (not a job failure it reported).
+    #[error("the coordinator was lost: {0}")]
+    CoordinatorLost(String),
     #[error(transparent)]
     Wire(#[from] wire::WireError),
     #[error(transparent)]

@@ -148,8 +148,34 @@ pub struct LocalCluster {
     children: Children,
     rx: mpsc::Receiver<Msg>,
     _tx: Sender<Msg>,
+    /// Worker processes started (replacements included).
     workers: u32,
     servers: u32,
+    /// Elastic jobs: how to start a replacement worker, and how many more may be.
+    replace: Option<Replacement>,
+    /// Replicated parameter servers: how to start a replacement server.
+    replace_server: Option<Replacement>,
+}
+
+/// Servers killed by a signal that the launcher replaces over a run of a
+/// replicated job (each replacement becomes the backup of a shard that lost one).
+pub const SERVER_RESTARTS_MAX: u32 = 32;
+
+/// `cluster.elastic` as the launcher applies it.
+#[derive(Clone, Copy, Debug)]
+pub struct Elasticity {
+    pub min_workers: u32,
+    pub max_workers: u32,
+    /// Lost workers the launcher replaces over the whole run.
+    pub max_restarts: u32,
+}
+
+/// What starting one more worker takes.
+struct Replacement {
+    exe: PathBuf,
+    args: Vec<OsString>,
+    env: Vec<(&'static str, String)>,
+    left: u32,
 }
 
 impl LocalCluster {
@@ -167,6 +193,34 @@ impl LocalCluster {
         heartbeat_timeout_ms: u64,
         worker_args: &[OsString],
     ) -> Result<Self, JobError> {
+        Self::start_job(workers, servers, heartbeat_timeout_ms, worker_args, None)
+    }
+
+    /// As [`LocalCluster::start_with_servers`]; with `elastic`, the coordinator
+    /// survives lost workers and the launcher replaces up to `max_restarts` of them.
+    pub fn start_job(
+        workers: u32,
+        servers: u32,
+        heartbeat_timeout_ms: u64,
+        worker_args: &[OsString],
+        elastic: Option<Elasticity>,
+    ) -> Result<Self, JobError> {
+        Self::start_replicated(workers, servers, 1, heartbeat_timeout_ms, worker_args, elastic)
+    }
+
+    /// As [`LocalCluster::start_job`], with `replicas` server processes per
+    /// shard (`cluster.replicas`); with 2, a server killed by a signal is
+    /// replaced (up to [`SERVER_RESTARTS_MAX`] times) and the coordinator
+    /// makes the new one a backup.
+    pub fn start_replicated(
+        workers: u32,
+        servers: u32,
+        replicas: u32,
+        heartbeat_timeout_ms: u64,
+        worker_args: &[OsString],
+        elastic: Option<Elasticity>,
+    ) -> Result<Self, JobError> {
+        let replicas = replicas.max(1);
         let exe = std::env::current_exe().map_err(|e| JobError::io("locating the sinter binary", e))?;
         let secret_hex: String = crate::net::nonce()?.iter().map(|b| format!("{b:02x}")).collect();
         // SAFETY: installing a handler that only stores to an atomic.
@@ -190,22 +244,43 @@ impl LocalCluster {
             .arg("--heartbeat-timeout-ms")
             .arg(heartbeat_timeout_ms.to_string())
             .env("SINTER_SECRET", &secret_hex);
+        if let Some(e) = elastic {
+            coord
+                .arg("--elastic")
+                .arg(format!("{}:{}", e.min_workers, e.max_workers));
+        }
+        if replicas > 1 {
+            coord.arg("--replicas").arg(replicas.to_string());
+        }
         children.spawn(Who::Coordinator, coord, &tx)?;
         let addr = wait_for_address(&rx)?;
         let (host, port) = addr.rsplit_once(':').unwrap_or(("127.0.0.1", "0"));
-        for shard in 0..servers {
+        let server_args: Vec<OsString> = vec![
+            "server".into(),
+            "--heartbeat-timeout-ms".into(),
+            heartbeat_timeout_ms.to_string().into(),
+            "--replicas".into(),
+            replicas.to_string().into(),
+        ];
+        let server_env = vec![
+            ("DMLC_ROLE", "server".to_string()),
+            ("DMLC_PS_ROOT_URI", host.to_string()),
+            ("DMLC_PS_ROOT_PORT", port.to_string()),
+            ("DMLC_NUM_SERVER", servers.to_string()),
+            ("DMLC_NUM_WORKER", workers.to_string()),
+            ("SINTER_SECRET", secret_hex.clone()),
+        ];
+        for shard in 0..servers * replicas {
             let mut s = Command::new(&exe);
-            s.arg("server")
-                .arg("--heartbeat-timeout-ms")
-                .arg(heartbeat_timeout_ms.to_string())
-                .env("DMLC_ROLE", "server")
-                .env("DMLC_PS_ROOT_URI", host)
-                .env("DMLC_PS_ROOT_PORT", port)
-                .env("DMLC_NUM_SERVER", servers.to_string())
-                .env("DMLC_NUM_WORKER", workers.to_string())
-                .env("SINTER_SECRET", &secret_hex);
+            s.args(&server_args).envs(server_env.iter().map(|(k, v)| (k, v)));
             children.spawn(Who::Server(shard), s, &tx)?;
         }
+        let replace_server = (replicas > 1).then(|| Replacement {
+            exe: exe.clone(),
+            args: server_args,
+            env: server_env,
+            left: SERVER_RESTARTS_MAX,
+        });
         for rank in 0..workers {
             let mut w = Command::new(&exe);
             w.args(worker_args)
@@ -217,13 +292,74 @@ impl LocalCluster {
                 .env("SINTER_SECRET", &secret_hex);
             children.spawn(Who::Worker(rank), w, &tx)?;
         }
+        // A replacement joins without a rank: the coordinator gives it one.
+        let replace = elastic.map(|e| Replacement {
+            exe: exe.clone(),
+            args: worker_args.to_vec(),
+            env: vec![
+                ("MASTER_ADDR", host.to_string()),
+                ("MASTER_PORT", port.to_string()),
+                ("WORLD_SIZE", workers.to_string()),
+                ("SINTER_SECRET", secret_hex.clone()),
+            ],
+            left: e.max_restarts,
+        });
         Ok(Self {
             children,
             rx,
             _tx: tx,
             workers,
-            servers,
+            servers: servers * replicas,
+            replace,
+            replace_server,
         })
+    }
+
+    /// Elastic jobs: a worker exited with `status`; the coordinator decides
+    /// whether the job goes on (its failure line stops everything). Starts a
+    /// replacement while the restart budget lasts.
+    fn worker_lost(&mut self, id: u32, status: ExitStatus) -> Result<(), JobError> {
+        let Some(r) = self.replace.as_mut() else {
+            return Ok(());
+        };
+        let mut line = format!("worker {id} lost ({})", describe(status));
+        if r.left > 0 {
+            r.left -= 1;
+            let mut w = Command::new(&r.exe);
+            w.args(&r.args);
+            for (k, v) in &r.env {
+                w.env(k, v);
+            }
+            let new_id = self.workers;
+            self.children.spawn(Who::Worker(new_id), w, &self._tx)?;
+            self.workers += 1;
+            line.push_str(&format!(
+                "; started worker {new_id} to replace it ({} restarts left)",
+                r.left
+            ));
+        }
+        crate::worker::say(&format!("{line}\n"));
+        Ok(())
+    }
+
+    /// Replicated servers: server process `id` was killed; the coordinator
+    /// promotes its backup (or fails the job, naming the shard). Starts a
+    /// replacement, which joins as a backup.
+    fn server_lost(&mut self, id: u32, status: ExitStatus) -> Result<(), JobError> {
+        let Some(r) = self.replace_server.as_mut() else {
+            return Ok(());
+        };
+        r.left -= 1;
+        let mut s = Command::new(&r.exe);
+        s.args(&r.args).envs(r.env.iter().map(|(k, v)| (k, v)));
+        let new_id = self.children.procs.len() as u32;
+        let left = r.left;
+        self.children.spawn(Who::Server(new_id), s, &self._tx)?;
+        crate::worker::say(&format!(
+            "server process {id} {}; started server process {new_id} to become a backup ({left} restarts left)\n",
+            describe(status)
+        ));
+        Ok(())
     }
 
     /// Relays every JSON line a worker prints to `on_line(rank, value)` (a
@@ -240,8 +376,9 @@ impl LocalCluster {
         on_server_line: &mut dyn FnMut(u32, serde_json::Value),
     ) -> Result<(), JobError> {
         let mut finished = 0u32;
+        let mut lost = 0u32;
         let mut servers_done = 0u32;
-        let mut coordinator_done = false;
+        let mut coordinator_done: Option<Instant> = None;
         loop {
             if INTERRUPTED.load(Ordering::SeqCst) {
                 self.children.stop_all();
@@ -249,7 +386,14 @@ impl LocalCluster {
             }
             let msg = match self.rx.recv_timeout(Duration::from_millis(SUPERVISE_TICK_MS)) {
                 Ok(m) => m,
-                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Timeout) => {
+                    // The job is over; a worker it dropped (stopped, or cut off) ends with it.
+                    if coordinator_done.is_some_and(|t: Instant| t.elapsed() > Duration::from_millis(STOP_GRACE_MS)) {
+                        self.children.stop_all();
+                        return Ok(());
+                    }
+                    continue;
+                }
                 Err(RecvTimeoutError::Disconnected) => unreachable!("the cluster holds a sender"),
             };
             match msg {
@@ -268,6 +412,31 @@ impl LocalCluster {
                         self.children.stop_all();
                         return Err(failure);
                     }
+                    // Replicated shards: who is primary and backup now, relayed as a server line.
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                        && v.get("event").and_then(|e| e.as_str()) == Some("shard")
+                    {
+                        let shard = v.get("shard").and_then(|s| s.as_u64()).unwrap_or(0) as u32;
+                        on_server_line(shard, v);
+                    }
+                }
+                Msg::Exited(Who::Server(id), status)
+                    if status.signal().is_some() && self.replace_server.as_ref().is_some_and(|r| r.left > 0) =>
+                {
+                    self.server_lost(id, status)?;
+                }
+                // A worker that exits with EXIT_ABORTED was told to stop, or lost the
+                // coordinator: not a lost worker; the coordinator's verdict decides.
+                Msg::Exited(Who::Worker(id), status)
+                    if !status.success()
+                        && self.replace.is_some()
+                        && status.code() != Some(crate::worker::EXIT_ABORTED) =>
+                {
+                    lost += 1;
+                    self.worker_lost(id, status)?;
+                    if finished + lost == self.workers && servers_done == self.servers && coordinator_done.is_some() {
+                        return Ok(());
+                    }
                 }
                 Msg::Exited(who, status) => {
                     if !status.success() {
@@ -278,9 +447,9 @@ impl LocalCluster {
                     match who {
                         Who::Worker(_) => finished += 1,
                         Who::Server(_) => servers_done += 1,
-                        Who::Coordinator => coordinator_done = true,
+                        Who::Coordinator => coordinator_done = Some(Instant::now()),
                     }
-                    if finished == self.workers && servers_done == self.servers && coordinator_done {
+                    if finished + lost == self.workers && servers_done == self.servers && coordinator_done.is_some() {
                         return Ok(());
                     }
                 }
@@ -299,7 +468,8 @@ impl LocalCluster {
             match who {
                 Who::Worker(rank) => JobError::Peer { rank, why },
                 Who::Server(server) => JobError::Server { server, why },
-                Who::Coordinator => JobError::Coordinator(why),
+                // Killed, or gone without saying why the job failed.
+                Who::Coordinator => JobError::CoordinatorLost(why),
             }
         };
         if status.signal().is_some() {
@@ -307,10 +477,17 @@ impl LocalCluster {
         }
         let deadline = Instant::now() + Duration::from_millis(VERDICT_WAIT_MS);
         while let Ok(msg) = self.rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            if let Msg::Line(Who::Coordinator, line) = msg
-                && let Some(failure) = coordinator_failure(&line)
-            {
-                return failure;
+            match msg {
+                Msg::Line(Who::Coordinator, line) => {
+                    if let Some(failure) = coordinator_failure(&line) {
+                        return failure;
+                    }
+                }
+                // The worker stopped because the coordinator is gone.
+                Msg::Exited(Who::Coordinator, st) if !st.success() => {
+                    return JobError::CoordinatorLost(format!("the coordinator {}", describe(st)));
+                }
+                _ => {}
             }
         }
         own()
@@ -341,45 +518,75 @@ pub fn run(cfg: &JobConfig, resume: Option<&Path>, obs: &mut dyn Observer) -> Re
         why: e.to_string(),
     })?;
     std::fs::write(&job_file, text).map_err(|e| JobError::io(format!("writing {}", job_file.display()), e))?;
-    let mut args: Vec<OsString> = vec![
-        "worker".into(),
-        "--config".into(),
-        job_file.clone().into(),
-        "--json".into(),
-    ];
+    let mut resume = resume.map(Path::to_path_buf);
+    let mut restarts_left = cfg.cluster.max_restarts;
+    loop {
+        match run_once(cfg, &job_file, resume.as_deref(), obs) {
+            Err(JobError::CoordinatorLost(why)) if restarts_left > 0 && cfg.checkpoint.dir.is_some() => {
+                restarts_left -= 1;
+                let dir = cfg.checkpoint.dir.clone().expect("checked above");
+                // The newest good checkpoint, if one was written; else the start.
+                let saved = crate::coord::saved_generation(&dir);
+                crate::worker::say(&format!(
+                    "the coordinator was lost ({why}); restarting the job from {} ({restarts_left} restarts left)\n",
+                    match saved {
+                        Some((_, step)) => format!("the checkpoint of step {step} in {}", dir.display()),
+                        None => "the beginning (no checkpoint yet)".into(),
+                    }
+                ));
+                resume = saved.map(|_| dir);
+            }
+            other => return other,
+        }
+    }
+}
+
+/// One start of the whole cluster, resuming from `resume` if given.
+fn run_once(
+    cfg: &JobConfig,
+    job_file: &Path,
+    resume: Option<&Path>,
+    obs: &mut dyn Observer,
+) -> Result<Summary, JobError> {
+    let mut args: Vec<OsString> = vec!["worker".into(), "--config".into(), job_file.into(), "--json".into()];
     if let Some(dir) = resume {
         args.push("--resume".into());
         args.push(dir.into());
     }
-    let mut cluster = LocalCluster::start_with_servers(
-        cfg.cluster.workers,
-        cfg.cluster.servers,
-        cfg.cluster.heartbeat_timeout_ms,
-        &args,
-    )?;
+    let c = &cfg.cluster;
+    let elastic = c.elastic.then(|| Elasticity {
+        min_workers: c.min_workers,
+        max_workers: c.max_workers_or_workers(),
+        max_restarts: c.max_restarts,
+    });
+    let mut cluster =
+        LocalCluster::start_replicated(c.workers, c.servers, c.replicas, c.heartbeat_timeout_ms, &args, elastic)?;
     let mut summary: Option<Summary> = None;
     let mut servers = Vec::new();
     let mut on_server = |_, v: serde_json::Value| {
-        if let Ok(r) = serde_json::from_value::<crate::server::ServerReport>(v) {
+        // Replicated shards: the primaries' reports.
+        if let Ok(r) = serde_json::from_value::<crate::server::ServerReport>(v)
+            && !r.backup
+        {
             servers.push(r);
         }
     };
     cluster.supervise_all(
         &mut |rank, v| {
             if v.get("event").and_then(|e| e.as_str()) == Some("done") {
-                if rank == 0 {
-                    summary = serde_json::from_value::<Summary>(v).ok();
+                // The summary of the worker that ended as rank 0 (in an elastic
+                // job, not necessarily the process that started as rank 0).
+                if let Ok(s) = serde_json::from_value::<Summary>(v)
+                    && s.rank == 0
+                {
+                    summary = Some(s);
                 }
                 return;
             }
+            // Workers send start, epoch and evaluation lines from rank 0 only.
+            let _ = rank;
             if let Ok(r) = serde_json::from_value::<Report>(v) {
-                let relay = match &r {
-                    Report::Start { .. } | Report::Epoch(_) | Report::Eval(_) => rank == 0,
-                    Report::Step(_) => true,
-                };
-                if relay {
-                    obs.report(&r);
-                }
+                obs.report(&r);
             }
         },
         &mut on_server,

@@ -6,7 +6,8 @@
 //! - [`job::run`]: `sinter train`, in this process or as a local cluster;
 //! - [`coord::run`]: `sinter coordinator`;
 //! - [`worker::run`]: `sinter worker`;
-//! - [`server::run`]: `sinter server` (a parameter-server shard).
+//! - [`server::run`]: `sinter server` (a parameter-server shard; replicated
+//!   shards run [`replica::run`]).
 
 pub mod bench;
 pub mod bench_codec;
@@ -16,6 +17,7 @@ pub mod compress;
 pub mod config;
 pub mod coord;
 pub mod datagen;
+pub mod elastic;
 pub mod env;
 pub mod error;
 pub mod exchange;
@@ -23,6 +25,7 @@ pub mod job;
 pub mod launcher;
 pub mod net;
 pub mod ps_client;
+pub mod replica;
 pub mod report;
 pub mod server;
 pub mod shm;

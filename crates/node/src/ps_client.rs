@@ -15,8 +15,16 @@
 //! One reader thread per server drains replies into a channel, so neither
 //! side can block the other with a full socket buffer. Every wait has the
 //! collective deadline and names the shard it waits for.
+//!
+//! Replicated shards ([`PsExchange::enable_failover`]): the exchange keeps
+//! the bytes of every push not yet acknowledged and of the pull in flight.
+//! When a shard's connection breaks (or the coordinator promotes its backup)
+//! it waits, with a deadline, for the coordinator's `Promote`, connects to
+//! the new primary, and resends those pushes (same clocks: the shard applies
+//! a push it already has only once) and the pull. What was retried and what
+//! was given up is logged with the rank, the role and the step.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::Read;
 use std::net::TcpStream;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -25,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use ps::{Message, Placement, PlacementSpec};
 use tensor::{Gradient, Layout, ParamKind};
-use wire::msg::PeerHello;
+use wire::msg::{FromCoordinator, PeerHello};
 use wire::{FrameHeader, HEADER_BYTES, MessageType, PeerInfo, Role, Secret};
 
 use crate::error::JobError;
@@ -36,6 +44,55 @@ use crate::worker::RENDEZVOUS_TIMEOUT_MS;
 
 /// Unacknowledged pushes allowed per shard before a push waits.
 pub const PUSH_WINDOW: u64 = 2;
+/// Attempts to connect to a promoted primary before giving up.
+const RECONNECT_ATTEMPTS_MAX: u32 = 20;
+/// Pause between attempts to connect to a promoted primary.
+const RECONNECT_BACKOFF_MS: u64 = 20;
+/// With failover on, how often a wait for a reply looks for the coordinator's promotions.
+const NOTICE_POLL_MS: u64 = 20;
+
+/// A reply from a shard's reader thread: shard, connection epoch, message.
+type Reply = (u32, u64, Result<Message, String>);
+
+/// One failover seen by this worker, for reports and tests.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct FailoverRecord {
+    pub shard: u32,
+    /// The step the worker was at.
+    pub step: u64,
+    /// Wall-clock times (ms since the Unix epoch): the broken link seen, the
+    /// new primary connected, and its first acknowledged push.
+    pub detected_unix_ms: u64,
+    pub reconnected_unix_ms: u64,
+    pub first_ack_unix_ms: Option<u64>,
+    pub resent_pushes: usize,
+    pub resent_pull: bool,
+}
+
+/// What failover needs: the coordinator's promotions and how to reconnect.
+struct Failover {
+    notices: Receiver<FromCoordinator>,
+    secret: Secret,
+    generation: u64,
+    /// How long to wait for a promotion and reconnect.
+    wait_ms: u64,
+    /// Promotions received: shard → new primary's address.
+    promoted: BTreeMap<u32, String>,
+    /// Per shard: the record whose first acknowledgement is awaited.
+    awaiting_ack: Vec<Option<usize>>,
+}
+
+/// How long a worker waits for a lost primary's backup to be promoted and
+/// reachable: the coordinator may need a heartbeat timeout to see a hung primary.
+pub fn failover_wait_ms(heartbeat_timeout_ms: u64) -> u64 {
+    2 * heartbeat_timeout_ms + 2_000
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 
 /// What rank 0 sends the servers to start them.
 pub struct InitArgs<'a> {
@@ -64,6 +121,8 @@ struct PendingPull {
     got: Vec<Option<(Vec<f32>, Vec<f32>)>>,
     waiting: usize,
     started: Instant,
+    /// With failover: the encoded request per shard, to resend to a new primary.
+    sent: Vec<Vec<u8>>,
 }
 
 pub struct PsExchange {
@@ -74,7 +133,11 @@ pub struct PsExchange {
     /// Tensor indices of the layout's tables.
     tables: Vec<usize>,
     streams: Vec<TcpStream>,
-    replies: Receiver<(u32, Result<Message, String>)>,
+    /// Each shard's (primary's) address and connection epoch.
+    addrs: Vec<String>,
+    epochs: Vec<u64>,
+    replies: Receiver<Reply>,
+    reply_tx: Sender<Reply>,
     timeout_ms: u64,
     /// Each gradient is multiplied by this before it is pushed.
     weight: f32,
@@ -83,6 +146,11 @@ pub struct PsExchange {
     /// Per shard: pushes acknowledged, and the send times of those in flight.
     acked: Vec<u64>,
     in_flight: Vec<VecDeque<Instant>>,
+    /// With failover: the bytes of each push in flight, per shard.
+    unacked: Vec<VecDeque<Vec<u8>>>,
+    failover: Option<Failover>,
+    /// Every failover this worker went through.
+    pub failovers: Vec<FailoverRecord>,
     pub latencies: Latencies,
     buf: Vec<u8>,
     keys: Vec<Vec<u64>>,
@@ -195,12 +263,7 @@ impl PsExchange {
         let placement = Placement::new(spec, layout)?;
         let (tx, replies) = mpsc::channel();
         for (i, s) in streams.iter().enumerate() {
-            let s = s.try_clone().map_err(|e| JobError::io("cloning a server stream", e))?;
-            let tx = tx.clone();
-            thread::Builder::new()
-                .name(format!("ps-reply-{i}"))
-                .spawn(move || read_replies(i as u32, s, tx))
-                .map_err(|e| JobError::io("spawning a reply reader", e))?;
+            spawn_reader(i as u32, 0, s, &tx)?;
         }
         let n = streams.len();
         let tables = layout
@@ -217,7 +280,10 @@ impl PsExchange {
             placement,
             tables,
             streams,
+            addrs: servers.to_vec(),
+            epochs: vec![0; n],
             replies,
+            reply_tx: tx,
             timeout_ms,
             weight,
             pull: None,
@@ -225,6 +291,9 @@ impl PsExchange {
             // The shards count this worker's pushes from the step the job (re)starts at.
             acked: vec![start_step; n],
             in_flight: vec![VecDeque::new(); n],
+            unacked: vec![VecDeque::new(); n],
+            failover: None,
+            failovers: Vec::new(),
             latencies: Latencies::default(),
             buf: Vec::new(),
             keys: vec![Vec::new(); n],
@@ -254,6 +323,26 @@ impl PsExchange {
         });
     }
 
+    /// Replicated shards: on a broken shard connection, wait up to `wait_ms`
+    /// for the coordinator's promotion of its backup (`notices` carries the
+    /// coordinator's messages), reconnect and resend what was not acknowledged.
+    pub fn enable_failover(
+        &mut self,
+        notices: Receiver<FromCoordinator>,
+        secret: Secret,
+        generation: u64,
+        wait_ms: u64,
+    ) {
+        self.failover = Some(Failover {
+            notices,
+            secret,
+            generation,
+            wait_ms,
+            promoted: BTreeMap::new(),
+            awaiting_ack: vec![None; self.shards()],
+        });
+    }
+
     /// What went to and came from each shard since the last call (peers are shards).
     pub fn take_traffic(&mut self) -> Option<Traffic> {
         let n = self.shards() as u32;
@@ -280,10 +369,18 @@ impl PsExchange {
         let bytes = (HEADER_BYTES + self.buf.len()) as u64;
         self.traffic.sent[shard] += bytes;
         self.traffic.uncompressed += bytes;
-        write_frame(&mut self.streams[shard], self.rank, &self.buf).map_err(|e| JobError::Server {
-            server: shard as u32,
-            why: format!("sending: {e}"),
-        })
+        match write_frame(&mut self.streams[shard], self.rank, &self.buf) {
+            Ok(()) => Ok(()),
+            // The reader sees the link break too; the failover resends what this was.
+            Err(e) if self.failover.is_some() => {
+                tracing::warn!(rank = self.rank, role = "worker", shard, error = %e, "sending to a server failed; waiting for its failover");
+                Ok(())
+            }
+            Err(e) => Err(JobError::Server {
+                server: shard as u32,
+                why: format!("sending: {e}"),
+            }),
+        }
     }
 
     /// Asks every shard for the rows `rows` of every table (and the dense part
@@ -307,6 +404,7 @@ impl PsExchange {
         let req = self.next_req;
         self.next_req += 1;
         let mut asked = vec![false; n];
+        let mut sent = vec![Vec::new(); n];
         for (s, k) in keys.iter().enumerate() {
             let want_dense = dense && self.placement.dense_len(s as u32) > 0;
             if k.is_empty() && !want_dense {
@@ -331,6 +429,9 @@ impl PsExchange {
                 snapshot: None,
             };
             ps::msg::encode_pull(&p, k, &mut self.buf);
+            if self.failover.is_some() {
+                sent[s] = self.buf.clone();
+            }
             self.send(s)?;
             asked[s] = true;
         }
@@ -344,6 +445,7 @@ impl PsExchange {
             got: vec![None; n],
             waiting,
             started: Instant::now(),
+            sent,
         });
         Ok(())
     }
@@ -471,11 +573,17 @@ impl PsExchange {
                     ps::msg::encode_push_coded(clock, &c.msg, &self.keys[s], &self.values[s], &mut self.buf);
                     // Counted as what the plain push would have been.
                     let saved = 4 * self.dense.len() - c.msg.len().min(4 * self.dense.len());
+                    if self.failover.is_some() {
+                        self.unacked[s].push_back(self.buf.clone());
+                    }
                     self.send(s)?;
                     self.traffic.uncompressed += saved as u64;
                 }
                 _ => {
                     ps::msg::encode_push(clock, &self.dense, &self.keys[s], &self.values[s], &mut self.buf);
+                    if self.failover.is_some() {
+                        self.unacked[s].push_back(self.buf.clone());
+                    }
                     self.send(s)?;
                 }
             }
@@ -546,8 +654,12 @@ impl PsExchange {
                 snapshot: Some((image.len() as u64, len as u64)),
             };
             ps::msg::encode_pull(&p, &[], &mut self.buf);
-            self.send(shard)?;
             let n = self.shards();
+            let mut sent = vec![Vec::new(); n];
+            if self.failover.is_some() {
+                sent[shard] = self.buf.clone();
+            }
+            self.send(shard)?;
             let mut asked = vec![false; n];
             asked[shard] = true;
             self.pull = Some(PendingPull {
@@ -559,6 +671,7 @@ impl PsExchange {
                 got: vec![None; n],
                 waiting: 1,
                 started: Instant::now(),
+                sent,
             });
             while self.pull.as_ref().is_some_and(|p| p.waiting > 0) {
                 self.handle_reply("checkpoint snapshot", clock, shard as u32)?;
@@ -586,21 +699,38 @@ impl PsExchange {
         Ok(())
     }
 
-    /// Takes one reply off the channel, within the deadline.
+    /// Takes one reply off the channel, within the deadline. With failover,
+    /// a broken shard connection (or a promotion) is handled here instead.
     fn handle_reply(&mut self, what: &str, clock: u64, waiting_on: u32) -> Result<(), JobError> {
-        let (s, msg) = match self.replies.recv_timeout(Duration::from_millis(self.timeout_ms)) {
-            Ok(r) => r,
-            Err(RecvTimeoutError::Timeout) => {
-                return Err(JobError::Server {
-                    server: waiting_on,
-                    why: format!("{what} for step {clock} timed out after {} ms", self.timeout_ms),
-                });
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                return Err(JobError::Server {
-                    server: waiting_on,
-                    why: "every server connection is gone".into(),
-                });
+        let deadline = Instant::now() + Duration::from_millis(self.timeout_ms);
+        let (s, msg) = loop {
+            let slice = match self.failover.is_some() {
+                true => {
+                    if let Some(shard) = self.promoted_elsewhere() {
+                        return self.fail_over(shard, clock, "the coordinator promoted its backup".into());
+                    }
+                    Duration::from_millis(NOTICE_POLL_MS)
+                }
+                false => Duration::from_millis(self.timeout_ms),
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.replies.recv_timeout(slice.min(left)) {
+                Ok((s, epoch, _)) if epoch != self.epochs[s as usize] => {}
+                Ok((s, _, Err(why))) if self.failover.is_some() => return self.fail_over(s, clock, why),
+                Ok((s, _, msg)) => break (s, msg),
+                Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(JobError::Server {
+                        server: waiting_on,
+                        why: format!("{what} for step {clock} timed out after {} ms", self.timeout_ms),
+                    });
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(JobError::Server {
+                        server: waiting_on,
+                        why: "every server connection is gone".into(),
+                    });
+                }
             }
         };
         let msg = msg.map_err(|why| JobError::Server { server: s, why })?;
@@ -619,8 +749,12 @@ impl PsExchange {
                     });
                 }
                 self.acked[su] += 1;
+                self.unacked[su].pop_front();
                 if let Some(t) = self.in_flight[su].pop_front() {
                     self.latencies.push_us.push(t.elapsed().as_secs_f64() * 1e6);
+                }
+                if let Some(i) = self.failover.as_mut().and_then(|f| f.awaiting_ack[su].take()) {
+                    self.failovers[i].first_ack_unix_ms = Some(unix_ms());
                 }
             }
             Message::Pulled { req, dense, values, .. } => {
@@ -646,6 +780,169 @@ impl PsExchange {
         }
         Ok(())
     }
+}
+
+impl PsExchange {
+    /// Takes the coordinator's news; returns a shard whose primary moved.
+    fn promoted_elsewhere(&mut self) -> Option<u32> {
+        let f = self.failover.as_mut()?;
+        while let Ok(m) = f.notices.try_recv() {
+            match m {
+                FromCoordinator::Promote { shard, addr } => {
+                    f.promoted.insert(shard, addr);
+                }
+                other => tracing::warn!(rank = self.rank, ?other, "unexpected message from the coordinator"),
+            }
+        }
+        f.promoted
+            .iter()
+            .find(|(s, a)| self.addrs.get(**s as usize).is_some_and(|cur| cur != *a))
+            .map(|(s, _)| *s)
+    }
+
+    /// Shard `s`'s primary is gone (`why`): waits for the promotion of its
+    /// backup, connects to it and resends every unacknowledged push and the
+    /// pull in flight. Gives up, naming the shard, after the failover deadline.
+    fn fail_over(&mut self, s: u32, step: u64, why: String) -> Result<(), JobError> {
+        let (rank, su) = (self.rank, s as usize);
+        let detected = unix_ms();
+        let started = Instant::now();
+        let Some(f) = self.failover.as_mut() else {
+            return Err(JobError::Server { server: s, why });
+        };
+        let deadline = started + Duration::from_millis(f.wait_ms);
+        let give_up = |what: String| {
+            tracing::error!(rank, role = "worker", step, shard = s, "{what}; giving up");
+            JobError::Server {
+                server: s,
+                why: format!("rank {rank} (worker) gave up at step {step}: {what} (the link broke: {why})"),
+            }
+        };
+        tracing::warn!(
+            rank,
+            role = "worker",
+            step,
+            shard = s,
+            why,
+            "lost a parameter server; waiting for the promotion of its backup"
+        );
+        let addr = loop {
+            if let Some(a) = f.promoted.get(&s).filter(|a| **a != self.addrs[su]) {
+                break a.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(give_up(format!(
+                    "no promotion of shard {s}'s backup within {} ms",
+                    f.wait_ms
+                )));
+            }
+            match f.notices.recv_timeout(left) {
+                Ok(FromCoordinator::Promote { shard, addr }) => {
+                    f.promoted.insert(shard, addr);
+                }
+                Ok(other) => tracing::warn!(rank, ?other, "unexpected message from the coordinator"),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Err(give_up("lost the coordinator".into())),
+            }
+        };
+        let own = PeerInfo {
+            role: Role::Worker,
+            rank,
+        };
+        let (secret, generation) = (f.secret.clone(), f.generation);
+        let mut attempt = 0;
+        let stream = loop {
+            attempt += 1;
+            let r = net::connect(&addr, net::HANDSHAKE_TIMEOUT_MS).and_then(|mut c| {
+                let them = net::connect_handshake(&mut c, &secret, own)?;
+                if them.role != Role::Server || them.rank != s {
+                    return Err(JobError::Server {
+                        server: s,
+                        why: format!("{addr} answered as {them}"),
+                    });
+                }
+                net::send_control(
+                    &mut c,
+                    rank,
+                    &PeerHello {
+                        generation,
+                        rank,
+                        host: None,
+                    },
+                )?;
+                net::tune_data_stream(&c)?;
+                Ok(c)
+            });
+            match r {
+                Ok(c) => break c,
+                Err(e) if attempt < RECONNECT_ATTEMPTS_MAX && Instant::now() < deadline => {
+                    tracing::warn!(rank, role = "worker", step, shard = s, attempt, error = %e, "connecting to the promoted primary failed; retrying");
+                    thread::sleep(Duration::from_millis(RECONNECT_BACKOFF_MS));
+                }
+                Err(e) => {
+                    return Err(give_up(format!(
+                        "cannot connect to shard {s}'s new primary {addr} after {attempt} attempts: {e}"
+                    )));
+                }
+            }
+        };
+        self.addrs[su] = addr.clone();
+        self.epochs[su] += 1;
+        spawn_reader(s, self.epochs[su], &stream, &self.reply_tx)?;
+        self.streams[su] = stream;
+        // Resend, in order: the shard acknowledges a push it already applied without applying it again.
+        let pushes: Vec<Vec<u8>> = self.unacked[su].iter().cloned().collect();
+        for b in &pushes {
+            self.buf.clone_from(b);
+            self.send(su)?;
+        }
+        let pull = self
+            .pull
+            .as_ref()
+            .filter(|p| p.asked[su] && p.got[su].is_none())
+            .map(|p| p.sent[su].clone());
+        if let Some(b) = &pull {
+            self.buf.clone_from(b);
+            self.send(su)?;
+        }
+        let record = FailoverRecord {
+            shard: s,
+            step,
+            detected_unix_ms: detected,
+            reconnected_unix_ms: unix_ms(),
+            first_ack_unix_ms: None,
+            resent_pushes: pushes.len(),
+            resent_pull: pull.is_some(),
+        };
+        tracing::warn!(
+            rank,
+            role = "worker",
+            step,
+            shard = s,
+            addr,
+            resent_pushes = pushes.len(),
+            resent_pull = pull.is_some(),
+            waited_ms = started.elapsed().as_millis() as u64,
+            "reconnected to the promoted primary; resent what was not acknowledged"
+        );
+        self.failovers.push(record);
+        if let Some(f) = self.failover.as_mut() {
+            f.awaiting_ack[su] = Some(self.failovers.len() - 1);
+        }
+        Ok(())
+    }
+}
+
+/// Starts the thread that reads shard `shard`'s replies (connection `epoch`).
+fn spawn_reader(shard: u32, epoch: u64, s: &TcpStream, tx: &Sender<Reply>) -> Result<(), JobError> {
+    let s = s.try_clone().map_err(|e| JobError::io("cloning a server stream", e))?;
+    let tx = tx.clone();
+    thread::Builder::new()
+        .name(format!("ps-reply-{shard}"))
+        .spawn(move || read_replies(shard, epoch, s, tx))
+        .map(|_| ())
+        .map_err(|e| JobError::io("spawning a reply reader", e))
 }
 
 /// Appends shard `ll`'s part of the optimizer state `opt` (over the whole
@@ -677,11 +974,11 @@ fn append_state(
 }
 
 /// Reads whole `Ps` frames from one server and decodes them.
-fn read_replies(shard: u32, mut s: TcpStream, tx: Sender<(u32, Result<Message, String>)>) {
+fn read_replies(shard: u32, epoch: u64, mut s: TcpStream, tx: Sender<Reply>) {
     loop {
         let mut h = [0u8; HEADER_BYTES];
         if let Err(e) = s.read_exact(&mut h) {
-            let _ = tx.send((shard, Err(format!("connection closed: {e}"))));
+            let _ = tx.send((shard, epoch, Err(format!("connection closed: {e}"))));
             return;
         }
         let r = FrameHeader::decode(&h).map_err(|e| e.to_string()).and_then(|h| {
@@ -695,7 +992,7 @@ fn read_replies(shard: u32, mut s: TcpStream, tx: Sender<(u32, Result<Message, S
             ps::msg::decode(&payload, None).map_err(|e| e.to_string())
         });
         let stop = r.is_err();
-        if tx.send((shard, r)).is_err() || stop {
+        if tx.send((shard, epoch, r)).is_err() || stop {
             return;
         }
     }

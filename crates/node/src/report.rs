@@ -168,6 +168,31 @@ pub enum Report {
     /// A test-set evaluation within an epoch (`train.eval_every_steps`):
     /// `epoch` is the epoch in progress, `train_loss` the mean since the previous one.
     Eval(EpochReport),
+    /// An elastic job continued with a new membership (see `elastic`).
+    Regroup(RegroupReport),
+}
+
+/// One worker's view of a membership change it came through.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RegroupReport {
+    pub rank: u32,
+    pub generation: u64,
+    pub world: u32,
+    /// The rank whose training state everyone continued from.
+    pub source: u32,
+    /// Optimizer steps of that state (the step training continues at).
+    pub step: u64,
+    /// Whether this worker joined with this generation.
+    pub joined: bool,
+    /// Rows of lost workers shared out to the others, and rows moved to joiners.
+    pub lost_rows: u64,
+    pub moved_rows: u64,
+    /// From this worker's first sign of the change (a failed collective, or
+    /// news of a new generation) to training again.
+    pub regroup_ms: f64,
+    /// When training resumed, in milliseconds since the Unix epoch (to line
+    /// up with outside events, such as when a process was killed).
+    pub unix_ms: u64,
 }
 
 /// Receives reports as they happen.

@@ -70,6 +70,9 @@ pub struct ServerReport {
     /// Values this shard holds.
     pub values: usize,
     pub stats: ShardStats,
+    /// Replicated shards: this server was the backup when the job ended.
+    #[serde(default)]
+    pub backup: bool,
 }
 
 /// One line on the shards of a finished job: load balance and how stale reads were.
@@ -115,6 +118,8 @@ pub struct ServerOptions {
     pub heartbeat_timeout_ms: u64,
     /// A blocked reply write fails after this long.
     pub write_timeout_ms: u64,
+    /// Server processes per shard (`cluster.replicas`): 2 runs [`crate::replica`].
+    pub replicas: u32,
 }
 
 /// What the connection threads share.
@@ -130,6 +135,9 @@ struct Ended(Option<JobError>);
 
 /// Runs one shard until the coordinator's shutdown; returns its figures.
 pub fn run(env: &ClusterEnv, secret: &Secret, opts: &ServerOptions) -> Result<ServerReport, JobError> {
+    if opts.replicas > 1 {
+        return crate::replica::run(env, secret, opts);
+    }
     let Welcomed {
         coord,
         reader,
@@ -150,13 +158,13 @@ pub fn run(env: &ClusterEnv, secret: &Secret, opts: &ServerOptions) -> Result<Se
     let coord = Arc::new(Mutex::new(coord));
     spawn_heartbeats(coord, shard, Arc::new(AtomicU64::new(0)), opts.heartbeat_timeout_ms)?;
     let (shutdown_tx, shutdown) = mpsc::channel();
-    spawn_abort_watch(reader, format!("server {shard}"), None, shutdown_tx)?;
+    spawn_abort_watch(reader, format!("server {shard}"), None, shutdown_tx, None)?;
 
     let mut streams = accept_workers(&listener, workers, generation, shard, secret)?;
-    let (layout, engine) = take_init(&mut streams[0], shard, workers)?;
+    let (init, engine) = take_init(&mut streams[0], shard, workers)?;
     let ready = PsReady {
         shard,
-        placement: engine.1.clone(),
+        placement: init.placement,
     };
     for s in streams.iter_mut() {
         net::send_control(s, shard, &ready)?;
@@ -171,8 +179,8 @@ pub fn run(env: &ClusterEnv, secret: &Secret, opts: &ServerOptions) -> Result<Se
     }
     let shared = Arc::new(Shared {
         shard,
-        layout,
-        engine: Mutex::new(engine.0),
+        layout: init.layout,
+        engine: Mutex::new(engine),
         writers,
     });
     let (tx, ended) = mpsc::channel::<Ended>();
@@ -196,11 +204,12 @@ pub fn run(env: &ClusterEnv, secret: &Secret, opts: &ServerOptions) -> Result<Se
         shard,
         values: engine.values().len(),
         stats: engine.stats().clone(),
+        backup: false,
     })
 }
 
 /// Accepts one authenticated connection from every worker; returns them by worker rank.
-fn accept_workers(
+pub(crate) fn accept_workers(
     listener: &TcpListener,
     workers: u32,
     generation: u64,
@@ -267,7 +276,7 @@ fn accept_workers(
 }
 
 /// Reads worker 0's [`PsInit`] and the shard's initial values; builds the shard.
-fn take_init(s: &mut TcpStream, shard: u32, workers: u32) -> Result<(Layout, (Shard, PlacementSpec)), JobError> {
+pub(crate) fn take_init(s: &mut TcpStream, shard: u32, workers: u32) -> Result<(PsInit, Shard), JobError> {
     let init: PsInit = net::recv_control_exact(s, RENDEZVOUS_TIMEOUT_MS)?;
     let optim: optim::OptimConfig = serde_json::from_str(&init.optim_json).map_err(|e| JobError::Peer {
         rank: 0,
@@ -320,7 +329,7 @@ fn take_init(s: &mut TcpStream, shard: u32, workers: u32) -> Result<(Layout, (Sh
         Some(step) => engine.restore(&values, step)?,
         None => engine.restore_values(&values)?,
     }
-    Ok((init.layout, (engine, init.placement)))
+    Ok((init, engine))
 }
 
 /// Serves one worker's requests until it closes the connection.

@@ -7,7 +7,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use data::{Batch, Dataset};
+use data::{Batch, Dataset, EpochPlan};
 use model::Model;
 use serde::Serialize;
 use tensor::{Gradient, ParamKind, Rng};
@@ -97,6 +97,10 @@ pub struct Position {
     pub epoch: u32,
     /// Optimizer steps taken so far.
     pub step: u64,
+    /// The cluster's membership generation (the coordinator's state that a
+    /// checkpoint keeps: a restarted coordinator continues after it).
+    #[serde(default)]
+    pub generation: u64,
 }
 
 /// The loaded data of a job.
@@ -110,6 +114,9 @@ pub struct JobData {
 /// What a finished run reports.
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Summary {
+    /// The rank of the worker this summary is from, when the run ended.
+    #[serde(default)]
+    pub rank: u32,
     pub epochs: u32,
     pub steps: u64,
     pub wall_s: f64,
@@ -128,35 +135,6 @@ pub struct Summary {
     pub bytes_received: u64,
 }
 
-/// The rows, steps and batch size of one worker.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Shard {
-    pub rows: Range<usize>,
-    pub local_batch: usize,
-    pub steps_per_epoch: u64,
-}
-
-impl Shard {
-    /// Splits `total_rows` into `world` contiguous balanced partitions and a
-    /// global batch into local batches. Every rank computes the same
-    /// `steps_per_epoch` (the last incomplete global batch is dropped), which
-    /// the lock-step all-reduce relies on.
-    pub fn new(total_rows: usize, world: u32, rank: u32, global_batch: usize) -> Self {
-        let w = world as usize;
-        let parts = tensor::shard_ranges(total_rows, w);
-        let local = tensor::shard_ranges(global_batch, w);
-        let steps = (0..w)
-            .map(|r| parts[r].len() / local[r].len().max(1))
-            .min()
-            .unwrap_or(0);
-        Self {
-            rows: parts[rank as usize].clone(),
-            local_batch: local[rank as usize].len(),
-            steps_per_epoch: steps as u64,
-        }
-    }
-}
-
 /// One worker's training state.
 pub struct Trainer {
     cfg: JobConfig,
@@ -165,7 +143,19 @@ pub struct Trainer {
     grad: Gradient,
     opt: optim::Optimizer,
     data: JobData,
-    shard: Shard,
+    /// This worker's place among the workers (changes when an elastic job regroups).
+    rank: u32,
+    world: u32,
+    /// The current epoch's rows by rank and how far they are trained (`None`
+    /// between epochs), and the epoch's steps before the plan was last regrouped.
+    plan: Option<EpochPlan>,
+    steps_before_plan: u64,
+    /// The data address of each rank of `plan` (elastic jobs; empty otherwise).
+    owners: Vec<String>,
+    /// Whether `run` has reported its start (it runs again after a regroup).
+    start_reported: bool,
+    /// This step's rows, as `Batch::gather` takes them.
+    batch_rows: Vec<usize>,
     pos: Position,
     /// This worker's share of the global mean gradient: local_batch / global_batch.
     weight: f32,
@@ -208,8 +198,14 @@ impl Trainer {
                 ),
             });
         }
-        let shard = Shard::new(data.train.rows(), world, rank, cfg.train.batch_size);
-        if shard.steps_per_epoch == 0 {
+        if data.train.rows() > data::PLAN_ROWS_MAX {
+            return Err(JobError::Config {
+                path: PathBuf::from("<config>"),
+                why: format!("{} training rows are more than a worker can plan", data.train.rows()),
+            });
+        }
+        let plan = EpochPlan::new(data.train.rows(), world, cfg.train.batch_size, cfg.train.seed, 0);
+        if plan.steps() == 0 {
             return Err(JobError::Config {
                 path: PathBuf::from("<config>"),
                 why: format!(
@@ -219,7 +215,7 @@ impl Trainer {
                 ),
             });
         }
-        let weight = shard.local_batch as f32 / cfg.train.batch_size as f32;
+        let weight = plan.batch_rows(rank) as f32 / cfg.train.batch_size as f32;
         Ok(Self {
             cfg,
             model,
@@ -227,7 +223,13 @@ impl Trainer {
             grad,
             opt,
             data,
-            shard,
+            rank,
+            world,
+            plan: None,
+            steps_before_plan: 0,
+            owners: Vec::new(),
+            start_reported: false,
+            batch_rows: Vec::new(),
             pos: Position::default(),
             weight,
             scaled: Vec::new(),
@@ -238,6 +240,11 @@ impl Trainer {
         })
     }
 
+    /// This worker's rank (it changes when an elastic job regroups).
+    pub fn rank(&self) -> u32 {
+        self.rank
+    }
+
     pub fn params(&self) -> &[f32] {
         &self.params
     }
@@ -246,8 +253,19 @@ impl Trainer {
         self.pos
     }
 
-    pub fn shard(&self) -> &Shard {
-        &self.shard
+    /// Steps per epoch at the start of an epoch, with the current membership.
+    pub fn steps_per_epoch(&self) -> u64 {
+        self.fresh_plan(0).steps()
+    }
+
+    fn fresh_plan(&self, epoch: u32) -> EpochPlan {
+        EpochPlan::new(
+            self.data.train.rows(),
+            self.world,
+            self.cfg.train.batch_size,
+            self.cfg.train.seed,
+            epoch,
+        )
     }
 
     pub fn layout(&self) -> &tensor::Layout {
@@ -277,11 +295,15 @@ impl Trainer {
         let mut sketch = ps::HotKeys::new(n.saturating_mul(2));
         let mut batch = Batch::for_dataset(&self.data.train);
         let mut rows = Vec::new();
-        let end = self.shard.rows.start + sample_rows.min(self.shard.rows.len());
-        let idx: Vec<usize> = (self.shard.rows.start..end).collect();
+        let plan = self.fresh_plan(0);
+        let part = plan.remaining(self.rank);
+        let idx: Vec<usize> = part[..sample_rows.min(part.len())]
+            .iter()
+            .map(|&r| r as usize)
+            .collect();
         // Counted per training batch: a shard's key load is the number of
         // requests (batches) that carry the key.
-        for chunk in idx.chunks(self.shard.local_batch.max(1)) {
+        for chunk in idx.chunks(plan.batch_rows(self.rank).max(1)) {
             batch.gather(&self.data.train, chunk);
             self.model.touched_rows(&batch, &mut rows);
             for &r in &rows {
@@ -295,8 +317,128 @@ impl Trainer {
     /// Continues from the newest good checkpoint in `dir`.
     pub fn resume(&mut self, dir: &Path) -> Result<state::Restored, JobError> {
         let restored = state::load(dir, self.model.layout(), &mut self.params, &mut self.opt)?;
+        // The membership is this cluster's, not the checkpoint's.
+        let generation = self.pos.generation;
         self.pos = restored.position;
+        self.pos.generation = generation;
         Ok(restored)
+    }
+
+    /// The training state another worker continues from when an elastic job
+    /// regroups (see [`crate::elastic`]): position, the epoch's plan and the
+    /// data addresses of its ranks, parameters and optimizer state.
+    /// Compression residuals are not part of it: they restart from zero.
+    pub fn export_state(&self) -> Vec<u8> {
+        let mut w = Vec::new();
+        w.extend_from_slice(STATE_MAGIC);
+        put(&mut w, self.pos.epoch as u64);
+        put(&mut w, self.pos.step);
+        put(
+            &mut w,
+            self.steps_before_plan + self.plan.as_ref().map_or(0, EpochPlan::done),
+        );
+        put(&mut w, self.owners.len() as u64);
+        for o in &self.owners {
+            put(&mut w, o.len() as u64);
+            w.extend_from_slice(o.as_bytes());
+        }
+        let mut words = Vec::new();
+        if let Some(plan) = &self.plan {
+            plan.encode(&mut words);
+        }
+        put(&mut w, words.len() as u64);
+        words.iter().for_each(|&x| put(&mut w, x));
+        let floats = |w: &mut Vec<u8>, v: &[f32]| {
+            put(w, v.len() as u64);
+            v.iter().for_each(|x| w.extend_from_slice(&x.to_le_bytes()));
+        };
+        floats(&mut w, &self.params);
+        for (_, v) in self.opt.state_tensors() {
+            floats(&mut w, v);
+        }
+        w
+    }
+
+    /// Replaces the training state by one [`Self::export_state`] made; checks
+    /// everything before changing anything.
+    pub fn import_state(&mut self, bytes: &[u8]) -> Result<(), JobError> {
+        let bad = |why: String| JobError::Peer {
+            rank: self.rank,
+            why: format!("training state from the regroup source: {why}"),
+        };
+        let mut r = Reader { bytes, at: 0 };
+        if r.take(STATE_MAGIC.len()).map_err(&bad)? != STATE_MAGIC {
+            return Err(bad("not a training state".into()));
+        }
+        let epoch = u32::try_from(r.u64().map_err(&bad)?).map_err(|_| bad("epoch overflows".into()))?;
+        let step = r.u64().map_err(&bad)?;
+        let steps_before_plan = r.u64().map_err(&bad)?;
+        let owners_n = r.len(wire::msg::PEERS_MAX).map_err(&bad)?;
+        let mut owners = Vec::with_capacity(owners_n);
+        for _ in 0..owners_n {
+            let n = r.len(wire::msg::TEXT_BYTES_MAX).map_err(&bad)?;
+            let s = std::str::from_utf8(r.take(n).map_err(&bad)?).map_err(|_| bad("address not UTF-8".into()))?;
+            owners.push(s.to_string());
+        }
+        let words_n = r.len(bytes.len() / 8).map_err(&bad)?;
+        let words: Vec<u64> = (0..words_n).map(|_| r.u64()).collect::<Result<_, _>>().map_err(&bad)?;
+        let plan = if words.is_empty() {
+            None
+        } else {
+            let (plan, rest) = EpochPlan::decode(&words, self.data.train.rows()).map_err(&bad)?;
+            if !rest.is_empty() || plan.world() as usize != owners.len() {
+                return Err(bad(format!(
+                    "a plan for {} ranks with {} addresses",
+                    plan.world(),
+                    owners.len()
+                )));
+            }
+            Some(plan)
+        };
+        let params = r.floats(self.params.len()).map_err(&bad)?;
+        let mut state = Vec::new();
+        for (name, v) in self.opt.state_tensors() {
+            state.push((name, r.floats(v.len()).map_err(&bad)?));
+        }
+        if r.at != bytes.len() {
+            return Err(bad(format!("{} bytes too many", bytes.len() - r.at)));
+        }
+        self.opt
+            .load_state(state.iter().map(|(n, v)| (n.as_str(), v.as_slice())))?;
+        self.params.copy_from_slice(&params);
+        self.pos.epoch = epoch;
+        self.pos.step = step;
+        self.steps_before_plan = steps_before_plan;
+        self.plan = plan;
+        self.owners = owners;
+        Ok(())
+    }
+
+    /// Continues with a new membership: this worker is `rank` of the workers
+    /// at `peers` (data addresses). The rest of the epoch's rows are shared out
+    /// ([`EpochPlan::regroup`]); returns what moved.
+    pub fn regroup(&mut self, generation: u64, rank: u32, peers: &[String]) -> data::Reassigned {
+        let previous: Vec<Option<u32>> = peers
+            .iter()
+            .map(|a| self.owners.iter().position(|o| o == a).map(|i| i as u32))
+            .collect();
+        let mut moved = data::Reassigned::default();
+        if let Some(plan) = &self.plan {
+            let (next, m) = plan.regroup(&previous, self.cfg.train.batch_size);
+            self.plan = Some(next);
+            moved = m;
+        }
+        self.set_membership(generation, rank, peers);
+        moved
+    }
+
+    /// This worker's rank and every rank's data address (for a later regroup).
+    pub fn set_membership(&mut self, generation: u64, rank: u32, peers: &[String]) {
+        self.pos.generation = generation;
+        self.rank = rank;
+        self.world = peers.len().max(1) as u32;
+        self.owners = peers.to_vec();
+        self.weight = self.local_batch() as f32 / self.cfg.train.batch_size as f32;
     }
 
     /// Runs the remaining epochs.
@@ -308,21 +450,26 @@ impl Trainer {
         let mut last = None;
         let mut checkpoint = None;
         let skew = partition_skew(&self.data.train, ex.world());
-        obs.report(&Report::Start {
-            rank: ex.rank(),
-            world: ex.world(),
-            epochs,
-            steps_per_epoch: self.shard.steps_per_epoch,
-            params: self.params.len(),
-            start_epoch: self.pos.epoch,
-            rows_max_over_mean: skew.0,
-            nnz_max_over_mean: skew.1,
-        });
+        // Once per process: an elastic job's later generations report `regroup` lines instead.
+        if !std::mem::replace(&mut self.start_reported, true) {
+            obs.report(&Report::Start {
+                rank: ex.rank(),
+                world: ex.world(),
+                epochs,
+                steps_per_epoch: self.steps_per_epoch(),
+                params: self.params.len(),
+                start_epoch: self.pos.epoch,
+                rows_max_over_mean: skew.0,
+                nnz_max_over_mean: skew.1,
+            });
+        }
         while self.pos.epoch < epochs {
             let epoch = self.pos.epoch;
             let epoch_started = Instant::now();
             let (loss, samples) = self.run_epoch(epoch, &mut batch, ex, obs)?;
             let epoch_train_s = epoch_started.elapsed().as_secs_f64();
+            self.plan = None;
+            self.steps_before_plan = 0;
             self.pos.epoch += 1;
             ex.verify_identical(epoch, checksum(&self.params))?;
             let mut report = EpochReport {
@@ -398,6 +545,7 @@ impl Trainer {
             remote.flush(self.pos.step)?;
         }
         Ok(Summary {
+            rank: self.rank,
             epochs,
             steps: self.pos.step,
             wall_s: started.elapsed().as_secs_f64(),
@@ -422,19 +570,19 @@ impl Trainer {
         ex: &mut dyn Exchange,
         obs: &mut dyn Observer,
     ) -> Result<(f64, u64), JobError> {
-        let order = self.epoch_order(epoch);
-        let (rank, world) = (ex.rank(), ex.world());
-        if let Some(remote) = ex.remote() {
-            return self.run_epoch_remote(epoch, &order, batch, rank, world, remote, obs);
+        debug_assert_eq!((ex.rank(), ex.world()), (self.rank, self.world));
+        if self.plan.is_none() {
+            self.plan = Some(self.fresh_plan(epoch));
         }
-        let lb = self.shard.local_batch;
+        if let Some(remote) = ex.remote() {
+            return self.run_epoch_remote(epoch, batch, remote, obs);
+        }
+        let rank = self.rank;
         let local_sgd = self.cfg.cluster.sync == SyncMode::LocalSgd && ex.world() > 1;
         let mut loss_sum = 0.0f64;
         let mut samples = 0u64;
         let mut window = (Instant::now(), 0u64);
-        for i in 0..self.shard.steps_per_epoch {
-            let idx = &order[i as usize * lb..(i as usize + 1) * lb];
-            batch.gather(&self.data.train, idx);
+        while self.take_batch(0, batch) {
             let step = self.pos.step;
             let loss = if local_sgd || ex.world() == 1 {
                 self.model
@@ -450,10 +598,11 @@ impl Trainer {
                 return Err(JobError::NotFinite { step, loss });
             }
             self.pos.step += 1;
+            let i = self.finish_step();
             loss_sum += loss as f64;
-            samples += lb as u64;
+            samples += batch.rows() as u64;
             self.count_traffic(ex.take_traffic());
-            self.progress(&mut window, (rank, world), epoch, i, loss, obs);
+            self.progress(&mut window, epoch, i, loss, obs);
             self.evaluate_within_epoch(rank, epoch, i, loss, obs);
             if self.stop_requested() {
                 break;
@@ -463,38 +612,58 @@ impl Trainer {
             // The epoch ends on averaged parameters, whatever the phase of the averaging period.
             ex.average_params(self.pos.step, &mut self.params)?;
         }
-        let steps = (samples / lb as u64).max(1);
-        Ok((loss_sum / steps as f64, samples))
+        Ok((
+            loss_sum / (samples / self.local_batch().max(1) as u64).max(1) as f64,
+            samples,
+        ))
     }
 
-    /// This worker's rows of the training set in epoch `epoch`'s order.
-    fn epoch_order(&self, epoch: u32) -> Vec<usize> {
-        let mut order: Vec<usize> = self.shard.rows.clone().collect();
-        Rng::derive(self.cfg.train.seed, 0xE90C ^ ((epoch as u64) << 20)).shuffle(&mut order);
-        order
+    /// Gathers this worker's rows of the plan's step `done + ahead` into
+    /// `batch`; false when the epoch's plan has no such step.
+    fn take_batch(&mut self, ahead: u64, batch: &mut Batch) -> bool {
+        let Some(rows) = self.plan.as_ref().and_then(|p| p.batch(self.rank, ahead)) else {
+            return false;
+        };
+        self.batch_rows.clear();
+        self.batch_rows.extend(rows.iter().map(|&r| r as usize));
+        batch.gather(&self.data.train, &self.batch_rows);
+        true
+    }
+
+    /// Advances the plan past a step every worker took; returns the step's index in the epoch.
+    fn finish_step(&mut self) -> u64 {
+        let plan = self.plan.as_mut().expect("a step runs inside an epoch's plan");
+        plan.advance();
+        self.steps_before_plan + plan.done() - 1
+    }
+
+    /// This worker's rows per step.
+    fn local_batch(&self) -> usize {
+        self.plan
+            .as_ref()
+            .map_or_else(|| self.fresh_plan(0).batch_rows(self.rank), |p| p.batch_rows(self.rank))
+    }
+
+    /// The current epoch's steps in all (`steps_before_plan` plus the plan's).
+    fn epoch_steps(&self) -> u64 {
+        self.steps_before_plan + self.plan.as_ref().map_or(0, EpochPlan::steps)
     }
 
     /// Counts a finished step into the progress window; reports it every
     /// `PROGRESS_EVERY_STEPS` steps and at the epoch's end.
-    fn progress(
-        &mut self,
-        window: &mut (Instant, u64),
-        (rank, world): (u32, u32),
-        epoch: u32,
-        i: u64,
-        loss: f32,
-        obs: &mut dyn Observer,
-    ) {
-        window.1 += self.shard.local_batch as u64;
-        if (i + 1).is_multiple_of(PROGRESS_EVERY_STEPS) || i + 1 == self.shard.steps_per_epoch {
+    fn progress(&mut self, window: &mut (Instant, u64), epoch: u32, i: u64, loss: f32, obs: &mut dyn Observer) {
+        // Global rows: the throughput of the whole job.
+        window.1 += self.cfg.train.batch_size as u64;
+        let steps = self.epoch_steps();
+        if (i + 1).is_multiple_of(PROGRESS_EVERY_STEPS) || i + 1 == steps {
             let secs = window.0.elapsed().as_secs_f64().max(1e-9);
             obs.report(&Report::Step(StepReport {
-                rank,
+                rank: self.rank,
                 epoch: epoch + 1,
                 step_in_epoch: i + 1,
-                steps_per_epoch: self.shard.steps_per_epoch,
+                steps_per_epoch: steps,
                 loss,
-                samples_per_s: window.1 as f64 * world as f64 / secs,
+                samples_per_s: window.1 as f64 / secs,
                 comm: self.traffic_report(SINCE_STEP_REPORT),
             }));
             *window = (Instant::now(), 0);
@@ -530,7 +699,7 @@ impl Trainer {
         if rank != 0 || every == 0 || !self.pos.step.is_multiple_of(every) {
             return;
         }
-        let epoch_end = i + 1 == self.shard.steps_per_epoch || self.stop_requested();
+        let epoch_end = i + 1 == self.epoch_steps() || self.stop_requested();
         let epoch_eval = epoch + 1 == self.cfg.train.epochs
             || (epoch + 1).is_multiple_of(self.cfg.train.eval_every_epochs)
             || self.stop_requested();
@@ -561,33 +730,29 @@ impl Trainer {
 
     /// One epoch against parameter servers: pull the batch's rows, compute,
     /// push the gradient. Step k+1's pull is sent before step k computes.
-    #[allow(clippy::too_many_arguments)]
     fn run_epoch_remote(
         &mut self,
         epoch: u32,
-        order: &[usize],
         batch: &mut Batch,
-        rank: u32,
-        world: u32,
         remote: &mut PsExchange,
         obs: &mut dyn Observer,
     ) -> Result<(f64, u64), JobError> {
-        let lb = self.shard.local_batch;
-        let steps = self.shard.steps_per_epoch as usize;
         let has_dense = self.model.layout().tensors().iter().any(|t| t.kind == ParamKind::Dense);
         let mut next = Batch::for_dataset(&self.data.train);
         let mut rows = Vec::new();
         let (mut loss_sum, mut samples) = (0.0f64, 0u64);
         let mut window = (Instant::now(), 0u64);
-        batch.gather(&self.data.train, &order[..lb]);
+        if !self.take_batch(0, batch) {
+            return Ok((0.0, 0));
+        }
         self.model.touched_rows(batch, &mut rows);
         remote.pull_start(self.pos.step, &rows, has_dense, false)?;
-        for i in 0..steps {
+        loop {
             let step = self.pos.step;
             remote.pull_finish(&mut self.params)?;
-            let last = i + 1 == steps || (self.cfg.train.max_steps > 0 && step + 1 >= self.cfg.train.max_steps);
+            let stop = self.cfg.train.max_steps > 0 && step + 1 >= self.cfg.train.max_steps;
+            let last = stop || !self.take_batch(1, &mut next);
             if !last {
-                next.gather(&self.data.train, &order[(i + 1) * lb..(i + 2) * lb]);
                 self.model.touched_rows(&next, &mut rows);
                 remote.pull_start(step + 1, &rows, has_dense, false)?;
             }
@@ -601,15 +766,18 @@ impl Trainer {
                 return Err(JobError::NotFinite { step, loss });
             }
             self.pos.step += 1;
+            let i = self.finish_step();
             loss_sum += loss as f64;
-            samples += lb as u64;
-            self.progress(&mut window, (rank, world), epoch, i as u64, loss, obs);
+            samples += next.rows() as u64;
+            self.progress(&mut window, epoch, i, loss, obs);
             if last {
                 break;
             }
         }
-        let steps = (samples / lb as u64).max(1);
-        Ok((loss_sum / steps as f64, samples))
+        Ok((
+            loss_sum / (samples / self.local_batch().max(1) as u64).max(1) as f64,
+            samples,
+        ))
     }
 
     /// Backward pass with gradients handed to the exchange as they become final.
@@ -703,6 +871,55 @@ impl Trainer {
     }
 }
 
+/// The first bytes of [`Trainer::export_state`]'s form (and its version).
+const STATE_MAGIC: &[u8; 8] = b"SNTSTAT1";
+
+fn put(w: &mut Vec<u8>, x: u64) {
+    w.extend_from_slice(&x.to_le_bytes());
+}
+
+/// Reads [`Trainer::export_state`]'s form; every error says what was short or too big.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.bytes.len());
+        let end = end.ok_or_else(|| format!("ends at byte {} of a {}-byte field", self.bytes.len(), n))?;
+        let out = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(out)
+    }
+
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+
+    /// A length, at most `max`.
+    fn len(&mut self, max: usize) -> Result<usize, String> {
+        let n = self.u64()?;
+        usize::try_from(n)
+            .ok()
+            .filter(|&n| n <= max)
+            .ok_or_else(|| format!("length {n} over the limit {max}"))
+    }
+
+    /// A length-prefixed f32 vector that must hold exactly `expect` values.
+    fn floats(&mut self, expect: usize) -> Result<Vec<f32>, String> {
+        let n = self.u64()?;
+        if n != expect as u64 {
+            return Err(format!("{n} values where this model has {expect}"));
+        }
+        Ok(self
+            .take(expect * 4)?
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect())
+    }
+}
+
 fn model_kind(cfg: &JobConfig) -> String {
     serde_json::to_value(&cfg.model)
         .ok()
@@ -744,22 +961,6 @@ pub fn checksum(params: &[f32]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn shards_agree_on_steps_and_cover_the_batch() {
-        for (rows, world, batch) in [(60_000, 2, 128), (60_000, 3, 128), (1000, 4, 7), (10, 1, 3)] {
-            let shards: Vec<Shard> = (0..world).map(|r| Shard::new(rows, world, r, batch)).collect();
-            let steps = shards[0].steps_per_epoch;
-            assert!(shards.iter().all(|s| s.steps_per_epoch == steps));
-            assert_eq!(shards.iter().map(|s| s.local_batch).sum::<usize>(), batch);
-            assert!(
-                shards
-                    .iter()
-                    .all(|s| s.local_batch as u64 * steps <= s.rows.len() as u64)
-            );
-        }
-        assert_eq!(Shard::new(60_000, 2, 0, 128).steps_per_epoch, 468);
-    }
 
     #[test]
     fn checksum_sees_one_bit() {

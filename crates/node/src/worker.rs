@@ -4,17 +4,18 @@
 
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use wire::msg::{FromCoordinator, HostId, PeerHello, ToCoordinator};
+use wire::msg::{FromCoordinator, ToCoordinator};
 use wire::{PeerInfo, Role, Secret};
 
 use crate::comm::{Comm, Connection};
-use crate::config::{ClusterConfig, JobConfig, Transport};
+use crate::config::{ClusterConfig, JobConfig};
+use crate::elastic::{self, Generation, Membership};
 use crate::env::ClusterEnv;
 use crate::error::JobError;
 use crate::exchange::AllreduceExchange;
@@ -43,14 +44,25 @@ pub struct Member {
     /// The step the heartbeats report.
     pub step: Arc<AtomicU64>,
     pub comm: Comm,
+    /// Data addresses of the workers, by rank.
+    pub peers: Vec<String>,
     /// Data addresses of the parameter-server shards, by shard (empty for all-reduce jobs).
     pub servers: Vec<String>,
     /// Fires when the coordinator says everyone has finished.
     pub shutdown: mpsc::Receiver<()>,
+    /// All-reduce jobs: the acceptor, the coordinator watch and their channels.
+    pub(crate) membership: Option<Membership>,
+    /// Whether this worker joined a running job (it has no training state yet).
+    pub joined_late: bool,
+    /// Elastic jobs: why the first links could not be formed (the worker regroups first).
+    pub mesh_failed: Option<JobError>,
+    /// Parameter-server jobs: the coordinator's other messages (promotions of
+    /// replicated shards' backups, for `PsExchange::enable_failover`).
+    pub ps_notices: Option<mpsc::Receiver<FromCoordinator>>,
 }
 
 /// Joins the cluster the environment names: authenticates with the coordinator,
-/// gets a rank, connects to every peer, and starts heartbeats and the abort watch.
+/// gets a rank, connects to every peer, and starts heartbeats and the coordinator watch.
 pub fn join(env: &ClusterEnv, secret: &Secret, cluster: &ClusterConfig) -> Result<Member, JobError> {
     let Welcomed {
         coord,
@@ -61,25 +73,50 @@ pub fn join(env: &ClusterEnv, secret: &Secret, cluster: &ClusterConfig) -> Resul
         world,
         peers,
         servers,
+        joined_late,
     } = rendezvous(env, secret, Role::Worker)?;
-    tracing::info!(rank, world, generation, "joined");
+    tracing::info!(rank, world, generation, joined_late, "joined");
+    let (shutdown_tx, shutdown) = mpsc::channel();
+    let mut ps_notices = None;
+    let mut mesh_failed = None;
     // With parameter servers, workers talk to the servers only.
-    let conns = if servers.is_empty() {
-        mesh(rank, world, generation, &peers, &listener, secret, cluster.transport)?
+    let (conns, membership) = if servers.is_empty() {
+        let g = Generation {
+            generation,
+            rank,
+            peers: peers.clone(),
+        };
+        let mut m = Membership::start(listener, reader, secret, &g, shutdown_tx)?;
+        let conns = elastic::mesh(
+            &g,
+            &m.inbound,
+            &mut m.early,
+            secret,
+            cluster.transport,
+            RENDEZVOUS_TIMEOUT_MS,
+            RENDEZVOUS_TIMEOUT_MS,
+        );
+        // An elastic job survives a peer lost while the links form: this
+        // worker regroups before its first step (see `Ring::train`).
+        let conns = match conns {
+            Ok(c) => c,
+            Err(e) if cluster.elastic && elastic::recoverable(&e) => {
+                mesh_failed = Some(e);
+                (0..world).map(|_| None).collect()
+            }
+            Err(e) => return Err(e),
+        };
+        (conns, Some(m))
     } else {
-        (0..world).map(|_| None).collect()
+        let (tx, rx) = mpsc::channel();
+        ps_notices = Some(rx);
+        spawn_abort_watch(reader, format!("rank {rank}"), Some(rank), shutdown_tx, Some(tx))?;
+        ((0..world).map(|_| None).collect(), None)
     };
-    for (peer, c) in conns.iter().enumerate() {
-        if let Some(c) = c {
-            let transport = if c.shm.is_some() { "shm" } else { "tcp" };
-            tracing::info!(rank, peer, transport, "peer link");
-        }
-    }
+    log_links(rank, &conns);
     let coord = Arc::new(Mutex::new(coord));
     let step = Arc::new(AtomicU64::new(0));
     spawn_heartbeats(coord.clone(), rank, step.clone(), cluster.heartbeat_timeout_ms)?;
-    let (shutdown_tx, shutdown) = mpsc::channel();
-    spawn_abort_watch(reader, format!("rank {rank}"), Some(rank), shutdown_tx)?;
     let comm = Comm::new(
         rank,
         conns,
@@ -87,6 +124,9 @@ pub fn join(env: &ClusterEnv, secret: &Secret, cluster: &ClusterConfig) -> Resul
         cluster.collective_timeout_ms,
         cluster.tensor_crc,
     )?;
+    if let Some(m) = &membership {
+        m.shared.register(generation, comm.stream_handles());
+    }
     Ok(Member {
         rank,
         world,
@@ -95,8 +135,22 @@ pub fn join(env: &ClusterEnv, secret: &Secret, cluster: &ClusterConfig) -> Resul
         step,
         shutdown,
         comm,
+        peers,
         servers,
+        membership,
+        joined_late,
+        ps_notices,
+        mesh_failed,
     })
+}
+
+fn log_links(rank: u32, conns: &[Option<Connection>]) {
+    for (peer, c) in conns.iter().enumerate() {
+        if let Some(c) = c {
+            let transport = if c.shm.is_some() { "shm" } else { "tcp" };
+            tracing::info!(rank, peer, transport, "peer link");
+        }
+    }
 }
 
 /// A process the coordinator has admitted: its line to the coordinator, the
@@ -112,6 +166,8 @@ pub(crate) struct Welcomed {
     pub world: u32,
     pub peers: Vec<String>,
     pub servers: Vec<String>,
+    /// Admitted into a running (elastic) job with a new generation.
+    pub joined_late: bool,
 }
 
 /// Authenticates with the coordinator the environment names, joins as `role`
@@ -147,20 +203,27 @@ pub(crate) fn rendezvous(env: &ClusterEnv, secret: &Secret, role: Role) -> Resul
     net::send_control(&mut coord, own.rank, &join)?;
     let mut reader = ControlReader::new(coord.try_clone().map_err(|e| JobError::io("cloning", e))?);
     let welcome = match reader.recv::<FromCoordinator>(Some(RENDEZVOUS_TIMEOUT_MS))? {
-        Some(w @ FromCoordinator::Welcome { .. }) => w,
+        Some(w @ (FromCoordinator::Welcome { .. } | FromCoordinator::Regroup { .. })) => w,
         Some(FromCoordinator::Abort { reason, .. }) => return Err(JobError::Coordinator(reason)),
         other => return Err(JobError::Coordinator(format!("expected a welcome, got {other:?}"))),
     };
     welcome.check().map_err(JobError::Coordinator)?;
-    let FromCoordinator::Welcome {
-        generation,
-        rank,
-        world,
-        peers,
-        servers,
-    } = welcome
-    else {
-        unreachable!("matched above")
+    let (generation, rank, world, peers, servers, joined_late) = match welcome {
+        FromCoordinator::Welcome {
+            generation,
+            rank,
+            world,
+            peers,
+            servers,
+        } => (generation, rank, world, peers, servers, false),
+        FromCoordinator::Regroup {
+            generation,
+            rank,
+            world,
+            peers,
+            ..
+        } => (generation, rank, world, peers, Vec::new(), true),
+        _ => unreachable!("matched above"),
     };
     Ok(Welcomed {
         coord,
@@ -171,6 +234,7 @@ pub(crate) fn rendezvous(env: &ClusterEnv, secret: &Secret, role: Role) -> Resul
         world,
         peers,
         servers,
+        joined_late,
     })
 }
 
@@ -218,7 +282,7 @@ pub fn run(
     let data = crate::job::load_data(&cfg)?;
     let member = join(env, secret, &cfg.cluster)?;
     let (rank, world) = (member.rank, member.world);
-    if world != cfg.cluster.workers {
+    if world != cfg.cluster.workers && !cfg.cluster.elastic {
         tracing::warn!(
             world,
             configured = cfg.cluster.workers,
@@ -230,35 +294,52 @@ pub fn run(
         step,
         comm,
         shutdown,
+        peers,
         servers,
         generation,
+        membership,
+        joined_late,
+        ps_notices,
+        mesh_failed,
         ..
     } = member;
     let cluster = cfg.cluster.clone();
     let optim = cfg.optim.clone();
     let mut trainer = Trainer::new(cfg, data, rank, world)?;
+    trainer.set_membership(generation, rank, &peers);
     let restored = match resume {
         Some(dir) => trainer.resume(dir)?.exchange,
         None => Vec::new(),
     };
-    let compress = trainer.config().compress.clone();
-    let mut ex: Box<dyn crate::train::Exchange> = if servers.is_empty() && compress.is_active() {
-        Box::new(crate::compress::CompressExchange::new(
-            comm,
-            &compress,
-            trainer.layout(),
-            trainer.config().train.seed,
-            coord.clone(),
-            &restored,
-        )?)
-    } else if servers.is_empty() {
-        Box::new(AllreduceExchange::new(
-            comm,
-            cluster.overlap,
-            cluster.bucket_bytes,
-            cluster.collective_timeout_ms,
-            coord.clone(),
-        )?)
+    // Start, epoch and evaluation lines come from the current rank 0 only.
+    let current_rank = membership
+        .as_ref()
+        .map_or_else(|| Arc::new(AtomicU32::new(rank)), |m| m.shared.rank.clone());
+    let mut relay = |r: &crate::report::Report| {
+        use crate::report::Report;
+        match r {
+            Report::Step(s) => step.store(s.step_in_epoch, Ordering::Relaxed),
+            Report::Start { .. } | Report::Epoch(_) | Report::Eval(_) if current_rank.load(Ordering::Relaxed) != 0 => {
+                return;
+            }
+            _ => {}
+        }
+        obs.report(r);
+    };
+    let result = if servers.is_empty() {
+        let membership = membership.expect("all-reduce workers watch their membership");
+        let mut ring = Ring {
+            coord: coord.clone(),
+            cluster: cluster.clone(),
+            secret: secret.clone(),
+            membership,
+            generation: Generation {
+                generation,
+                rank,
+                peers,
+            },
+        };
+        ring.train(&mut trainer, comm, &restored, joined_late, mesh_failed, &mut relay)
     } else {
         let mut ps = connect_servers(
             &mut trainer,
@@ -270,6 +351,7 @@ pub fn run(
             &servers,
             secret,
         )?;
+        let compress = trainer.config().compress.clone();
         if compress.is_active() {
             let c = codec::CompressConfig {
                 compress: compress.codec.clone(),
@@ -277,17 +359,191 @@ pub fn run(
             };
             ps.compress_pushes(c.compress.clone(), c.error_feedback(), trainer.config().train.seed);
         }
-        Box::new(ps)
-    };
-    let mut relay = |r: &crate::report::Report| {
-        if let crate::report::Report::Step(s) = r {
-            step.store(s.step_in_epoch, Ordering::Relaxed);
+        if let Some(notices) = ps_notices.filter(|_| cluster.replicas > 1) {
+            let wait_ms = crate::ps_client::failover_wait_ms(cluster.heartbeat_timeout_ms);
+            ps.enable_failover(notices, secret.clone(), generation, wait_ms);
         }
-        obs.report(r);
+        trainer.run(&mut ps, &mut relay)
     };
-    let result = trainer.run(ex.as_mut(), &mut relay);
+    let rank = trainer.rank();
     report_end(&coord, &shutdown, rank, result.as_ref().map(|s| s.steps))?;
     result
+}
+
+/// An all-reduce worker's training across membership generations.
+struct Ring {
+    coord: Arc<Mutex<TcpStream>>,
+    cluster: ClusterConfig,
+    secret: Secret,
+    membership: Membership,
+    generation: Generation,
+}
+
+impl Ring {
+    /// Trains until the job ends. In an elastic job a lost peer or a new
+    /// generation is survived: regroup, take the newest state, continue.
+    fn train(
+        &mut self,
+        trainer: &mut Trainer,
+        comm: Comm,
+        restored: &[(String, Vec<f32>)],
+        joined_late: bool,
+        mesh_failed: Option<JobError>,
+        obs: &mut dyn Observer,
+    ) -> Result<Summary, JobError> {
+        let mut comm = comm;
+        let mut have_state = !joined_late;
+        // When this worker first saw the membership change, if it is regrouping.
+        let mut regrouping = joined_late.then(Instant::now);
+        if let Some(e) = mesh_failed {
+            regrouping = Some(Instant::now());
+            comm = self.regroup(&e, trainer.position().step)?;
+        }
+        // Residuals restored from a checkpoint apply to the first membership only.
+        let mut residuals = restored;
+        loop {
+            if let Some(since) = regrouping {
+                match self.sync(trainer, &mut comm, have_state, since, !have_state) {
+                    Ok(report) => {
+                        obs.report(&crate::report::Report::Regroup(report));
+                        have_state = true;
+                    }
+                    Err(e) if self.cluster.elastic && elastic::recoverable(&e) => {
+                        comm = self.regroup(&e, trainer.position().step)?;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if regrouping.is_some() {
+                residuals = &[];
+            }
+            let mut ex = self.exchange(trainer, comm, residuals)?;
+            let result = trainer.run(ex.as_mut(), obs);
+            drop(ex);
+            match result {
+                Err(e) if self.cluster.elastic && elastic::recoverable(&e) => {
+                    regrouping = Some(Instant::now());
+                    comm = self.regroup(&e, trainer.position().step)?;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// The exchange for this generation's links.
+    fn exchange(
+        &self,
+        trainer: &Trainer,
+        comm: Comm,
+        residuals: &[(String, Vec<f32>)],
+    ) -> Result<Box<dyn crate::train::Exchange>, JobError> {
+        let compress = &trainer.config().compress;
+        Ok(if compress.is_active() {
+            Box::new(crate::compress::CompressExchange::new(
+                comm,
+                compress,
+                trainer.layout(),
+                trainer.config().train.seed,
+                self.coord.clone(),
+                residuals,
+            )?)
+        } else {
+            Box::new(AllreduceExchange::new(
+                comm,
+                self.cluster.overlap,
+                self.cluster.bucket_bytes,
+                self.cluster.collective_timeout_ms,
+                self.coord.clone(),
+            )?)
+        })
+    }
+
+    /// After `failure`: tells the coordinator, waits for the next generation and
+    /// forms its links; again while the generation is replaced or its links fail.
+    fn regroup(&mut self, failure: &JobError, step: u64) -> Result<Comm, JobError> {
+        let deadline = elastic::after_ms(elastic::REGROUP_WAIT_MS);
+        let mut failure = failure.to_string();
+        loop {
+            tracing::warn!(
+                rank = self.generation.rank,
+                generation = self.generation.generation,
+                step,
+                failure,
+                "regrouping"
+            );
+            let lost = ToCoordinator::PeerLost {
+                generation: self.generation.generation,
+                rank: self.generation.rank,
+                step,
+            };
+            net::send_control(
+                &mut self.coord.lock().expect("coordinator stream lock"),
+                self.generation.rank,
+                &lost,
+            )?;
+            let g = elastic::next_generation(&self.membership.regroups, self.generation.generation, deadline)
+                .map_err(|e| JobError::Coordinator(format!("{e} (after: {failure})")))?;
+            self.generation = g;
+            let m = &mut self.membership;
+            let formed = elastic::mesh(
+                &self.generation,
+                &m.inbound,
+                &mut m.early,
+                &self.secret,
+                self.cluster.transport,
+                elastic::REGROUP_CONNECT_MS,
+                elastic::REGROUP_WAIT_MS,
+            )
+            .and_then(|conns| {
+                log_links(self.generation.rank, &conns);
+                Comm::new(
+                    self.generation.rank,
+                    conns,
+                    collective::CollectiveConfig::default(),
+                    self.cluster.collective_timeout_ms,
+                    self.cluster.tensor_crc,
+                )
+            });
+            match formed {
+                Ok(comm) => {
+                    m.shared.register(self.generation.generation, comm.stream_handles());
+                    return Ok(comm);
+                }
+                Err(e) if elastic::recoverable(&e) => failure = e.to_string(),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Agrees on the newest state, takes it, and cuts the rest of the epoch for
+    /// this generation.
+    fn sync(
+        &self,
+        trainer: &mut Trainer,
+        comm: &mut Comm,
+        have_state: bool,
+        since: Instant,
+        joined: bool,
+    ) -> Result<crate::report::RegroupReport, JobError> {
+        let source = elastic::sync_state(comm, trainer, have_state)?;
+        let g = &self.generation;
+        let moved = trainer.regroup(g.generation, g.rank, &g.peers);
+        Ok(crate::report::RegroupReport {
+            rank: g.rank,
+            generation: g.generation,
+            world: g.world(),
+            source,
+            step: trainer.position().step,
+            joined,
+            lost_rows: moved.lost_rows as u64,
+            moved_rows: moved.moved_rows as u64,
+            regroup_ms: since.elapsed().as_secs_f64() * 1e3,
+            unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        })
+    }
 }
 
 /// Connects to the parameter servers; rank 0 first finds the hot keys in its
@@ -356,95 +612,6 @@ fn connect_servers(
     )
 }
 
-/// Connects every pair of workers once: rank i dials every rank below it and
-/// accepts every rank above it. With `transport = auto`, pairs on the same
-/// machine also set up a shared-memory link (`shm::dial`, `shm::answer`).
-/// Returns one connection per peer, by rank.
-fn mesh(
-    rank: u32,
-    world: u32,
-    generation: u64,
-    peers: &[String],
-    listener: &TcpListener,
-    secret: &Secret,
-    transport: Transport,
-) -> Result<Vec<Option<Connection>>, JobError> {
-    let own = PeerInfo {
-        role: Role::Worker,
-        rank,
-    };
-    let host: Option<HostId> = match transport {
-        Transport::Tcp => None,
-        Transport::Auto => crate::shm::host_id()
-            .map_err(|why| tracing::warn!(rank, why, "cannot tell which peers share this machine; using TCP"))
-            .ok(),
-    };
-    let budget = Arc::new(crate::shm::Budget::default());
-    let mut conns: Vec<Option<Connection>> = (0..world).map(|_| None).collect();
-    let expect_inbound = (world - 1 - rank) as usize;
-    let (tx, rx) = mpsc::channel();
-    let accept_listener = listener.try_clone().map_err(|e| JobError::io("cloning listener", e))?;
-    let accept_secret = secret.clone();
-    let (accept_host, accept_budget) = (host.clone(), budget.clone());
-    thread::Builder::new()
-        .name("mesh-accept".into())
-        .spawn(move || {
-            for _ in 0..expect_inbound {
-                let r = accept_listener
-                    .accept()
-                    .map_err(|e| JobError::io("accepting a peer", e))
-                    .and_then(|(mut s, _)| {
-                        net::accept_handshake(&mut s, &accept_secret, own)?;
-                        let hello: PeerHello = net::recv_control_exact(&mut s, net::HANDSHAKE_TIMEOUT_MS)?;
-                        let shm =
-                            crate::shm::answer(&mut s, rank, generation, accept_host.as_ref(), &hello, &accept_budget)?;
-                        Ok((hello, Connection { stream: s, shm }))
-                    });
-                if tx.send(r).is_err() {
-                    return;
-                }
-            }
-        })
-        .map_err(|e| JobError::io("spawning the accept thread", e))?;
-    for (peer, addr) in peers.iter().enumerate().take(rank as usize) {
-        let mut s = net::connect(addr, RENDEZVOUS_TIMEOUT_MS)?;
-        let them = net::connect_handshake(&mut s, secret, own)?;
-        if them.rank != peer as u32 {
-            return Err(JobError::Peer {
-                rank: peer as u32,
-                why: format!("{addr} answered as {them}"),
-            });
-        }
-        let shm = crate::shm::dial(&mut s, rank, peer as u32, generation, host.as_ref(), &budget)?;
-        conns[peer] = Some(Connection { stream: s, shm });
-    }
-    let deadline = Instant::now() + Duration::from_millis(RENDEZVOUS_TIMEOUT_MS);
-    for _ in 0..expect_inbound {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let (hello, c) = rx.recv_timeout(left).map_err(|_| {
-            let missing: Vec<u32> = (rank + 1..world).filter(|r| conns[*r as usize].is_none()).collect();
-            JobError::Stalled {
-                op: format!("connecting peers {missing:?}"),
-                step: 0,
-                rank: missing.first().copied().unwrap_or(rank),
-                waited_ms: RENDEZVOUS_TIMEOUT_MS,
-            }
-        })??;
-        if hello.generation != generation
-            || hello.rank <= rank
-            || hello.rank >= world
-            || conns[hello.rank as usize].is_some()
-        {
-            return Err(JobError::Peer {
-                rank: hello.rank,
-                why: format!("unexpected hello {hello:?}"),
-            });
-        }
-        conns[hello.rank as usize] = Some(c);
-    }
-    Ok(conns)
-}
-
 pub(crate) fn spawn_heartbeats(
     coord: Arc<Mutex<TcpStream>>,
     rank: u32,
@@ -479,6 +646,7 @@ pub(crate) fn spawn_abort_watch(
     who: String,
     own_rank: Option<u32>,
     shutdown: mpsc::Sender<()>,
+    notices: Option<mpsc::Sender<FromCoordinator>>,
 ) -> Result<(), JobError> {
     thread::Builder::new()
         .name("coordinator-watch".into())
@@ -497,7 +665,12 @@ pub(crate) fn spawn_abort_watch(
                         let _ = shutdown.send(());
                         return;
                     }
-                    Ok(Some(other)) => tracing::warn!(?other, "unexpected message from the coordinator"),
+                    Ok(Some(other)) => match &notices {
+                        Some(tx) => {
+                            let _ = tx.send(other);
+                        }
+                        None => tracing::warn!(?other, "unexpected message from the coordinator"),
+                    },
                     Ok(None) | Err(_) => {
                         say(&format!("error: {who} stopping: lost the coordinator\n"));
                         std::process::exit(EXIT_ABORTED);
@@ -511,7 +684,7 @@ pub(crate) fn spawn_abort_watch(
 
 /// Writes a whole line to stderr in one call: the processes of a local cluster
 /// share one terminal, and a line written in pieces interleaves with theirs.
-fn say(line: &str) {
+pub(crate) fn say(line: &str) {
     use std::io::Write;
     let _ = std::io::stderr().write_all(line.as_bytes());
 }

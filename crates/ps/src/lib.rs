@@ -6,7 +6,9 @@
 //! - [`local`]: the compact layout of what one shard holds;
 //! - [`shard`]: one shard: values, server-side optimizer, consistency clocks
 //!   (BSP, SSP, async), deferred pulls, load and staleness figures;
-//! - [`msg`]: the binary push/pull messages.
+//! - [`msg`]: the binary push/pull messages;
+//! - [`replica`]: primary-backup replication of a shard (forward, hold the
+//!   acknowledgement until the backup applied, deduplicate resent pushes).
 //!
 //! The runtime (`node::server`, `node::ps_client`) moves the messages; these
 //! modules decide everything else, so the same code runs under tests and, in
@@ -16,6 +18,7 @@ pub mod error;
 pub mod local;
 pub mod msg;
 pub mod placement;
+pub mod replica;
 pub mod shard;
 pub mod sketch;
 
@@ -23,5 +26,6 @@ pub use error::PsError;
 pub use local::LocalLayout;
 pub use msg::{Message, Pull, Push};
 pub use placement::{Placement, PlacementSpec, balance_hot_keys, key, split_key};
+pub use replica::{Replica, Snapshot};
 pub use shard::{Consistency, Output, Shard, ShardStats, staleness_bucket, staleness_bucket_floor};
 pub use sketch::HotKeys;

@@ -143,6 +143,8 @@ pub struct Shard {
     stats: ShardStats,
     /// Scratch for building the optimizer's sparse rows.
     scratch: Vec<SparseRows>,
+    /// Test-only (`sim`): see [`Shard::sim_bug_ssp_off_by_one`].
+    bug_ssp_off_by_one: bool,
 }
 
 impl Shard {
@@ -197,6 +199,7 @@ impl Shard {
                 ..ShardStats::default()
             },
             scratch,
+            bug_ssp_off_by_one: false,
         })
     }
 
@@ -271,6 +274,44 @@ impl Shard {
         Ok(())
     }
 
+    /// Steps this shard has taken from `worker` (the clock of its next push).
+    pub fn clock(&self, worker: u32) -> Result<u64, PsError> {
+        self.check_worker(worker)?;
+        Ok(self.clocks[worker as usize])
+    }
+
+    /// Every worker's clock, by worker.
+    pub fn clocks(&self) -> &[u64] {
+        &self.clocks
+    }
+
+    /// BSP: steps applied (the other rules leave it at 0).
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    pub fn consistency(&self) -> Consistency {
+        self.consistency
+    }
+
+    /// Replaces values and optimizer state by an image and sets each worker's
+    /// clock and the BSP steps applied: a replica built from another's state.
+    pub fn restore_state(&mut self, image: &[f32], clocks: &[u64], applied: u64) -> Result<(), PsError> {
+        if clocks.len() != self.clocks.len() {
+            return Err(PsError::Placement(format!(
+                "shard {} serves {} workers; the state names {}",
+                self.index,
+                self.clocks.len(),
+                clocks.len()
+            )));
+        }
+        self.restore(image, applied)?;
+        self.clocks.copy_from_slice(clocks);
+        self.pending.clear();
+        self.deferred.clear();
+        Ok(())
+    }
+
     /// Replaces the values (local layout), keeping the optimizer state and clocks.
     pub fn restore_values(&mut self, values: &[f32]) -> Result<(), PsError> {
         if values.len() != self.values.len() {
@@ -283,6 +324,14 @@ impl Shard {
         }
         self.values.copy_from_slice(values);
         Ok(())
+    }
+
+    /// Test-only: re-introduces an off-by-one in the SSP rule (a pull is
+    /// answered `staleness + 1` steps ahead of the slowest worker), so that
+    /// the simulator's tests can show they find it. Nothing else calls it.
+    #[doc(hidden)]
+    pub fn sim_bug_ssp_off_by_one(&mut self, on: bool) {
+        self.bug_ssp_off_by_one = on;
     }
 
     /// Pulls waiting for a slower worker.
@@ -304,7 +353,9 @@ impl Shard {
         let visible = self.visible();
         match (p.wait_all, self.consistency) {
             (true, _) | (false, Consistency::Bsp) => visible >= p.clock,
-            (false, Consistency::Ssp { staleness }) => visible + staleness as u64 >= p.clock,
+            (false, Consistency::Ssp { staleness }) => {
+                visible + staleness as u64 + u64::from(self.bug_ssp_off_by_one) >= p.clock
+            }
             (false, Consistency::Async) => true,
         }
     }

@@ -186,7 +186,7 @@ impl FrameHeader {
         bytes[SENDER_AT..SENDER_AT + 4].copy_from_slice(&self.sender.to_le_bytes());
         bytes[PAYLOAD_BYTES_AT..PAYLOAD_BYTES_AT + 4].copy_from_slice(&self.payload_bytes.to_le_bytes());
         bytes[PAYLOAD_CRC_AT..PAYLOAD_CRC_AT + 4].copy_from_slice(&self.payload_crc.to_le_bytes());
-        let header_crc = crc32c::crc32c(&bytes[..HEADER_CRC_AT]);
+        let header_crc = crate::crc::crc32c(&bytes[..HEADER_CRC_AT]);
         bytes[HEADER_CRC_AT..].copy_from_slice(&header_crc.to_le_bytes());
         bytes
     }
@@ -210,7 +210,7 @@ impl FrameHeader {
             });
         }
         let stored = read_u32(bytes, HEADER_CRC_AT);
-        let computed = crc32c::crc32c(&bytes[..HEADER_CRC_AT]);
+        let computed = crate::crc::crc32c(&bytes[..HEADER_CRC_AT]);
         if stored != computed {
             return Err(WireError::HeaderCrc { stored, computed });
         }
@@ -266,15 +266,15 @@ impl FrameHeader {
     }
 }
 
-/// crc32c of a payload (SSE4.2 / ARMv8 CRC instructions where available).
+/// crc32c of a payload ([`crate::crc32c`]: carry-less multiply folding where the CPU has it).
 pub fn payload_crc(payload: &[u8]) -> u32 {
-    crc32c::crc32c(payload)
+    crate::crc::crc32c(payload)
 }
 
 /// Extends `crc` (start from 0) with `chunk`: the crc of a payload read in
 /// pieces equals [`payload_crc`] of the whole.
 pub fn payload_crc_append(crc: u32, chunk: &[u8]) -> u32 {
-    crc32c::crc32c_append(crc, chunk)
+    crate::crc::crc32c_append(crc, chunk)
 }
 
 /// The payload length as a u32 if `kind` allows it.

@@ -13,6 +13,7 @@
 
 pub mod auth;
 mod control;
+mod crc;
 mod decoder;
 mod error;
 mod header;
@@ -22,6 +23,7 @@ pub use auth::{
     Acceptor, AuthFailure, AuthStep, Connector, NONCE_BYTES, Nonce, PeerInfo, Role, SECRET_BYTES_MIN, Secret,
 };
 pub use control::{decode_control, encode_control};
+pub use crc::{CrcPath, crc32c, crc32c_append};
 pub use decoder::{Frame, FrameDecoder};
 pub use error::WireError;
 pub use header::{

@@ -34,6 +34,12 @@ pub enum ToCoordinator {
     Finished { steps: u64 },
     /// This worker is giving up; the job stops.
     Failed { reason: String },
+    /// Elastic jobs: a collective of `generation` failed on the link to worker
+    /// `rank` at `step`; the sender waits for a [`FromCoordinator::Regroup`].
+    PeerLost { generation: u64, rank: u32, step: u64 },
+    /// Replicated parameter servers: this server, backup of `shard`, holds
+    /// its primary's state and applies every update after it.
+    BackupReady { shard: u32 },
 }
 
 /// Coordinator → worker.
@@ -57,6 +63,25 @@ pub enum FromCoordinator {
     },
     /// Everyone finished; exit.
     Shutdown,
+    /// Elastic jobs: a new membership generation. Like [`Self::Welcome`], plus
+    /// each new rank's rank in the previous generation (`None`: it joins now).
+    /// Sent to every worker of the new generation, including joiners.
+    Regroup {
+        generation: u64,
+        rank: u32,
+        world: u32,
+        peers: Vec<String>,
+        previous: Vec<Option<u32>>,
+    },
+    /// Replicated parameter servers (`cluster.replicas = 2`), to a server
+    /// after its welcome: it serves `shard` as its primary, or as its backup.
+    ServerRole { shard: u32, primary: bool },
+    /// To the primary of `shard`: build a new backup at `addr` (the backup
+    /// waits for the primary there) and forward every update to it.
+    BuildBackup { shard: u32, addr: String },
+    /// To every worker and to the new primary: the primary of `shard` died;
+    /// its backup, at `addr`, serves the shard now.
+    Promote { shard: u32, addr: String },
 }
 
 /// Longest boot id we accept (Linux's is a 36-character UUID).
@@ -165,6 +190,28 @@ impl FromCoordinator {
                 Ok(())
             }
             Self::Abort { reason, .. } if reason.len() > TEXT_BYTES_MAX => Err("reason too long".into()),
+            Self::BuildBackup { addr, .. } | Self::Promote { addr, .. } if addr.len() > TEXT_BYTES_MAX => {
+                Err("address too long".into())
+            }
+            Self::Regroup {
+                rank,
+                world,
+                peers,
+                previous,
+                ..
+            } => {
+                if peers.len() > PEERS_MAX || peers.len() != *world as usize || previous.len() != peers.len() {
+                    return Err(format!(
+                        "regroup lists {} peers and {} previous ranks for world {world}",
+                        peers.len(),
+                        previous.len()
+                    ));
+                }
+                if *rank >= *world || peers.iter().any(|p| p.len() > TEXT_BYTES_MAX) {
+                    return Err(format!("regroup names rank {rank} of {world}, or an address too long"));
+                }
+                Ok(())
+            }
             _ => Ok(()),
         }
     }

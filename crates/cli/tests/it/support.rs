@@ -400,6 +400,18 @@ impl ProcId {
         })
     }
 
+    /// The command line, argument by argument (empty once the process is gone).
+    pub fn args(&self) -> Vec<String> {
+        std::fs::read(format!("/proc/{}/cmdline", self.pid))
+            .map(|b| {
+                b.split(|c| *c == 0)
+                    .filter(|a| !a.is_empty())
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Sends `sig`, if this very process is still there.
     pub fn signal(&self, sig: libc::c_int) {
         if self.alive() {

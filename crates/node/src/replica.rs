@@ -1,0 +1,876 @@
+//! A replicated parameter-server shard process (`sinter server --replicas 2`):
+//! the runtime of the `ps::Replica` engine.
+//!
+//! The coordinator makes each server the primary or the backup of a shard
+//! (`ServerRole`). A primary starts like an unreplicated server (workers
+//! connect, worker 0 sends the shard), then, told where its backup waits
+//! (`BuildBackup`), connects to it, sends a [`ReplicaInit`] with the shard's
+//! snapshot and forwards every push it applies, as received, in one ordered
+//! stream (`Ps` frames: tag = entry seq, sender = worker). The backup answers
+//! each entry with a `Pushed` frame carrying its seq once applied; the
+//! primary's engine then releases the worker's acknowledgement.
+//!
+//! A backup accepts its primary's stream, tells the coordinator
+//! `BackupReady` once the snapshot is in, and applies entries until the
+//! stream ends. On `Promote` it first lets that stream drain (every entry
+//! that arrived is applied; bounded by [`DRAIN_WAIT_MS`]), then serves the
+//! workers that reconnect to it.
+//!
+//! Threads: one per worker connection (as in `server`), one writer and one
+//! reader per backup link, one reader of the primary's stream, one accept
+//! loop (backups), and this thread, which takes the coordinator's word and
+//! the other threads' news from one channel.
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::AtomicU64;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use ps::replica::{Command as Rc, Role as ReplicaRole};
+use ps::{Message, Output, Placement, PlacementSpec, Replica, Shard, Snapshot};
+use serde::{Deserialize, Serialize};
+use tensor::Layout;
+use wire::msg::{FromCoordinator, PeerHello, ToCoordinator};
+use wire::{FrameHeader, HEADER_BYTES, MessageType, PeerInfo, Role, Secret};
+
+use crate::env::ClusterEnv;
+use crate::error::JobError;
+use crate::net::{self, ControlReader};
+use crate::server::{INIT_CHUNK_VALUES, PsInit, PsReady, ServerOptions, ServerReport, accept_workers, take_init};
+use crate::worker::{EXIT_ABORTED, RENDEZVOUS_TIMEOUT_MS, Welcomed, rendezvous, spawn_heartbeats};
+
+/// How long a promoted backup waits for its dead primary's stream to end.
+pub const DRAIN_WAIT_MS: u64 = 1_000;
+/// How often the main loop wakes while idle.
+const IDLE_TICK_MS: u64 = 50;
+/// Pushes of open BSP steps a snapshot may carry, per worker.
+const PENDING_PER_WORKER_MAX: u32 = 16;
+/// Connections a backup accepts over its life (its primary, then each worker after a promotion, with retries).
+const ACCEPTS_MAX: u32 = 4 * crate::WORKERS_MAX + 16;
+
+/// What a shard is: everything a replica needs besides the state.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Setup {
+    pub layout: Layout,
+    pub optim_json: String,
+    pub consistency: ps::Consistency,
+    pub placement: PlacementSpec,
+}
+
+/// Primary → new backup, first on the replication stream: the shard, then
+/// `image_frames` tensor frames (the image) and `pending` push frames (the
+/// open BSP steps, sender = worker).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReplicaInit {
+    pub setup: Setup,
+    pub workers: u32,
+    pub clocks: Vec<u64>,
+    pub applied: u64,
+    pub next_seq: u64,
+    pub image_frames: u32,
+    pub pending: u32,
+}
+
+/// One entry for the backup: the push as received.
+struct Entry {
+    seq: u64,
+    worker: u32,
+    payload: Vec<u8>,
+}
+
+struct Core {
+    replica: Option<Replica>,
+    /// The current backup link: its id and the queue to its writer thread.
+    to_backup: Option<(u64, Sender<Entry>)>,
+}
+
+struct Shared {
+    shard: u32,
+    workers: u32,
+    setup: OnceLock<Setup>,
+    core: Mutex<Core>,
+    writers: Vec<Mutex<Option<TcpStream>>>,
+    events: Sender<Ev>,
+    write_timeout_ms: u64,
+}
+
+enum Ev {
+    Coord(FromCoordinator),
+    Shutdown,
+    Worker(u32, TcpStream),
+    Primary(TcpStream),
+    WorkerEnded(u32, Option<JobError>),
+    BackupLost(u64, String),
+    FeedEnded(String),
+}
+
+impl Shared {
+    fn core(&self) -> Result<MutexGuard<'_, Core>, JobError> {
+        self.core.lock().map_err(|_| JobError::Server {
+            server: self.shard,
+            why: "a thread panicked holding the shard".into(),
+        })
+    }
+
+    fn layout(&self) -> Option<&Layout> {
+        self.setup.get().map(|s| &s.layout)
+    }
+
+    /// Sends each reply to its worker; a worker not connected (yet) misses it and asks again.
+    fn reply(&self, outputs: Vec<Output>) -> Result<(), JobError> {
+        let mut out = Vec::new();
+        for o in outputs {
+            let to = match o {
+                Output::Pulled {
+                    worker,
+                    req,
+                    clock,
+                    dense,
+                    values,
+                } => {
+                    ps::msg::encode_pulled(req, clock, &dense, &values, &mut out);
+                    worker
+                }
+                Output::Pushed { worker, clock } => {
+                    ps::msg::encode_pushed(clock, &mut out);
+                    worker
+                }
+            };
+            let Some(slot) = self.writers.get(to as usize) else {
+                continue;
+            };
+            let mut w = slot.lock().map_err(|_| JobError::Server {
+                server: self.shard,
+                why: "a writer lock is poisoned".into(),
+            })?;
+            if let Some(s) = w.as_mut() {
+                write_ps(s, 0, self.shard, &out).map_err(|e| JobError::Peer {
+                    rank: to,
+                    why: format!("server {} could not reply: {e}", self.shard),
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Carries out engine commands: entries to the backup, replies to workers.
+    fn run(&self, core: &mut Core, cmds: Vec<Rc>, payload: &[u8], outputs: &mut Vec<Output>) {
+        for c in cmds {
+            match c {
+                Rc::Reply(o) => outputs.push(o),
+                Rc::Forward { seq, worker } => {
+                    if let Some((_, tx)) = &core.to_backup {
+                        // A closed queue means the link broke; its reader reports that.
+                        let _ = tx.send(Entry {
+                            seq,
+                            worker,
+                            payload: payload.to_vec(),
+                        });
+                    }
+                }
+                Rc::Applied { .. } => {}
+            }
+        }
+    }
+}
+
+/// Runs one replicated shard until the coordinator's shutdown.
+pub fn run(env: &ClusterEnv, secret: &Secret, opts: &ServerOptions) -> Result<ServerReport, JobError> {
+    let Welcomed {
+        coord,
+        reader,
+        listener,
+        generation,
+        rank: shard,
+        world: workers,
+        ..
+    } = rendezvous(env, secret, Role::Server)?;
+    let coord = Arc::new(Mutex::new(coord));
+    spawn_heartbeats(
+        coord.clone(),
+        shard,
+        Arc::new(AtomicU64::new(0)),
+        opts.heartbeat_timeout_ms,
+    )?;
+    let (tx, events) = mpsc::channel();
+    spawn_watch(reader, shard, tx.clone())?;
+    let primary = match events.recv_timeout(Duration::from_millis(RENDEZVOUS_TIMEOUT_MS)) {
+        Ok(Ev::Coord(FromCoordinator::ServerRole { shard: s, primary })) if s == shard => primary,
+        _ => {
+            return Err(JobError::Coordinator(format!(
+                "server {shard} was told no role (primary or backup): is the coordinator run with --replicas 2?"
+            )));
+        }
+    };
+    let role = if primary { "primary" } else { "backup" };
+    tracing::info!(shard, workers, generation, role, "replicated server joined");
+    let shared = Arc::new(Shared {
+        shard,
+        workers,
+        setup: OnceLock::new(),
+        core: Mutex::new(Core {
+            replica: None,
+            to_backup: None,
+        }),
+        writers: (0..workers).map(|_| Mutex::new(None)).collect(),
+        events: tx.clone(),
+        write_timeout_ms: opts.write_timeout_ms,
+    });
+    if primary {
+        let mut streams = accept_workers(&listener, workers, generation, shard, secret)?;
+        let (init, engine) = take_init(&mut streams[0], shard, workers)?;
+        let ready = PsReady {
+            shard,
+            placement: init.placement.clone(),
+        };
+        let _ = shared.setup.set(setup_of(&init));
+        shared.core()?.replica = Some(Replica::primary(engine));
+        for s in streams.iter_mut() {
+            net::send_control(s, shard, &ready)?;
+        }
+        for (w, s) in streams.into_iter().enumerate() {
+            register(&shared, w as u32, s)?;
+        }
+    } else {
+        spawn_accept(listener, shard, generation, workers, secret.clone(), tx.clone())?;
+    }
+    drop(tx);
+    let mut waiting_workers: Vec<(u32, TcpStream)> = Vec::new();
+    let mut feed: Option<TcpStream> = None;
+    let mut feed_open = false;
+    let mut links = 0u64;
+    let mut later: VecDeque<Ev> = VecDeque::new();
+    loop {
+        let ev = match later.pop_front() {
+            Some(ev) => ev,
+            None => match events.recv_timeout(Duration::from_millis(IDLE_TICK_MS)) {
+                Ok(ev) => ev,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(JobError::Coordinator(format!(
+                        "server {shard}: lost every event source"
+                    )));
+                }
+            },
+        };
+        match ev {
+            Ev::Shutdown => break,
+            Ev::Coord(FromCoordinator::BuildBackup { shard: s, addr }) if s == shard => {
+                links += 1;
+                if let Err(e) = build_backup(&shared, &addr, secret, links) {
+                    tracing::warn!(shard, role = "primary", addr, error = %e, "could not build a backup; continuing alone");
+                }
+            }
+            Ev::Coord(FromCoordinator::Promote { shard: s, .. }) if s == shard => {
+                let started = Instant::now();
+                // Every entry the dead primary's stream delivered is applied before workers resend.
+                let deadline = started + Duration::from_millis(DRAIN_WAIT_MS);
+                while feed_open {
+                    match events.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                        Ok(Ev::FeedEnded(why)) => {
+                            tracing::info!(shard, why, "the old primary's stream ended");
+                            feed_open = false;
+                        }
+                        Ok(ev) => later.push_back(ev),
+                        Err(_) => {
+                            tracing::warn!(
+                                shard,
+                                waited_ms = DRAIN_WAIT_MS,
+                                "the old primary's stream did not end; cutting it"
+                            );
+                            if let Some(f) = &feed {
+                                let _ = f.shutdown(Shutdown::Both);
+                            }
+                            feed_open = false;
+                        }
+                    }
+                }
+                {
+                    let mut core = shared.core()?;
+                    let Some(r) = core.replica.as_mut() else {
+                        return Err(JobError::Server {
+                            server: shard,
+                            why: "promoted before it held the shard's state".into(),
+                        });
+                    };
+                    r.promote();
+                    let next_seq = r.next_seq();
+                    drop(core);
+                    tracing::warn!(
+                        shard,
+                        role = "backup",
+                        next_seq,
+                        drain_ms = started.elapsed().as_millis() as u64,
+                        "primary lost; this backup is the primary now"
+                    );
+                }
+                for (w, s) in waiting_workers.drain(..) {
+                    register(&shared, w, s)?;
+                }
+            }
+            Ev::Coord(other) => tracing::warn!(shard, ?other, "unexpected message from the coordinator"),
+            Ev::Worker(w, s) => {
+                let serving = shared
+                    .core()?
+                    .replica
+                    .as_ref()
+                    .is_some_and(|r| r.role() == ReplicaRole::Primary);
+                if serving {
+                    register(&shared, w, s)?;
+                } else {
+                    waiting_workers.retain(|(x, _)| *x != w);
+                    waiting_workers.push((w, s));
+                }
+            }
+            Ev::Primary(s) => {
+                feed = s.try_clone().ok();
+                feed_open = true;
+                let (shared, coord) = (shared.clone(), coord.clone());
+                thread::Builder::new()
+                    .name("ps-feed".into())
+                    .spawn(move || {
+                        let why = match follow(&shared, s, &coord) {
+                            Ok(()) => "closed".to_string(),
+                            Err(e) => e.to_string(),
+                        };
+                        let _ = shared.events.send(Ev::FeedEnded(why));
+                    })
+                    .map_err(|e| JobError::io("spawning the replication reader", e))?;
+            }
+            Ev::FeedEnded(why) => {
+                tracing::info!(shard, role = "backup", why, "the primary's stream ended");
+                feed_open = false;
+            }
+            Ev::WorkerEnded(w, None) => tracing::debug!(shard, worker = w, "a worker closed its connection"),
+            Ev::WorkerEnded(_, Some(e)) => return Err(e),
+            Ev::BackupLost(link, why) => {
+                let mut core = shared.core()?;
+                if core.to_backup.as_ref().is_some_and(|(l, _)| *l == link) {
+                    core.to_backup = None;
+                    let released = core.replica.as_mut().map(|r| r.backup_lost()).unwrap_or_default();
+                    drop(core);
+                    tracing::warn!(
+                        shard,
+                        role = "primary",
+                        why,
+                        released = released.len(),
+                        "backup lost; continuing alone until a new one is built"
+                    );
+                    let mut outputs = Vec::new();
+                    for c in released {
+                        if let Rc::Reply(o) = c {
+                            outputs.push(o);
+                        }
+                    }
+                    shared.reply(outputs)?;
+                }
+            }
+        }
+    }
+    let core = shared.core()?;
+    let (values, stats, backup) = match &core.replica {
+        Some(r) => (
+            r.shard().values().len(),
+            r.shard().stats().clone(),
+            r.role() == ReplicaRole::Backup,
+        ),
+        None => (0, Default::default(), true),
+    };
+    Ok(ServerReport {
+        shard,
+        values,
+        stats,
+        backup,
+    })
+}
+
+fn setup_of(init: &PsInit) -> Setup {
+    Setup {
+        layout: init.layout.clone(),
+        optim_json: init.optim_json.clone(),
+        consistency: init.consistency,
+        placement: init.placement.clone(),
+    }
+}
+
+/// Serves a connected worker on its own thread.
+fn register(shared: &Arc<Shared>, worker: u32, s: TcpStream) -> Result<(), JobError> {
+    s.set_write_timeout(Some(Duration::from_millis(shared.write_timeout_ms)))
+        .map_err(|e| JobError::io("set_write_timeout", e))?;
+    let w = s.try_clone().map_err(|e| JobError::io("cloning a worker stream", e))?;
+    *shared.writers[worker as usize].lock().map_err(|_| JobError::Server {
+        server: shared.shard,
+        why: "a writer lock is poisoned".into(),
+    })? = Some(w);
+    let sh = shared.clone();
+    thread::Builder::new()
+        .name(format!("ps-conn-{worker}"))
+        .spawn(move || {
+            let r = serve_worker(&sh, worker, s);
+            let _ = sh.events.send(Ev::WorkerEnded(worker, r.err()));
+        })
+        .map(|_| ())
+        .map_err(|e| JobError::io("spawning a connection thread", e))
+}
+
+/// Reads one `Ps` frame into `payload`; `None` at a clean end of the stream.
+fn read_ps(s: &mut TcpStream, payload: &mut Vec<u8>) -> Result<Option<FrameHeader>, String> {
+    let mut h = [0u8; HEADER_BYTES];
+    match s.read_exact(&mut h) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    }
+    let h = FrameHeader::decode(&h).map_err(|e| e.to_string())?;
+    if h.kind != MessageType::Ps {
+        return Err(format!("expected a parameter-server frame, got {}", h.kind));
+    }
+    payload.resize(h.payload_bytes as usize, 0);
+    s.read_exact(payload).map_err(|e| e.to_string())?;
+    h.check_payload(payload).map_err(|e| e.to_string())?;
+    Ok(Some(h))
+}
+
+/// Writes one `Ps` frame with a tag, header and payload in one call (no Nagle split).
+fn write_ps(s: &mut TcpStream, tag: u64, sender: u32, payload: &[u8]) -> Result<(), std::io::Error> {
+    let h = FrameHeader::new(MessageType::Ps, tag, sender, payload)
+        .map_err(std::io::Error::other)?
+        .encode();
+    let mut bufs = [std::io::IoSlice::new(&h), std::io::IoSlice::new(payload)];
+    let mut slices: &mut [std::io::IoSlice] = &mut bufs;
+    while !slices.is_empty() {
+        let n = s.write_vectored(slices)?;
+        if n == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::WriteZero));
+        }
+        std::io::IoSlice::advance_slices(&mut slices, n);
+    }
+    Ok(())
+}
+
+/// A push as the engine takes it: a coded dense part is decoded here.
+fn decode_push(msg: Message, dense_len: usize) -> Result<Option<ps::Push>, String> {
+    match msg {
+        Message::Push(p) => Ok(Some(p)),
+        Message::PushCoded { mut push, dense_coded } => {
+            push.dense = vec![0.0; dense_len];
+            codec::decode(&dense_coded, &mut push.dense)
+                .map_err(|e| format!("a compressed push it cannot decode: {e}"))?;
+            Ok(Some(push))
+        }
+        _ => Ok(None),
+    }
+}
+
+fn serve_worker(shared: &Shared, worker: u32, mut s: TcpStream) -> Result<(), JobError> {
+    let shard = shared.shard;
+    let broke = |why: String| JobError::Peer {
+        rank: worker,
+        why: format!("connection to server {shard} broke: {why}"),
+    };
+    let layout = shared
+        .layout()
+        .ok_or_else(|| broke("the shard has no layout yet".into()))?;
+    let mut payload = Vec::new();
+    loop {
+        if read_ps(&mut s, &mut payload).map_err(broke)?.is_none() {
+            return Ok(());
+        }
+        let msg = ps::msg::decode(&payload, Some(layout)).map_err(|e| JobError::Peer {
+            rank: worker,
+            why: format!("sent server {shard} {e}"),
+        })?;
+        let mut outputs = Vec::new();
+        {
+            let mut core = shared.core()?;
+            let core = &mut *core;
+            let r = core
+                .replica
+                .as_mut()
+                .ok_or_else(|| broke("the shard has no state yet".into()))?;
+            let dense_len = r.shard().layout().dense_len;
+            let cmds = match msg {
+                Message::Pull(p) => r.on_pull(worker, p),
+                other => match decode_push(other, dense_len) {
+                    Ok(Some(p)) => r.on_push(worker, p),
+                    Ok(None) => return Err(broke("sent a reply to a server".into())),
+                    Err(why) => {
+                        return Err(JobError::Peer {
+                            rank: worker,
+                            why: format!("sent server {shard} {why}"),
+                        });
+                    }
+                },
+            }
+            .map_err(|e| JobError::Peer {
+                rank: worker,
+                why: format!("server {shard}: {e}"),
+            })?;
+            shared.run(core, cmds, &payload, &mut outputs);
+        }
+        shared.reply(outputs)?;
+    }
+}
+
+/// Primary: connects to a new backup at `addr`, sends it the shard's
+/// snapshot and from then on every entry; a reader applies its acknowledgements.
+fn build_backup(shared: &Arc<Shared>, addr: &str, secret: &Secret, link: u64) -> Result<(), JobError> {
+    let shard = shared.shard;
+    let setup = shared.setup.get().cloned().ok_or_else(|| JobError::Server {
+        server: shard,
+        why: "asked to build a backup before it held the shard".into(),
+    })?;
+    let mut s = net::connect(addr, net::HANDSHAKE_TIMEOUT_MS)?;
+    let own = PeerInfo {
+        role: Role::Server,
+        rank: shard,
+    };
+    let them = net::connect_handshake(&mut s, secret, own)?;
+    if them.role != Role::Server || them.rank != shard {
+        return Err(JobError::Server {
+            server: shard,
+            why: format!("{addr} answered as {them}, not as a server of shard {shard}"),
+        });
+    }
+    net::tune_data_stream(&s)?;
+    s.set_write_timeout(Some(Duration::from_millis(shared.write_timeout_ms)))
+        .map_err(|e| JobError::io("set_write_timeout", e))?;
+    let reader = s
+        .try_clone()
+        .map_err(|e| JobError::io("cloning the backup stream", e))?;
+    let (tx, rx) = mpsc::channel();
+    let (released, snap) = {
+        let mut core = shared.core()?;
+        let r = core.replica.as_mut().ok_or_else(|| JobError::Server {
+            server: shard,
+            why: "asked to build a backup before it held the shard".into(),
+        })?;
+        let attached = r.attach_backup()?;
+        core.to_backup = Some((link, tx));
+        attached
+    };
+    let outputs = released
+        .into_iter()
+        .filter_map(|c| if let Rc::Reply(o) = c { Some(o) } else { None })
+        .collect();
+    shared.reply(outputs)?;
+    tracing::info!(
+        shard,
+        role = "primary",
+        addr,
+        next_seq = snap.next_seq,
+        "building a backup"
+    );
+    let sh = shared.clone();
+    thread::Builder::new()
+        .name("ps-backup-out".into())
+        .spawn(move || {
+            if let Err(e) = feed_backup(&sh, s, setup, snap, rx) {
+                let _ = sh.events.send(Ev::BackupLost(link, e));
+            }
+        })
+        .map_err(|e| JobError::io("spawning the backup writer", e))?;
+    let sh = shared.clone();
+    thread::Builder::new()
+        .name("ps-backup-in".into())
+        .spawn(move || {
+            let why = take_acks(&sh, reader, link);
+            let _ = sh.events.send(Ev::BackupLost(link, why));
+        })
+        .map(|_| ())
+        .map_err(|e| JobError::io("spawning the backup reader", e))
+}
+
+/// Primary → backup: the snapshot, then each entry as the engine forwards it.
+fn feed_backup(
+    shared: &Shared,
+    mut s: TcpStream,
+    setup: Setup,
+    snap: Snapshot,
+    rx: Receiver<Entry>,
+) -> Result<(), String> {
+    let chunks: Vec<&[f32]> = snap.image.chunks(INIT_CHUNK_VALUES).collect();
+    let init = ReplicaInit {
+        setup,
+        workers: shared.workers,
+        clocks: snap.clocks.clone(),
+        applied: snap.applied,
+        next_seq: snap.next_seq,
+        image_frames: chunks.len() as u32,
+        pending: snap.pending.len() as u32,
+    };
+    net::send_control(&mut s, shared.shard, &init).map_err(|e| e.to_string())?;
+    for c in chunks {
+        net::write_tensor(&mut s, 0, shared.shard, c).map_err(|e| format!("sending the image: {e}"))?;
+    }
+    let mut buf = Vec::new();
+    for (w, p) in &snap.pending {
+        ps::msg::encode_push(p.clock, &p.dense, &p.keys, &p.values, &mut buf);
+        write_ps(&mut s, 0, *w, &buf).map_err(|e| format!("sending an open step: {e}"))?;
+    }
+    // Ends when the link is replaced or dropped (the queue closes).
+    for e in rx {
+        write_ps(&mut s, e.seq, e.worker, &e.payload).map_err(|e| format!("forwarding: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Primary: the backup's acknowledgements, until its stream ends (returns why).
+fn take_acks(shared: &Shared, mut s: TcpStream, link: u64) -> String {
+    let mut payload = Vec::new();
+    loop {
+        match read_ps(&mut s, &mut payload) {
+            Ok(Some(_)) => {}
+            Ok(None) => return "the backup closed its stream".into(),
+            Err(e) => return e,
+        }
+        let seq = match ps::msg::decode(&payload, None) {
+            Ok(Message::Pushed { clock }) => clock,
+            Ok(other) => return format!("the backup sent {other:?}"),
+            Err(e) => return format!("the backup sent {e}"),
+        };
+        let mut outputs = Vec::new();
+        {
+            let Ok(mut core) = shared.core() else {
+                return "a thread panicked".into();
+            };
+            if core.to_backup.as_ref().is_none_or(|(l, _)| *l != link) {
+                return "replaced".into();
+            }
+            let Some(r) = core.replica.as_mut() else {
+                return "no shard".into();
+            };
+            match r.on_applied(seq) {
+                Ok(cmds) => {
+                    for c in cmds {
+                        if let Rc::Reply(o) = c {
+                            outputs.push(o);
+                        }
+                    }
+                }
+                Err(e) => return e.to_string(),
+            }
+        }
+        if let Err(e) = shared.reply(outputs) {
+            tracing::warn!(shard = shared.shard, error = %e, "could not pass on an acknowledgement");
+        }
+    }
+}
+
+/// Backup: takes the snapshot from the primary's stream, says it is ready,
+/// then applies every entry and acknowledges it, until the stream ends.
+fn follow(shared: &Shared, mut s: TcpStream, coord: &Mutex<TcpStream>) -> Result<(), JobError> {
+    let shard = shared.shard;
+    let bad = |why: String| JobError::Server {
+        server: shard,
+        why: format!("its primary's replication stream: {why}"),
+    };
+    let init: ReplicaInit = net::recv_control_exact(&mut s, RENDEZVOUS_TIMEOUT_MS)?;
+    if init.workers != shared.workers
+        || init.clocks.len() != shared.workers as usize
+        || init.pending > shared.workers.saturating_mul(PENDING_PER_WORKER_MAX)
+    {
+        return Err(bad(format!(
+            "a snapshot for {} workers with {} clocks and {} open pushes; this job has {} workers",
+            init.workers,
+            init.clocks.len(),
+            init.pending,
+            shared.workers
+        )));
+    }
+    let optim: optim::OptimConfig = serde_json::from_str(&init.setup.optim_json)
+        .map_err(|e| bad(format!("an optimizer config it cannot read: {e}")))?;
+    let placement = Placement::new(init.setup.placement.clone(), &init.setup.layout)?;
+    let n = ps::LocalLayout::new(&init.setup.layout, &placement, shard).local.len();
+    let engine = Shard::new(
+        shard,
+        shared.workers,
+        init.setup.consistency,
+        &optim,
+        &init.setup.layout,
+        &placement,
+        vec![0.0; n],
+    )?;
+    let want = engine.image_len();
+    s.set_read_timeout(Some(Duration::from_millis(RENDEZVOUS_TIMEOUT_MS)))
+        .map_err(|e| JobError::io("set_read_timeout", e))?;
+    let mut image: Vec<f32> = Vec::with_capacity(want);
+    for _ in 0..init.image_frames {
+        let h = net::read_header(&mut s).map_err(|e| bad(format!("reading the image: {e}")))?;
+        let k = h.payload_bytes as usize / 4;
+        if h.kind != MessageType::Tensor || image.len() + k > want {
+            return Err(bad(format!("more than the {want} values of the image")));
+        }
+        let at = image.len();
+        image.resize(at + k, 0.0);
+        let bytes = net::as_bytes_mut(&mut image[at..]);
+        s.read_exact(bytes)
+            .map_err(|e| bad(format!("reading the image: {e}")))?;
+        h.check_payload(bytes)?;
+    }
+    if image.len() != want {
+        return Err(bad(format!(
+            "an image of {} values; the shard holds {want}",
+            image.len()
+        )));
+    }
+    let dense_len = engine.layout().dense_len;
+    let mut payload = Vec::new();
+    let mut pending = Vec::with_capacity(init.pending as usize);
+    for _ in 0..init.pending {
+        let h = read_ps(&mut s, &mut payload)
+            .map_err(&bad)?
+            .ok_or_else(|| bad("ended inside the snapshot".into()))?;
+        let msg = ps::msg::decode(&payload, Some(&init.setup.layout)).map_err(|e| bad(e.to_string()))?;
+        let p = decode_push(msg, dense_len)
+            .map_err(&bad)?
+            .ok_or_else(|| bad("an open step that is not a push".into()))?;
+        pending.push((h.sender, p));
+    }
+    s.set_read_timeout(None)
+        .map_err(|e| JobError::io("set_read_timeout", e))?;
+    let snap = Snapshot {
+        image,
+        clocks: init.clocks,
+        applied: init.applied,
+        pending,
+        next_seq: init.next_seq,
+    };
+    let replica = Replica::backup(engine, &snap)?;
+    let _ = shared.setup.set(init.setup.clone());
+    shared.core()?.replica = Some(replica);
+    {
+        let mut c = coord
+            .lock()
+            .map_err(|_| bad("the coordinator stream lock is poisoned".into()))?;
+        net::send_control(&mut c, shard, &ToCoordinator::BackupReady { shard })?;
+    }
+    tracing::info!(
+        shard,
+        role = "backup",
+        next_seq = init.next_seq,
+        "holds the primary's state"
+    );
+    let layout = &init.setup.layout;
+    let mut ack = Vec::new();
+    loop {
+        let Some(h) = read_ps(&mut s, &mut payload).map_err(&bad)? else {
+            return Ok(());
+        };
+        let msg = ps::msg::decode(&payload, Some(layout)).map_err(|e| bad(e.to_string()))?;
+        let push = decode_push(msg, dense_len)
+            .map_err(&bad)?
+            .ok_or_else(|| bad("an entry that is not a push".into()))?;
+        let applied = {
+            let mut core = shared.core()?;
+            let r = core.replica.as_mut().ok_or_else(|| bad("no shard".into()))?;
+            if r.role() != ReplicaRole::Backup {
+                // Promoted (the drain wait ran out): the rest is the workers' to resend.
+                return Ok(());
+            }
+            r.on_forward(h.tag, h.sender, push)?
+        };
+        for c in applied {
+            if let Rc::Applied { seq } = c {
+                ps::msg::encode_pushed(seq, &mut ack);
+                write_ps(&mut s, 0, shard, &ack).map_err(|e| bad(format!("acknowledging: {e}")))?;
+            }
+        }
+    }
+}
+
+/// Backup: accepts its primary's stream and, once promoted, the workers.
+fn spawn_accept(
+    listener: TcpListener,
+    shard: u32,
+    generation: u64,
+    workers: u32,
+    secret: Secret,
+    tx: Sender<Ev>,
+) -> Result<(), JobError> {
+    let own = PeerInfo {
+        role: Role::Server,
+        rank: shard,
+    };
+    thread::Builder::new()
+        .name("ps-accept".into())
+        .spawn(move || {
+            for _ in 0..ACCEPTS_MAX {
+                let Ok((mut s, from)) = listener.accept() else { continue };
+                let r = net::accept_handshake(&mut s, &secret, own).and_then(|peer| match peer.role {
+                    Role::Server => {
+                        net::tune_data_stream(&s)?;
+                        Ok(Ev::Primary(s))
+                    }
+                    Role::Worker => {
+                        let hello: PeerHello = net::recv_control_exact(&mut s, net::HANDSHAKE_TIMEOUT_MS)?;
+                        if hello.generation != generation || hello.rank >= workers {
+                            return Err(JobError::Peer {
+                                rank: hello.rank,
+                                why: format!("server {shard} got an unexpected hello {hello:?}"),
+                            });
+                        }
+                        net::tune_data_stream(&s)?;
+                        Ok(Ev::Worker(hello.rank, s))
+                    }
+                    other => Err(JobError::Coordinator(format!(
+                        "a {other:?} connected to server {shard}"
+                    ))),
+                });
+                match r {
+                    Ok(ev) => {
+                        if tx.send(ev).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => tracing::warn!(shard, peer = %from, error = %e, "refused a connection"),
+                }
+            }
+            tracing::warn!(shard, limit = ACCEPTS_MAX, "accepted as many connections as allowed");
+        })
+        .map(|_| ())
+        .map_err(|e| JobError::io("spawning the accept thread", e))
+}
+
+/// Watches the coordinator: an abort or its loss ends the process; its
+/// other messages go to the main loop.
+fn spawn_watch(mut reader: ControlReader, shard: u32, tx: Sender<Ev>) -> Result<(), JobError> {
+    let say = |line: String| {
+        let _ = std::io::stderr().write_all(line.as_bytes());
+    };
+    thread::Builder::new()
+        .name("coordinator-watch".into())
+        .spawn(move || {
+            loop {
+                match reader.recv::<FromCoordinator>(None) {
+                    Ok(Some(FromCoordinator::Abort { reason, .. })) => {
+                        say(format!("error: server {shard} stopping: {reason}\n"));
+                        std::process::exit(EXIT_ABORTED);
+                    }
+                    Ok(Some(FromCoordinator::Shutdown)) => {
+                        let _ = tx.send(Ev::Shutdown);
+                        return;
+                    }
+                    Ok(Some(m)) => {
+                        if let Err(why) = m.check() {
+                            say(format!("error: server {shard} stopping: the coordinator sent {why}\n"));
+                            std::process::exit(EXIT_ABORTED);
+                        }
+                        if tx.send(Ev::Coord(m)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) | Err(_) => {
+                        say(format!("error: server {shard} stopping: lost the coordinator\n"));
+                        std::process::exit(EXIT_ABORTED);
+                    }
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| JobError::io("spawning the coordinator watch", e))
+}

@@ -1,0 +1,370 @@
+//! What `sinter sim` does, as functions over typed options that write their
+//! report to a `Write`: the binary only parses flags and calls these.
+
+use std::io::Write;
+
+use crate::cluster::{Bug, RunReport, SimConfig, run};
+use crate::faults::FaultMix;
+use crate::fuzz;
+use crate::plot::{Series, svg};
+use crate::predict::{CpuModel, PredictConfig, Prediction, Strategy, predict, table_header, table_row};
+
+/// `sinter sim` without `--predict` or `--fuzz`: one job.
+#[derive(Clone, Debug)]
+pub struct OneRun {
+    pub seed: u64,
+    pub workers: u32,
+    pub servers: u32,
+    pub faults: FaultMix,
+    pub steps: u64,
+    pub consistency: ps::Consistency,
+    pub bug: Option<Bug>,
+}
+
+impl OneRun {
+    pub fn config(&self) -> SimConfig {
+        let mut cfg = SimConfig::new(self.seed, self.workers, self.servers, self.steps, self.faults);
+        cfg.consistency = self.consistency;
+        cfg.bug = self.bug;
+        cfg
+    }
+
+    fn replay(&self) -> String {
+        let consistency = match self.consistency {
+            ps::Consistency::Bsp => "--consistency bsp".to_string(),
+            ps::Consistency::Async => "--consistency async".to_string(),
+            ps::Consistency::Ssp { staleness } => format!("--consistency ssp --staleness {staleness}"),
+        };
+        let bug = self.bug.map(|_| " --bug ssp-off-by-one").unwrap_or_default();
+        format!(
+            "sinter sim --seed {} --workers {} --servers {} --faults {} --steps {} {consistency}{bug}",
+            self.seed, self.workers, self.servers, self.faults, self.steps
+        )
+    }
+}
+
+fn describe(out: &mut dyn Write, cfg: &SimConfig, r: &RunReport) -> std::io::Result<()> {
+    let job = if cfg.servers == 0 {
+        format!("all-reduce, {} workers", cfg.workers)
+    } else {
+        format!("{} workers, {} shards, {:?}", cfg.workers, cfg.servers, cfg.consistency)
+    };
+    writeln!(
+        out,
+        "seed {}: {job}, {} steps, faults {} (safety phase {:.3} s, {} scheduled faults); {} events, {:.3} s simulated, {} attempt(s), {} messages, trace {:016x}",
+        cfg.seed,
+        cfg.steps,
+        cfg.faults,
+        r.plan.safety_end as f64 / 1e9,
+        r.plan.faults.len(),
+        r.events,
+        r.virtual_ns as f64 / 1e9,
+        r.attempts,
+        r.messages,
+        r.trace.hash()
+    )
+}
+
+/// Runs one job; `trace`: write the whole trace there. Returns whether every invariant held.
+pub fn one(opts: &OneRun, trace: Option<&mut dyn Write>, out: &mut dyn Write) -> Result<bool, String> {
+    let mut cfg = opts.config();
+    cfg.keep_trace = trace.is_some();
+    cfg.validate()?;
+    let r = run(&cfg);
+    let io = |e: std::io::Error| e.to_string();
+    if let Some(t) = trace {
+        t.write_all(r.trace.text().as_bytes()).map_err(io)?;
+    }
+    describe(out, &cfg, &r).map_err(io)?;
+    match &r.violation {
+        None => {
+            writeln!(out, "every invariant held; the job finished").map_err(io)?;
+            Ok(true)
+        }
+        Some(v) => {
+            writeln!(out, "{v}\nreplay: {}", opts.replay()).map_err(io)?;
+            Ok(false)
+        }
+    }
+}
+
+/// `--reproduce SEED`: the fuzz case of that seed, with the end of its trace.
+pub fn reproduce(
+    seed: u64,
+    bug: Option<Bug>,
+    trace: Option<&mut dyn Write>,
+    out: &mut dyn Write,
+) -> Result<bool, String> {
+    let mut cfg = fuzz::case(seed, bug);
+    cfg.keep_trace = true;
+    let r = run(&cfg);
+    let io = |e: std::io::Error| e.to_string();
+    if let Some(t) = trace {
+        t.write_all(r.trace.text().as_bytes()).map_err(io)?;
+    }
+    describe(out, &cfg, &r).map_err(io)?;
+    match &r.violation {
+        None => {
+            writeln!(out, "every invariant held; the job finished").map_err(io)?;
+            Ok(true)
+        }
+        Some(v) => {
+            writeln!(out, "last events:\n{}\n{v}", r.trace.tail(25)).map_err(io)?;
+            Ok(false)
+        }
+    }
+}
+
+/// `--fuzz`: seeds `from..to`; prints a progress line every `every` runs.
+pub fn fuzz_seeds(
+    from: u64,
+    to: u64,
+    bug: Option<Bug>,
+    stop_at_first: bool,
+    out: &mut dyn Write,
+) -> Result<bool, String> {
+    let io = |e: std::io::Error| e.to_string();
+    let total = to.saturating_sub(from);
+    let every = (total / 10).max(1);
+    let mut n = 0u64;
+    let s = fuzz::fuzz(from..to, bug, stop_at_first, |cfg, r| {
+        n += 1;
+        if let Some(v) = &r.violation {
+            let _ = writeln!(
+                out,
+                "{v}\nreplay: sinter sim --reproduce {}{}",
+                cfg.seed,
+                bug.map(|_| " --bug ssp-off-by-one").unwrap_or_default()
+            );
+        } else if n % every == 0 {
+            let _ = writeln!(out, "{n}/{total} seeds, no violation so far");
+        }
+    });
+    let f = s.with_fault;
+    writeln!(
+        out,
+        "{} seeds ({}..{}): {} violation(s); {} finished; {} events; {} job attempts; runs with delay {} loss {} partition {} crash {} slow {}; with parameter servers {}",
+        s.runs,
+        from,
+        from + s.runs,
+        s.violations.len(),
+        s.finished,
+        s.events,
+        s.attempts,
+        f[0],
+        f[1],
+        f[2],
+        f[3],
+        f[4],
+        s.with_servers
+    )
+    .map_err(io)?;
+    if let Some(v) = s.violations.first() {
+        writeln!(
+            out,
+            "first violation at seed {} (run {} of this sweep)",
+            v.seed,
+            v.seed - from + 1
+        )
+        .map_err(io)?;
+    }
+    Ok(s.violations.is_empty())
+}
+
+/// `--predict`: one prediction per (strategy, codec, workers).
+#[derive(Clone, Debug)]
+pub struct PredictRun {
+    pub base: PredictConfig,
+    pub workers: Vec<u32>,
+    pub strategies: Vec<Strategy>,
+    pub codecs: Vec<codec::CodecSpec>,
+    /// Encode and decode GB/s for every codec; default [`cpu_for`] each.
+    pub codec_gbps: Option<(f64, f64)>,
+    pub json: bool,
+}
+
+/// Prints a table (or JSON lines) and returns the SVG of the efficiencies.
+pub fn predict_table(p: &PredictRun, out: &mut dyn Write) -> Result<String, String> {
+    let io = |e: std::io::Error| e.to_string();
+    let b = &p.base;
+    if !p.json {
+        writeln!(
+            out,
+            "Predicted from the real engines: {} parameters, {:.3} ms compute per step, batch {} per worker, links {} Gbit/s and {} µs latency; {}.",
+            b.params,
+            b.compute_ns as f64 / 1e6,
+            b.batch,
+            b.link.bandwidth_bits_per_s / 1e9,
+            b.link.latency_ns as f64 / 1e3,
+            "no overlap of compute and communication; engines on scaled-down buffers with each message's bytes scaled back (see `sim::predict`)"
+        )
+        .map_err(io)?;
+        writeln!(out, "{}", table_header()).map_err(io)?;
+    }
+    let mut series: Vec<Series> = Vec::new();
+    for &strategy in &p.strategies {
+        for codec in &p.codecs {
+            let mut points = Vec::new();
+            for &workers in &p.workers {
+                let (encode_gbps, decode_gbps) = p.codec_gbps.unwrap_or_else(|| {
+                    let c = cpu_for(codec);
+                    (c.encode_gbps, c.decode_gbps)
+                });
+                let cfg = PredictConfig {
+                    workers,
+                    strategy,
+                    codec: codec.clone(),
+                    cpu: CpuModel {
+                        encode_gbps,
+                        decode_gbps,
+                        ..b.cpu.clone()
+                    },
+                    ..b.clone()
+                };
+                let r: Prediction = predict(&cfg)?;
+                if p.json {
+                    writeln!(
+                        out,
+                        "{{\"strategy\":\"{strategy}\",\"codec\":\"{codec}\",\"workers\":{workers},\"servers\":{},\"params\":{},\"step_ms\":{:.6},\"compute_ms\":{:.6},\"samples_per_s\":{:.3},\"efficiency\":{:.6},\"sent_bytes\":{},\"coarsening\":{},\"events\":{}}}",
+                        cfg.servers,
+                        cfg.params,
+                        r.step_ns as f64 / 1e6,
+                        r.compute_ns as f64 / 1e6,
+                        r.samples_per_s,
+                        r.efficiency,
+                        r.sent_bytes,
+                        r.coarsening,
+                        r.events
+                    )
+                    .map_err(io)?;
+                } else {
+                    writeln!(out, "{}", table_row(&cfg, &r)).map_err(io)?;
+                }
+                out.flush().map_err(io)?;
+                points.push((f64::from(workers), r.efficiency));
+            }
+            let label = match strategy {
+                Strategy::Ps => format!("ps ({} shards), {codec}", b.servers),
+                Strategy::AllReduce => format!("all-reduce, {codec}"),
+            };
+            series.push(Series { label, points });
+        }
+    }
+    Ok(svg(
+        &format!(
+            "Predicted scaling efficiency, {} params, {} Gbit/s",
+            b.params,
+            b.link.bandwidth_bits_per_s / 1e9
+        ),
+        "compute time / step time",
+        1.0,
+        &series,
+    ))
+}
+
+/// `bsp`, `ssp` (with `staleness`) or `async`.
+pub fn parse_consistency(name: &str, staleness: u32) -> Result<ps::Consistency, String> {
+    match name {
+        "bsp" => Ok(ps::Consistency::Bsp),
+        "ssp" => Ok(ps::Consistency::Ssp { staleness }),
+        "async" => Ok(ps::Consistency::Async),
+        _ => Err(format!("unknown consistency `{name}` (bsp, ssp or async)")),
+    }
+}
+
+/// A comma-separated list of codecs (`none,topk:0.01:f16`).
+pub fn parse_codecs(s: &str) -> Result<Vec<codec::CodecSpec>, String> {
+    s.split(',')
+        .map(|c| {
+            c.trim()
+                .parse::<codec::CodecSpec>()
+                .map_err(|e| format!("codec `{c}`: {e}"))
+        })
+        .collect()
+}
+
+/// `100M`, `4Ki`, `1.5G`, `269322`: a count.
+pub fn parse_count(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let m = match &s[i..] {
+                "K" | "k" => 1e3,
+                "M" => 1e6,
+                "G" => 1e9,
+                "Ki" => 1024.0,
+                "Mi" => 1048576.0,
+                "Gi" => 1073741824.0,
+                other => return Err(format!("unknown suffix `{other}` in `{s}` (K, M, G, Ki, Mi, Gi)")),
+            };
+            (&s[..i], m)
+        }
+        None => (s, 1.0),
+    };
+    let v: f64 = num.parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if !(v.is_finite() && v >= 0.0) {
+        return Err(format!("`{s}` is not a count"));
+    }
+    Ok((v * mult).round() as u64)
+}
+
+/// `25gbit`, `100mbit`, `1e9`: bits per second.
+pub fn parse_rate(s: &str) -> Result<f64, String> {
+    let lower = s.trim().to_ascii_lowercase();
+    let (num, mult) = if let Some(n) = lower.strip_suffix("gbit") {
+        (n, 1e9)
+    } else if let Some(n) = lower.strip_suffix("mbit") {
+        (n, 1e6)
+    } else if let Some(n) = lower.strip_suffix("kbit") {
+        (n, 1e3)
+    } else {
+        (lower.as_str(), 1.0)
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a rate (e.g. 25gbit, 100mbit)"))?;
+    if !(v.is_finite() && v > 0.0) {
+        return Err(format!("`{s}` is not a positive rate"));
+    }
+    Ok(v * mult)
+}
+
+/// The default CPU model with codec speeds for `codec` (this machine's
+/// `sinter bench codec`, 2026-11-25) unless overridden.
+pub fn cpu_for(codec: &codec::CodecSpec) -> CpuModel {
+    use codec::CodecSpec as C;
+    let (encode_gbps, decode_gbps) = match codec {
+        C::None => (14.0, 14.0),
+        C::Fp16 => (10.6, 12.1),
+        C::Bf16 => (19.0, 19.0),
+        C::Int8 { .. } => (5.0, 23.0),
+        C::Qsgd { .. } => (4.2, 23.0),
+        C::Sign { .. } => (15.0, 19.0),
+        C::TopK { .. } | C::Threshold { .. } => (5.0, 24.0),
+        C::RandK { .. } => (22.0, 19.0),
+        C::PowerSgd { .. } => (3.8, 10.8),
+    };
+    CpuModel {
+        encode_gbps,
+        decode_gbps,
+        ..CpuModel::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_rates_parse_and_bad_ones_say_why() {
+        assert_eq!(parse_count("100M"), Ok(100_000_000));
+        assert_eq!(parse_count("269322"), Ok(269_322));
+        assert_eq!(parse_count("4Ki"), Ok(4096));
+        assert!(parse_count("12X").unwrap_err().contains("unknown suffix"));
+        assert_eq!(parse_rate("25gbit"), Ok(25e9));
+        assert_eq!(parse_rate("100mbit"), Ok(1e8));
+        assert!(parse_rate("fast").is_err());
+        assert!(parse_rate("0gbit").is_err());
+    }
+}

@@ -1,0 +1,85 @@
+//! Fuzz mode: many seeds, each drawing a job shape and a fault mix, each run
+//! through a safety phase (faults on) and a liveness phase (faults off).
+//! A seed names its whole case, so `sinter sim --reproduce SEED` replays it.
+
+use std::ops::Range;
+
+use tensor::Rng;
+
+use crate::cluster::{Bug, RunReport, SimConfig, Violation, run};
+use crate::faults::FaultMix;
+use crate::net::LinkSpec;
+
+const MS: u64 = 1_000_000;
+
+/// The job and faults of fuzz seed `seed` (with `bug` switched on when the
+/// job has parameter servers, where it lives).
+pub fn case(seed: u64, bug: Option<Bug>) -> SimConfig {
+    let mut rng = Rng::derive(seed, 0xF022);
+    let workers = 1 + rng.below(6) as u32;
+    let servers = if rng.below(2) == 0 { 0 } else { 1 + rng.below(3) as u32 };
+    let steps = 5 + rng.below(26);
+    let faults = FaultMix::random(&mut rng);
+    let mut cfg = SimConfig::new(seed, workers, servers, steps, faults);
+    cfg.consistency = match rng.below(4) {
+        0 => ps::Consistency::Bsp,
+        1 => ps::Consistency::Async,
+        _ => ps::Consistency::Ssp {
+            staleness: 1 + rng.below(3) as u32,
+        },
+    };
+    cfg.params = (servers.max(1) as usize).max(8 + rng.below(120) as usize);
+    cfg.segment_elems = 1 + rng.below(32) as usize;
+    cfg.small_message_bytes_max = [0, 64, 1 << 20][rng.below(3) as usize];
+    cfg.checkpoint_every = 1 + rng.below(5);
+    cfg.compute_ns = (2 + rng.below(18)) * MS;
+    let bandwidth = [1e8, 1e9, 1e10][rng.below(3) as usize];
+    cfg.link = LinkSpec::new(bandwidth, 10_000 + rng.below(1_000_000));
+    cfg.bug = bug.filter(|_| servers > 0);
+    cfg
+}
+
+/// What a fuzz run found.
+#[derive(Debug, Default)]
+pub struct FuzzSummary {
+    pub runs: u64,
+    pub finished: u64,
+    pub events: u64,
+    pub attempts: u64,
+    pub violations: Vec<Violation>,
+    /// Runs with each fault kind on: delay, loss, partition, crash, slow.
+    pub with_fault: [u64; 5],
+    pub with_servers: u64,
+}
+
+/// Runs every seed of `seeds` (stopping at the first violation when
+/// `stop_at_first`), calling `each` after every run.
+pub fn fuzz(
+    seeds: Range<u64>,
+    bug: Option<Bug>,
+    stop_at_first: bool,
+    mut each: impl FnMut(&SimConfig, &RunReport),
+) -> FuzzSummary {
+    let mut s = FuzzSummary::default();
+    for seed in seeds {
+        let cfg = case(seed, bug);
+        let report = run(&cfg);
+        s.runs += 1;
+        s.finished += u64::from(report.finished);
+        s.events += report.events;
+        s.attempts += u64::from(report.attempts);
+        let f = cfg.faults;
+        for (i, on) in [f.delay, f.loss, f.partition, f.crash, f.slow].into_iter().enumerate() {
+            s.with_fault[i] += u64::from(on);
+        }
+        s.with_servers += u64::from(cfg.servers > 0);
+        each(&cfg, &report);
+        if let Some(v) = report.violation {
+            s.violations.push(v);
+            if stop_at_first {
+                break;
+            }
+        }
+    }
+    s
+}
