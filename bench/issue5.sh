@@ -10,12 +10,19 @@
 #      the interfaces' byte counters (what really crossed the links, TCP/IP included).
 #   3. The same top-k with an asynchronous parameter server (1 shard, 4 workers, loopback), and its
 #      uncompressed twin: accuracy and bytes pushed.
+#   4. Local SGD over the same namespaces (parameters averaged every H = 8 steps, evaluated every 24 so
+#      that rank 0 evaluates an average): uncompressed, top-1% + error feedback, int8 and PowerSGD rank 4
+#      of each worker's change since the last average.
+# SECTIONS picks what runs (default: all of "codec allreduce ps localsgd"); the load average is recorded
+# before and after.
 # Writes bench/results/DATE-issue5.jsonl (raw lines), DATE-issue5.md (tables) and DATE-issue5.png
 # (accuracy against training time and against bytes).
 #   sudo bench/issue5.sh [EPOCHS]     (needs ip, tc, ethtool, python3 with matplotlib)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EPOCHS=${1:-6}
+SECTIONS=${SECTIONS:-codec allreduce ps localsgd}
+AVERAGE_EVERY=${AVERAGE_EVERY:-8}
 RATE=${RATE:-100mbit}
 SECRET=issue5-bench-secret-0123456789abcdef
 S=$PWD/target/release/sinter
@@ -45,9 +52,15 @@ for l in sys.stdin:
     l=l.strip()
     if l.startswith("{"):
         d=json.loads(l); d["_run"]=t; print(json.dumps(d))' "$1" >> "$raw"; }
-echo "+ $S bench codec --json --size 25MiB" >&2
-echo "$S bench codec --json --size 25MiB" > "$tmp/commands"
-"$S" bench codec --json --size 25MiB | tag codec
+want() { [[ " $SECTIONS " == *" $1 "* ]]; }
+load() { python3 -c 'import json,os,sys; print(json.dumps({"_run": "machine", "event": sys.argv[1], "loadavg": list(os.getloadavg())}))' "$1" >> "$raw"; }
+load load_before
+: > "$tmp/commands"
+if want codec; then
+  echo "+ $S bench codec --json --size 25MiB" >&2
+  echo "$S bench codec --json --size 25MiB" >> "$tmp/commands"
+  "$S" bench codec --json --size 25MiB | tag codec
+fi
 
 # --- the network: a bridge in its own namespace, one shaped veth per host ---------------------------
 shape() { # ns dev
@@ -127,18 +140,33 @@ print(json.dumps({"_run": sys.argv[1], "event": "links", "process_s": float(sys.
   PIDS=()
 }
 
-run none        compress.codec=none compress.momentum=0 optim.momentum=0.9
-run topk        compress.codec=topk:0.01:f16 compress.error_feedback=true compress.momentum=0.9 optim.momentum=0
-run topk-after  compress.codec=topk:0.01:f16 compress.error_feedback=true compress.momentum=0 optim.momentum=0.9
-run int8        compress.codec=int8 compress.momentum=0 optim.momentum=0.9
-run powersgd4   compress.codec=powersgd:4 compress.momentum=0 optim.momentum=0.9
+if want allreduce; then
+  run none        compress.codec=none compress.momentum=0 optim.momentum=0.9
+  run topk        compress.codec=topk:0.01:f16 compress.error_feedback=true compress.momentum=0.9 optim.momentum=0
+  run topk-after  compress.codec=topk:0.01:f16 compress.error_feedback=true compress.momentum=0 optim.momentum=0.9
+  run int8        compress.codec=int8 compress.momentum=0 optim.momentum=0.9
+  run powersgd4   compress.codec=powersgd:4 compress.momentum=0 optim.momentum=0.9
+fi
+
+# --- local SGD: each worker's change since the last average, compressed -------------------------------
+# compress.momentum corrects gradients and has no place here: each worker's optimizer keeps its momentum.
+if want localsgd; then
+  lsgd=(cluster.sync=\"local_sgd\" "cluster.average_every=$AVERAGE_EVERY" train.eval_every_steps=$((3 * AVERAGE_EVERY)) compress.momentum=0 optim.momentum=0.9)
+  run lsgd-none      "${lsgd[@]}" compress.codec=none
+  run lsgd-topk      "${lsgd[@]}" compress.codec=topk:0.01:f16 compress.error_feedback=true
+  run lsgd-int8      "${lsgd[@]}" compress.codec=int8
+  run lsgd-powersgd4 "${lsgd[@]}" compress.codec=powersgd:4
+fi
 
 # --- asynchronous parameter server, loopback -----------------------------------------------------------
-for c in none topk:0.01:f16; do
-  cmd=("$S" train examples/fashion-mlp-ps.toml --workers 4 --servers 1 --json -q --set cluster.consistency=async --set "compress.codec=$c")
-  echo "+ ${cmd[*]}" >&2
-  echo "${cmd[*]#$PWD/}" >> "$tmp/commands"
-  "${cmd[@]}" | tag "ps-async-$c"
-done
+if want ps; then
+  for c in none topk:0.01:f16; do
+    cmd=("$S" train examples/fashion-mlp-ps.toml --workers 4 --servers 1 --json -q --set cluster.consistency=async --set "compress.codec=$c")
+    echo "+ ${cmd[*]}" >&2
+    echo "${cmd[*]#$PWD/}" >> "$tmp/commands"
+    "${cmd[@]}" | tag "ps-async-$c"
+  done
+fi
+load load_after
 
-python3 bench/issue5_report.py "$raw" "$out" "$png" "$tmp/commands" "$RATE" "$EPOCHS"
+python3 bench/issue5_report.py "$raw" "$out" "$png" "$tmp/commands" "$RATE" "$EPOCHS" "$AVERAGE_EVERY"

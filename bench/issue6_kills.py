@@ -3,10 +3,14 @@
 one elastic training run, and compare with a fault-free run in the same go.
 
 Usage: issue6_kills.py SINTER CONFIG OUT_PREFIX [--kills 20] [--epochs 15] [--workers 4] [--seed 1]
+                       [--ps] [--set KEY=VALUE ...]
 
 Writes OUT_PREFIX.jsonl (one line per run and per kill) and prints a summary.
 Times come from the workers' `regroup` lines (`unix_ms`, when training resumed)
-and the kill times recorded here.
+and the kill times recorded here. With --ps (a parameter-server job), from the
+replacements' `replaced` lines (`unix_ms`, when the new process was ready to
+train in the lost worker's place), and each shard's steps applied and pushes
+taken from the `done` line. --set adds settings to both runs.
 """
 import argparse
 import json
@@ -95,22 +99,33 @@ def main():
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--ps", action="store_true")
+    ap.add_argument("--set", action="append", default=[])
     a = ap.parse_args()
+    extra = [x for kv in a.set for x in ("--set", kv)]
 
     results = []
     with open(a.out + ".stderr.log", "w") as log:
-        clean = run(a.sinter, a.config, a.workers, a.epochs, [], log=log)
+        clean = run(a.sinter, a.config, a.workers, a.epochs, extra, log=log)
         faulty = run(a.sinter, a.config, a.workers, a.epochs,
-                     ["--set", "cluster.elastic=true", "--set", f"cluster.max_restarts={a.kills}"],
+                     extra + ["--set", "cluster.elastic=true", "--set", f"cluster.max_restarts={a.kills}"],
                      kills=a.kills, seed=a.seed, log=log)
     for name, r in (("fault_free", clean), ("killed", faulty)):
         ep = epochs_of(r["lines"])
         acc = ep[-1]["test_acc"] if ep else None
         steps = [e["step"] for e in ep]
         per_epoch = [s - p for s, p in zip(steps, [0] + steps[:-1])]
-        results.append({"run": name, "code": r["code"], "wall_s": round(r["wall_s"], 2),
-                        "final_acc": acc, "epochs": len(ep), "steps_per_epoch": per_epoch,
-                        "kills": len(r["kills"])})
+        row = {"run": name, "code": r["code"], "wall_s": round(r["wall_s"], 2),
+               "final_acc": acc, "epochs": len(ep), "steps_per_epoch": per_epoch,
+               "kills": len(r["kills"])}
+        done = next((v for v in r["lines"] if v.get("event") == "done"), None)
+        if a.ps and done:
+            row["steps"] = done.get("steps")
+            row["shards"] = [{"shard": s["shard"], "steps_applied": s["stats"]["steps_applied"],
+                              "pushes": s["stats"]["pushes"]} for s in done.get("servers", [])]
+        results.append(row)
+    if a.ps:
+        return report_ps(a, results, faulty)
     # Per kill: the first regroup after it that leaves out the victim (rank 0's
     # line with fewer workers) and the first that is back to full size.
     regroups = sorted((v for v in faulty["lines"] if v.get("event") == "regroup" and v.get("rank") == 0),
@@ -141,6 +156,29 @@ def main():
 
     print(json.dumps({"kills": len(per_kill), "training_again_ms_p50": pct(again, 0.5), "training_again_ms_max": again[-1] if again else None,
                       "full_size_again_ms_p50": pct(full, 0.5), "full_size_again_ms_max": full[-1] if full else None}))
+    sys.exit(0 if all(r["code"] == 0 for r in results) else 1)
+
+
+def report_ps(a, results, faulty):
+    """Per kill: the first replacement of the victim's rank after it."""
+    replaced = sorted((v for v in faulty["lines"] if v.get("event") == "replaced"), key=lambda v: v["unix_ms"])
+    per_kill = []
+    used = set()
+    for k in faulty["kills"]:
+        nxt = next((i for i, g in enumerate(replaced) if g["unix_ms"] >= k["unix_ms"] and i not in used), None)
+        if nxt is not None:
+            used.add(nxt)
+        g = replaced[nxt] if nxt is not None else None
+        per_kill.append({"kill_unix_ms": k["unix_ms"], "replaced_ms": g and g["unix_ms"] - k["unix_ms"],
+                         "rank": g and g["rank"], "continued_at_step": g and g["step"]})
+    with open(a.out + ".jsonl", "w") as f:
+        for r in results + per_kill:
+            f.write(json.dumps(r) + "\n")
+    for r in results:
+        print(json.dumps(r))
+    ms = sorted(k["replaced_ms"] for k in per_kill if k["replaced_ms"] is not None)
+    print(json.dumps({"kills": len(per_kill), "replaced": len(ms),
+                      "replaced_ms_p50": ms[len(ms) // 2] if ms else None, "replaced_ms_max": ms[-1] if ms else None}))
     sys.exit(0 if all(r["code"] == 0 for r in results) else 1)
 
 

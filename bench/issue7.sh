@@ -5,22 +5,25 @@
 #   2. Prediction against reality: the Fashion-MNIST MLP (784-256-256-10, 269,322 parameters) on 2 and 4
 #      workers, one per network namespace, links shaped with tbf (both directions, offloads off) to
 #      100 Mbit/s and 1 Gbit/s; ring all-reduce and a parameter server (1 shard in its own namespace,
-#      BSP), each uncompressed and with top-1% compression. Measured: rank 0's step time (median of its
-#      step reports after the first). Predicted: `sinter sim --predict` with the same parameter count,
-#      the compute time of one step measured here on one process with the same local batch, the link
-#      rate and 50 µs latency.
+#      BSP), each uncompressed and with top-1% compression. Measured: rank 0's step time over STEPS steps
+#      (its epoch line: training seconds / steps). Predicted: `sinter sim --predict` with the same parameter count,
+#      the compute time of one step measured here the way the job computes (W processes with the same
+#      local batch at once, on this machine's cores), the link rate, and the one-way latency measured
+#      between two of the namespaces.
 #   3. The predicted scaling table for 8 to 4,096 workers of a 100M-parameter model on 25 Gbit/s links
-#      with 10 µs latency (ring all-reduce and 64 parameter-server shards, with and without top-1%).
-# Writes bench/results/DATE-issue7.{jsonl,md,svg}.
-#   sudo bench/issue7.sh [STEPS]     (needs ip, tc, ethtool, python3)
+#      with 10 µs latency (ring all-reduce and 64 parameter-server shards, with and without top-1%), one
+#      process per row so that every row's simulation wall time is recorded, then the plot.
+# Writes bench/results/DATE-issue7.{jsonl,svg}; the .md is written from them.
+#   sudo bench/issue7.sh [STEPS] [PARTS]     (needs ip, tc, ethtool, python3; PARTS e.g. "2" or "1 3")
+# Every run ends by itself: STEPS steps per training run (default 120), bounded collective timeouts.
+# SINTER=path uses that binary instead of building one (others may be editing the tree).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${1:-120}
+PARTS=${2:-"1 2 3"}
 SECRET=issue7-bench-secret-0123456789abcdef
-S=$PWD/target/release/sinter
 day=$(date -u +%F)
 raw=bench/results/$day-issue7.jsonl
-out=bench/results/$day-issue7.md
 svg=bench/results/$day-issue7.svg
 tmp=$(mktemp -d)
 HUB=s7hub
@@ -32,130 +35,201 @@ cleanup() {
   rm -rf "$tmp"
 }
 trap cleanup EXIT INT TERM
-cargo build --release -p cli >/dev/null 2>&1
-: > "$raw"
+if [ -z "${SINTER:-}" ]; then
+  cargo build --release -p cli >/dev/null 2>&1
+  SINTER=target/release/sinter
+fi
+# A copy, so that a rebuild of the shared target dir cannot swap the binary mid-run.
+cp "$SINTER" "$tmp/sinter"
+S=$tmp/sinter
+touch "$raw"
 log() { python3 -c 'import json,sys; print(json.dumps(dict(json.loads(sys.argv[1]), **json.loads(sys.argv[2]))))' "$1" "$2" >> "$raw"; }
+load() { cut -d' ' -f1-3 /proc/loadavg; }
+has() { [[ " $PARTS " == *" $1 "* ]]; }
 
 # --- 1. fuzzing -----------------------------------------------------------------------------------
-t0=$(date +%s.%N)
-"$S" sim --fuzz --seed 0 --seeds 10000 > "$tmp/fuzz.txt" || true
-t1=$(date +%s.%N)
-"$S" sim --fuzz --seed 0 --seeds 1000 --bug ssp-off-by-one > "$tmp/bug.txt" || true
-t2=$(date +%s.%N)
-python3 - "$tmp/fuzz.txt" "$tmp/bug.txt" "$t0" "$t1" "$t2" >> "$raw" <<'PY'
+if has 1; then
+  l0=$(load); t0=$(date +%s.%N)
+  "$S" sim --fuzz --seed 0 --seeds 10000 > "$tmp/fuzz.txt" || true
+  t1=$(date +%s.%N)
+  "$S" sim --fuzz --seed 0 --seeds 1000 --bug ssp-off-by-one > "$tmp/bug.txt" || true
+  t2=$(date +%s.%N)
+  first=$(sed -n 's/^first violation at seed \([0-9]*\).*/\1/p' "$tmp/bug.txt")
+  [ -n "$first" ] && "$S" sim --reproduce "$first" --bug ssp-off-by-one > "$tmp/repro.txt" || true
+  python3 - "$tmp/fuzz.txt" "$tmp/bug.txt" "$tmp/repro.txt" "$t0" "$t1" "$t2" "$l0" >> "$raw" <<'PY'
 import json, sys
 fz, bug = open(sys.argv[1]).read(), open(sys.argv[2]).read()
-t0, t1, t2 = map(float, sys.argv[3:6])
-print(json.dumps({"event": "fuzz", "summary": fz.strip().splitlines()[-1], "wall_s": t1 - t0}))
+try:
+    repro = open(sys.argv[3]).read()
+except OSError:
+    repro = ""
+t0, t1, t2 = map(float, sys.argv[4:7])
+print(json.dumps({"event": "fuzz", "summary": fz.strip().splitlines()[-1], "wall_s": round(t1 - t0, 2), "load": sys.argv[7]}))
 print(json.dumps({"event": "bug", "summary": [l for l in bug.splitlines() if l.startswith(("1000 seeds", "first violation"))],
-                  "first": next((l for l in bug.splitlines() if "invariant" in l), ""), "wall_s": t2 - t1}))
+                  "first": next((l for l in bug.splitlines() if "invariant" in l), ""), "wall_s": round(t2 - t1, 2),
+                  "reproduce": [l for l in repro.splitlines() if "invariant" in l]}))
 PY
+fi
 
 # --- 2. prediction against reality --------------------------------------------------------------
-median_step_ms() { # file batch -> median ms per step from step reports after the first
+step_ms() { # file global-batch -> ms per step over the epoch (the epoch line's rate: steps x batch / training seconds)
   python3 - "$1" "$2" <<'PY'
-import json, statistics, sys
-rates = [json.loads(l)["samples_per_s"] for l in open(sys.argv[1]) if l.startswith("{") and '"event":"step"' in l.replace(" ", "")]
-rates = rates[1:] or rates
-print(statistics.median(int(sys.argv[2]) / r * 1e3 for r in rates) if rates else "nan")
+import json, sys
+rates = [json.loads(l)["samples_per_s"] for l in open(sys.argv[1]) if l.startswith("{") and json.loads(l).get("event") == "epoch"]
+print(round(int(sys.argv[2]) / rates[-1] * 1e3, 3) if rates else "nan")
 PY
 }
-# Compute per step: one process, the local batch of one of W workers.
-for W in 2 4; do
-  lb=$((128 / W))
-  "$S" train examples/fashion-mlp.toml --workers 1 --json -q --set "train.batch_size=$lb" --set train.epochs=1 \
-    --set "train.max_steps=$((STEPS * 2))" --set train.eval_every_epochs=0 > "$tmp/single$W.out"
-  c=$(median_step_ms "$tmp/single$W.out" "$lb")
-  log '{"event":"compute"}' "{\"workers\":$W,\"local_batch\":$lb,\"step_ms\":$c}"
-  echo "$c" > "$tmp/compute$W"
-done
 
-shape() { # ns dev rate burst
-  ip netns exec "$1" ethtool -K "$2" tso off gso off gro off >/dev/null 2>&1 || true
-  ip netns exec "$1" tc qdisc replace dev "$2" root tbf rate "$3" burst "$4" latency 100ms
-}
-ip netns add "$HUB"
-ip -n "$HUB" link add br7 type bridge
-ip -n "$HUB" link set br7 up
-for i in 0 1 2 3 4; do
-  ns=${HOSTS[$i]}
-  ip netns add "$ns"
-  ip link add "v7h$i" netns "$ns" type veth peer name "p7h$i" netns "$HUB"
-  ip -n "$ns" addr add "10.57.0.$((i + 1))/24" dev "v7h$i"
-  ip -n "$ns" link set lo up
-  ip -n "$ns" link set "v7h$i" up
-  ip -n "$HUB" link set "p7h$i" master br7
-  ip -n "$HUB" link set "p7h$i" up
-done
-set_rate() { for i in 0 1 2 3 4; do shape "${HOSTS[$i]}" "v7h$i" "$1" "$2"; shape "$HUB" "p7h$i" "$1" "$2"; done; }
+if has 2; then
+  # Compute per step, measured as the job computes: W single-process trainers with the local batch of one
+  # of W workers, all at once (W workers share this machine's cores while they compute, and synchronous
+  # steps make them compute at the same time). Median over the W processes.
+  for W in 2 4; do
+    lb=$((128 / W))
+    l0=$(load)
+    cpids=()
+    for i in $(seq 0 $((W - 1))); do
+      "$S" train examples/fashion-mlp.toml --workers 1 --json -q --set "train.batch_size=$lb" --set train.epochs=1 \
+        --set "train.max_steps=$((STEPS * 4))" --set optim.momentum=0 > "$tmp/single$W.$i.out" &
+      cpids+=($!)
+    done
+    for p in "${cpids[@]}"; do wait "$p"; done
+    c=$(for i in $(seq 0 $((W - 1))); do step_ms "$tmp/single$W.$i.out" "$lb"; done | sort -g | python3 -c 'import statistics,sys; print(statistics.median(float(x) for x in sys.stdin))')
+    alone=$("$S" train examples/fashion-mlp.toml --workers 1 --json -q --set "train.batch_size=$lb" --set train.epochs=1 \
+        --set "train.max_steps=$((STEPS * 4))" --set optim.momentum=0 > "$tmp/alone$W.out"; step_ms "$tmp/alone$W.out" "$lb")
+    log '{"event":"compute"}' "{\"workers\":$W,\"local_batch\":$lb,\"step_ms\":$c,\"alone_step_ms\":$alone,\"load\":\"$l0\"}"
+    echo "$c" > "$tmp/compute$W"
+  done
 
-wait_port() { # file -> port of the coordinator
-  for _ in $(seq 1 400); do
-    p=$(python3 -c 'import json,sys
+  shape() { # ns dev rate burst
+    ip netns exec "$1" ethtool -K "$2" tso off gso off gro off >/dev/null 2>&1 || true
+    ip netns exec "$1" tc qdisc replace dev "$2" root tbf rate "$3" burst "$4" latency 100ms
+  }
+  ip netns add "$HUB"
+  ip -n "$HUB" link add br7 type bridge
+  ip -n "$HUB" link set br7 up
+  for i in 0 1 2 3 4; do
+    ns=${HOSTS[$i]}
+    ip netns add "$ns"
+    ip link add "v7h$i" netns "$ns" type veth peer name "p7h$i" netns "$HUB"
+    ip -n "$ns" addr add "10.57.0.$((i + 1))/24" dev "v7h$i"
+    ip -n "$ns" link set lo up
+    ip -n "$ns" link set "v7h$i" up
+    ip -n "$HUB" link set "p7h$i" master br7
+    ip -n "$HUB" link set "p7h$i" up
+  done
+  set_rate() { for i in 0 1 2 3 4; do shape "${HOSTS[$i]}" "v7h$i" "$1" "$2"; shape "$HUB" "p7h$i" "$1" "$2"; done; }
+
+  # One-way latency between two namespaces, unshaped: half the median round trip of 1-byte TCP messages.
+  cat > "$tmp/pingpong.py" <<'PY'
+import socket, statistics, sys, time
+if sys.argv[1] == "serve":
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((sys.argv[2], 5799)); s.listen(1)
+    c, _ = s.accept(); c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    while (b := c.recv(1)):
+        c.sendall(b)
+else:
+    for _ in range(100):
+        try:
+            c = socket.create_connection((sys.argv[2], 5799)); break
+        except OSError:
+            time.sleep(0.02)
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    rtts = []
+    for _ in range(2000):
+        t = time.perf_counter_ns(); c.sendall(b"x"); c.recv(1); rtts.append(time.perf_counter_ns() - t)
+    # The same round trip on loopback inside one namespace is the cost of Python and the TCP stack;
+    # what the veth and the bridge add is the difference.
+    print(statistics.median(rtts[200:]) / 1e3)
+PY
+  ip netns exec s7h1 python3 "$tmp/pingpong.py" serve 10.57.0.2 & pp=$!
+  rtt_us=$(ip netns exec s7h0 python3 "$tmp/pingpong.py" client 10.57.0.2)
+  wait $pp || true
+  ip netns exec s7h1 python3 "$tmp/pingpong.py" serve 127.0.0.1 & pp=$!
+  lo_us=$(ip netns exec s7h1 python3 "$tmp/pingpong.py" client 127.0.0.1)
+  wait $pp || true
+  lat_us=$(python3 -c "print(round(max($rtt_us - $lo_us, 0) / 2, 1))")
+  log '{"event":"latency"}' "{\"rtt_us\":$rtt_us,\"loopback_rtt_us\":$lo_us,\"one_way_us\":$lat_us}"
+
+  wait_port() { # file -> port of the coordinator
+    for _ in $(seq 1 400); do
+      p=$(python3 -c 'import json,sys
 for l in open(sys.argv[1]):
     if "listening" in l: print(json.loads(l)["listening"].rsplit(":",1)[1]); break' "$1" 2>/dev/null || true)
-    [ -n "$p" ] && { echo "$p"; return; }
-    sleep 0.05
-  done
-  echo "coordinator did not start" >&2; exit 1
-}
+      [ -n "$p" ] && { echo "$p"; return; }
+      sleep 0.05
+    done
+    echo "coordinator did not start" >&2; exit 1
+  }
 
-run() { # W strategy codec rate -> measured median step ms of rank 0
-  local W=$1 strat=$2 codec=$3 rate=$4 cfg sets servers=0
-  sets=(--set train.epochs=1 --set "train.max_steps=$STEPS" --set cluster.transport=tcp --set train.eval_every_steps=0
-        --set train.eval_every_epochs=0 --set "compress.codec=$codec" --set cluster.collective_timeout_ms=60000)
-  if [ "$strat" = ps ]; then
-    cfg=examples/fashion-mlp-ps.toml; servers=1
-    sets+=(--set cluster.consistency=bsp --set cluster.servers=1 --set "cluster.workers=$W")
-  else
-    cfg=examples/fashion-mlp-topk.toml
-    sets+=(--set "cluster.workers=$W" --set compress.momentum=0)
-  fi
-  ip netns exec s7h0 env SINTER_SECRET=$SECRET "$S" coordinator --listen 10.57.0.1:0 --world "$W" --servers "$servers" \
-    > "$tmp/coord.out" 2> "$tmp/coord.err" &
-  local coord=$!; PIDS+=("$coord")
-  local port; port=$(wait_port "$tmp/coord.out")
-  local ws=()
-  if [ "$servers" = 1 ]; then
-    ip netns exec s7h4 env SINTER_SECRET=$SECRET DMLC_PS_ROOT_URI=10.57.0.1 DMLC_PS_ROOT_PORT="$port" DMLC_NUM_SERVER=1 \
-      DMLC_NUM_WORKER="$W" "$S" server > "$tmp/server.out" 2> "$tmp/server.err" &
-    ws+=($!); PIDS+=($!)
-  fi
-  for i in $(seq 0 $((W - 1))); do
-    ip netns exec "${HOSTS[$i]}" env SINTER_SECRET=$SECRET MASTER_ADDR=10.57.0.1 MASTER_PORT="$port" RANK=$i WORLD_SIZE=$W \
-      "$S" worker --config "$cfg" --json "${sets[@]}" > "$tmp/w$i.out" 2> "$tmp/w$i.err" &
-    ws+=($!); PIDS+=($!)
-  done
-  local failed=0
-  for p in "${ws[@]}"; do wait "$p" || failed=1; done
-  wait "$coord" || failed=1
-  PIDS=()
-  if [ $failed -ne 0 ]; then tail -3 "$tmp"/w*.err "$tmp/coord.err" >&2; echo "nan"; return; fi
-  median_step_ms "$tmp/w0.out" 128
-}
+  run() { # W strategy codec -> measured median step ms of rank 0
+    local W=$1 strat=$2 codec=$3 cfg sets servers=0
+    sets=(--set train.epochs=1 --set "train.max_steps=$STEPS" --set cluster.transport=tcp --set train.eval_every_steps=0
+          --set "compress.codec=$codec" --set cluster.collective_timeout_ms=60000)
+    if [ "$strat" = ps ]; then
+      cfg=examples/fashion-mlp-ps.toml; servers=1
+      sets+=(--set cluster.consistency=bsp --set cluster.servers=1 --set "cluster.workers=$W")
+    else
+      cfg=examples/fashion-mlp-topk.toml
+      sets+=(--set "cluster.workers=$W" --set compress.momentum=0)
+    fi
+    ip netns exec s7h0 env SINTER_SECRET=$SECRET "$S" coordinator --listen 10.57.0.1:0 --world "$W" --servers "$servers" \
+      > "$tmp/coord.out" 2> "$tmp/coord.err" &
+    local coord=$!; PIDS+=("$coord")
+    local port; port=$(wait_port "$tmp/coord.out")
+    local ws=()
+    if [ "$servers" = 1 ]; then
+      ip netns exec s7h4 env SINTER_SECRET=$SECRET DMLC_PS_ROOT_URI=10.57.0.1 DMLC_PS_ROOT_PORT="$port" DMLC_NUM_SERVER=1 \
+        DMLC_NUM_WORKER="$W" "$S" server > "$tmp/server.out" 2> "$tmp/server.err" &
+      ws+=($!); PIDS+=($!)
+    fi
+    for i in $(seq 0 $((W - 1))); do
+      ip netns exec "${HOSTS[$i]}" env SINTER_SECRET=$SECRET MASTER_ADDR=10.57.0.1 MASTER_PORT="$port" RANK=$i WORLD_SIZE=$W \
+        "$S" worker --config "$cfg" --json "${sets[@]}" > "$tmp/w$i.out" 2> "$tmp/w$i.err" &
+      ws+=($!); PIDS+=($!)
+    done
+    local failed=0
+    for p in "${ws[@]}"; do wait "$p" || failed=1; done
+    wait "$coord" || failed=1
+    PIDS=()
+    if [ $failed -ne 0 ]; then tail -3 "$tmp"/w*.err "$tmp/coord.err" >&2; echo "nan"; return; fi
+    step_ms "$tmp/w0.out" 128
+  }
 
-for rate in 100mbit 1gbit; do
-  burst=32kb; [ "$rate" = 1gbit ] && burst=256kb
-  set_rate "$rate" "$burst"
-  for W in 2 4; do
-    c=$(cat "$tmp/compute$W")
-    for strat in allreduce ps; do
-      for codec in none topk:0.01:f16; do
-        echo "+ $rate W=$W $strat $codec" >&2
-        m=$(run "$W" "$strat" "$codec" "$rate")
-        p=$("$S" sim --predict --json --params 269322 --compute-ms "$c" --batch $((128 / W)) --workers "$W" --bandwidth "$rate" \
-              --latency-us 50 --strategy "$strat" --servers 1 --consistency bsp --codec "$codec" | python3 -c 'import json,sys; print(json.loads(sys.stdin.readline())["step_ms"])')
-        log '{"event":"check"}' "{\"rate\":\"$rate\",\"workers\":$W,\"strategy\":\"$strat\",\"codec\":\"$codec\",\"compute_ms\":$c,\"measured_ms\":$m,\"predicted_ms\":$p}"
+  for rate in 100mbit 1gbit; do
+    burst=32kb; [ "$rate" = 1gbit ] && burst=256kb
+    set_rate "$rate" "$burst"
+    for W in 2 4; do
+      c=$(cat "$tmp/compute$W")
+      for strat in allreduce ps; do
+        for codec in none topk:0.01:f16; do
+          echo "+ $rate W=$W $strat $codec" >&2
+          l0=$(load)
+          m=$(run "$W" "$strat" "$codec")
+          p=$("$S" sim --predict --json --params 269322 --compute-ms "$c" --batch $((128 / W)) --workers "$W" --bandwidth "$rate" \
+                --latency-us "$lat_us" --strategy "$strat" --servers 1 --consistency bsp --codec "$codec" \
+                | python3 -c 'import json,sys; print(json.loads(sys.stdin.readline())["step_ms"])')
+          log '{"event":"check"}' "{\"rate\":\"$rate\",\"workers\":$W,\"strategy\":\"$strat\",\"codec\":\"$codec\",\"compute_ms\":$c,\"latency_us\":$lat_us,\"measured_ms\":$m,\"predicted_ms\":$p,\"load\":\"$l0\"}"
+        done
       done
     done
   done
-done
+fi
 
 # --- 3. the scaling table -----------------------------------------------------------------------
-P=(--predict --params 100M --compute-ms 100 --batch 32 --bandwidth 25gbit --latency-us 10 --workers 8,16,32,64,128,256,512,1024,2048,4096)
-t0=$(date +%s.%N)
-"$S" sim "${P[@]}" --strategy allreduce,ps --servers 64 --consistency bsp --codec none,topk:0.01:f16 --json --plot "$svg" > "$tmp/scale.jsonl"
-t1=$(date +%s.%N)
-sed 's/^{/{"event":"predict",/' "$tmp/scale.jsonl" >> "$raw"
-log '{"event":"predict_wall"}' "{\"wall_s\":$(python3 -c "print($t1 - $t0)")}"
-echo "raw results in $raw; write $out from them" >&2
+if has 3; then
+  P=(--predict --params 100M --compute-ms 100 --batch 32 --bandwidth 25gbit --latency-us 10 --servers 64 --consistency bsp)
+  for strat in allreduce ps; do
+    for codec in none topk:0.01:f16; do
+      for W in 8 16 32 64 128 256 512 1024 2048 4096; do
+        l0=$(load); t0=$(date +%s.%N)
+        "$S" sim "${P[@]}" --workers "$W" --strategy "$strat" --codec "$codec" --json > "$tmp/row.json"
+        t1=$(date +%s.%N)
+        log "$(sed 's/^{/{"event":"predict",/' "$tmp/row.json")" "{\"wall_s\":$(python3 -c "print(round($t1 - $t0, 2))"),\"load\":\"$l0\"}"
+      done
+    done
+  done
+  "$S" sim "${P[@]}" --workers 8,16,32,64,128,256,512,1024,2048,4096 --strategy allreduce,ps --codec none,topk:0.01:f16 \
+    --json --plot "$svg" > /dev/null
+fi
+echo "raw results in $raw" >&2

@@ -164,10 +164,14 @@ struct CoordinatorArgs {
     /// membership generations of the newest checkpoint there.
     #[arg(long)]
     checkpoint_dir: Option<PathBuf>,
-    /// Elastic all-reduce job, as MIN:MAX workers (torchrun's --nnodes form):
-    /// lost workers no longer stop the job while MIN are left, and up to MAX may join.
+    /// Elastic job, as MIN:MAX workers (torchrun's --nnodes form): lost
+    /// workers no longer stop the job while MIN are left, and up to MAX may
+    /// join. With --servers, a joining worker takes a lost worker's rank.
     #[arg(long, value_parser = parse_min_max)]
     elastic: Option<(u32, u32)>,
+    /// Elastic parameter-server jobs: how long a lost worker's rank may wait for a replacement.
+    #[arg(long, default_value_t = 10_000)]
+    replace_timeout_ms: u64,
     #[arg(long, default_value_t = 5_000)]
     heartbeat_timeout_ms: u64,
     #[arg(long, default_value_t = 120_000)]
@@ -517,6 +521,7 @@ fn coordinator(a: CoordinatorArgs) -> Result<()> {
                 min_workers,
                 max_workers,
                 settle_ms: node::coord::REGROUP_SETTLE_MS,
+                replace_timeout_ms: a.replace_timeout_ms,
             }),
         },
         secret,

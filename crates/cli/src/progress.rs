@@ -96,6 +96,35 @@ impl Observer for Console {
                     }
                 }
             }
+            Report::Shard {
+                shard,
+                failovers,
+                backup_ready,
+                ..
+            } if *failovers > 0 && !self.quiet => {
+                let line = format!(
+                    "shard {shard}: its backup took over (failover {failovers}); {}",
+                    if *backup_ready {
+                        "a new backup is ready"
+                    } else {
+                        "building a new backup"
+                    }
+                );
+                match &self.bar {
+                    Some(bar) if !bar.is_hidden() => bar.println(line),
+                    _ => eprintln!("{line}"),
+                }
+            }
+            Report::Shard { .. } => {}
+            Report::Replaced { rank, step, .. } => {
+                if !self.quiet {
+                    let line = format!("a new worker took lost rank {rank}'s place, continuing at its step {step}");
+                    match &self.bar {
+                        Some(bar) if !bar.is_hidden() => bar.println(line),
+                        _ => eprintln!("{line}"),
+                    }
+                }
+            }
             Report::Epoch(e) | Report::Eval(e) => {
                 let mut line = match r {
                     Report::Eval(_) => format!(

@@ -4,15 +4,27 @@
 //! Commands to one peer and direction are issued strictly in program order,
 //! which is the order the peer's program uses for the matching commands; that
 //! is what lets the runtime match frames to receives by position alone.
+//!
+//! Commands are generated from the plan only when a lane needs its next one,
+//! and forgotten once they and every earlier command completed, so an engine
+//! holds the commands in flight, not its whole program: a ring rank of 4,096
+//! has 16,380 commands, and a simulator runs 4,096 such engines at once. A
+//! command's dependencies are those of the whole program minus the ones that
+//! completed before it was generated, which issues exactly the same commands
+//! at the same events. Completions are matched against the handful of
+//! commands outstanding on the event's lane, so nothing is hashed per event.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::mem;
 
 use crate::config::{CollectiveConfig, Kind, WORLD_MAX};
 use crate::error::CollectiveError;
-use crate::program::{Ctx, Op, OpId, Program};
-use crate::tag::Tag;
-use crate::{Command, Direction, Event, Rank, barrier, broadcast, doubling, ring};
+use crate::program::{Block, Ctx, Ids, Op, OpId, Program};
+use crate::ring::RingPlan;
+use crate::tag::{Phase, Tag};
+use crate::{Algorithm, Command, Direction, Event, Rank, barrier, broadcast, doubling};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -21,15 +33,17 @@ enum State {
     Completed,
 }
 
-/// The commands exchanged with one peer, per direction, in program order.
+/// The commands exchanged with one peer, per direction (`[sends, recvs]`,
+/// indexed by [`dir_index`]), in program order.
 #[derive(Debug)]
 struct Lane {
     peer: Rank,
-    /// `[sends, recvs]`, indexed by [`dir_index`].
-    ops: [Vec<OpId>; 2],
-    /// The next op of `ops[d]` to issue.
-    next: [usize; 2],
-    in_flight: [usize; 2],
+    /// Generated and not issued yet.
+    pending: [VecDeque<OpId>; 2],
+    /// Issued and not completed, in issue order; at most `in_flight_max`.
+    outstanding: [Vec<OpId>; 2],
+    /// Not generated yet.
+    remaining: [usize; 2],
 }
 
 fn dir_index(direction: Direction) -> usize {
@@ -37,6 +51,71 @@ fn dir_index(direction: Direction) -> usize {
         Direction::Send => 0,
         Direction::Recv => 1,
     }
+}
+
+fn direction_of(op: &Op) -> Direction {
+    if op.recv.is_some() {
+        Direction::Recv
+    } else {
+        Direction::Send
+    }
+}
+
+/// One generated command that is not forgotten yet.
+#[derive(Debug)]
+struct Slot {
+    op: Op,
+    state: State,
+    /// Dependencies that have not completed yet.
+    waiting_for: u32,
+    /// Generated commands that wait for this one.
+    dependents: Ids,
+}
+
+/// Hashes a segment's start offset with a multiply and a fold: std's SipHash
+/// was a tenth of a 256-rank prediction's instructions. Offsets are multiples
+/// of the segment size, so the fold brings the multiplied high bits down to
+/// the bucket index.
+#[derive(Default)]
+struct OffsetHasher(u64);
+
+impl Hasher for OffsetHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        let h = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.0 = h ^ (h >> 32);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+}
+
+/// Where the commands come from.
+#[derive(Debug)]
+enum Source {
+    /// A program built whole, with its dependencies: recursive doubling,
+    /// broadcast and barrier, whose programs are O(log n) or O(segments).
+    Program { ops: Vec<Op>, deps: Vec<Vec<OpId>> },
+    /// The ring's program, generated as needed ([`RingPlan`]). Dependencies
+    /// come from the same hazard rules applied as each command is generated;
+    /// `blocks` holds the segments that commands not completed yet touch, by
+    /// start offset. `start` is the plan from its first command, to name
+    /// a stray completion.
+    Ring {
+        plan: Box<RingPlan>,
+        start: Box<RingPlan>,
+        blocks: HashMap<usize, Block, BuildHasherDefault<OffsetHasher>>,
+    },
 }
 
 /// One rank's part of one collective operation.
@@ -47,19 +126,21 @@ pub struct Collective {
     world: u32,
     len: usize,
     in_flight_max: usize,
-    ops: Vec<Op>,
-    state: Vec<State>,
-    /// Dependencies of each op that have not completed yet.
-    waiting_for: Vec<u32>,
-    /// `dependents[dependents_at[i]..dependents_at[i + 1]]` wait for op `i`.
-    dependents_at: Vec<usize>,
-    dependents: Vec<OpId>,
+    source: Source,
+    /// Commands in the whole program.
+    total: usize,
+    /// Commands generated so far: the next one's id.
+    generated: usize,
+    /// Commands `base..generated`; every command before `base` completed.
+    window: VecDeque<Slot>,
+    base: OpId,
     /// Sorted by peer, so commands come out in a deterministic order.
     lanes: Vec<Lane>,
-    by_tag: HashMap<(Rank, Direction, Tag), OpId>,
     completed: usize,
     started: bool,
     done: bool,
+    /// Reused for the dependencies of the command being generated.
+    scratch: Vec<OpId>,
 }
 
 impl Collective {
@@ -90,15 +171,19 @@ impl Collective {
         if rank >= world {
             return Err(ctx.invalid(format!("rank {rank} is not below the world size")));
         }
+        let ring_phases: &[Phase] = match kind {
+            Kind::AllReduce(Algorithm::Ring) => &[Phase::ReduceScatter, Phase::AllGather],
+            Kind::ReduceScatter => &[Phase::ReduceScatter],
+            Kind::AllGather => &[Phase::AllGather],
+            _ => &[],
+        };
+        if !ring_phases.is_empty() {
+            let plan = RingPlan::new(&ctx, ring_phases);
+            return Collective::from_ring(ctx, config.inflight_per_peer, plan);
+        }
         let mut program = Program::new();
         match kind {
-            Kind::AllReduce(crate::Algorithm::Ring) => {
-                ring::reduce_scatter(&mut program, &ctx)?;
-                ring::all_gather(&mut program, &ctx)?;
-            }
-            Kind::AllReduce(crate::Algorithm::RecursiveDoubling) => doubling::all_reduce(&mut program, &ctx)?,
-            Kind::ReduceScatter => ring::reduce_scatter(&mut program, &ctx)?,
-            Kind::AllGather => ring::all_gather(&mut program, &ctx)?,
+            Kind::AllReduce(Algorithm::RecursiveDoubling) => doubling::all_reduce(&mut program, &ctx)?,
             Kind::Broadcast { root, algorithm } => {
                 if root >= world {
                     return Err(ctx.invalid(format!("broadcast root {root} is not below the world size")));
@@ -111,61 +196,43 @@ impl Collective {
                 }
                 barrier::barrier(&mut program, &ctx)?;
             }
+            Kind::AllReduce(Algorithm::Ring) | Kind::ReduceScatter | Kind::AllGather => {
+                unreachable!("ring kinds are planned lazily")
+            }
         }
         Ok(Collective::from_program(ctx, config.inflight_per_peer, program))
     }
 
-    fn from_program(ctx: Ctx, in_flight_max: usize, program: Program) -> Collective {
+    fn from_ring(ctx: Ctx, in_flight_max: usize, plan: RingPlan) -> Result<Collective, CollectiveError> {
+        let mut lanes = Vec::new();
+        let total = plan.count(|peer, direction, count| {
+            lane_mut(&mut lanes, peer).remaining[dir_index(direction)] += count;
+        })?;
+        let source = Source::Ring {
+            start: Box::new(plan.clone()),
+            plan: Box::new(plan),
+            blocks: HashMap::default(),
+        };
+        Ok(Collective::with_source(ctx, in_flight_max, source, total, lanes))
+    }
+
+    pub(crate) fn from_program(ctx: Ctx, in_flight_max: usize, program: Program) -> Collective {
         let Program { ops, deps, .. } = program;
-        let waiting_for = deps.iter().map(|d| d.len() as u32).collect();
-        let mut dependents_at = vec![0usize; ops.len() + 1];
-        for &dep in deps.iter().flatten() {
-            dependents_at[dep as usize + 1] += 1;
+        let mut keys: Vec<(Rank, Direction, Tag)> = ops.iter().map(|op| (op.peer, direction_of(op), op.tag)).collect();
+        keys.sort_unstable();
+        if let Some(twice) = keys.windows(2).find(|w| w[0] == w[1]) {
+            let (peer, direction, tag) = twice[0];
+            panic!("rank {} planned {direction} {tag} with peer {peer} twice", ctx.rank);
         }
-        for i in 0..ops.len() {
-            dependents_at[i + 1] += dependents_at[i];
+        let mut lanes = Vec::new();
+        for op in &ops {
+            lane_mut(&mut lanes, op.peer).remaining[dir_index(direction_of(op))] += 1;
         }
-        let mut fill = dependents_at.clone();
-        let mut dependents = vec![0; dependents_at[ops.len()]];
-        for (later, earlier) in deps.iter().enumerate() {
-            for &dep in earlier {
-                dependents[fill[dep as usize]] = later as OpId;
-                fill[dep as usize] += 1;
-            }
-        }
+        let total = ops.len();
+        Collective::with_source(ctx, in_flight_max, Source::Program { ops, deps }, total, lanes)
+    }
 
-        let mut lanes: Vec<Lane> = Vec::new();
-        let mut by_tag = HashMap::with_capacity(ops.len());
-        for (id, op) in ops.iter().enumerate() {
-            let direction = if op.recv.is_some() {
-                Direction::Recv
-            } else {
-                Direction::Send
-            };
-            let previous = by_tag.insert((op.peer, direction, op.tag), id as OpId);
-            assert!(
-                previous.is_none(),
-                "rank {} planned {direction} {} with peer {} twice",
-                ctx.rank,
-                op.tag,
-                op.peer
-            );
-            let lane = match lanes.binary_search_by_key(&op.peer, |l| l.peer) {
-                Ok(i) => i,
-                Err(i) => {
-                    let lane = Lane {
-                        peer: op.peer,
-                        ops: [Vec::new(), Vec::new()],
-                        next: [0; 2],
-                        in_flight: [0; 2],
-                    };
-                    lanes.insert(i, lane);
-                    i
-                }
-            };
-            lanes[lane].ops[dir_index(direction)].push(id as OpId);
-        }
-
+    fn with_source(ctx: Ctx, in_flight_max: usize, source: Source, total: usize, lanes: Vec<Lane>) -> Collective {
         Collective {
             kind: ctx.kind,
             op: ctx.op,
@@ -173,16 +240,16 @@ impl Collective {
             world: ctx.world,
             len: ctx.len,
             in_flight_max,
-            state: vec![State::Planned; ops.len()],
-            ops,
-            waiting_for,
-            dependents_at,
-            dependents,
+            source,
+            total,
+            generated: 0,
+            window: VecDeque::new(),
+            base: 0,
             lanes,
-            by_tag,
             completed: 0,
             started: false,
             done: false,
+            scratch: Vec::new(),
         }
     }
 
@@ -207,45 +274,22 @@ impl Collective {
             Event::Sent { peer, tag } => (peer, Direction::Send, tag),
             Event::Received { peer, tag } => (peer, Direction::Recv, tag),
         };
-        let rank = self.rank;
-        let Some(&id) = self.by_tag.get(&(peer, direction, tag)) else {
-            return Err(CollectiveError::UnknownTag {
-                rank,
-                peer,
-                direction,
-                tag,
-            });
-        };
-        match self.state[id as usize] {
-            State::Planned => {
-                return Err(CollectiveError::NotIssued {
-                    rank,
-                    peer,
-                    direction,
-                    tag,
-                });
-            }
-            State::Completed => {
-                return Err(CollectiveError::Duplicate {
-                    rank,
-                    peer,
-                    direction,
-                    tag,
-                });
-            }
-            State::Issued => {}
-        }
-        self.state[id as usize] = State::Completed;
-        self.completed += 1;
-        let lane = self
+        let d = dir_index(direction);
+        let found = self
             .lanes
             .binary_search_by_key(&peer, |l| l.peer)
-            .expect("a planned op has a lane");
-        self.lanes[lane].in_flight[dir_index(direction)] -= 1;
-        let (from, to) = (self.dependents_at[id as usize], self.dependents_at[id as usize + 1]);
-        for &later in &self.dependents[from..to] {
-            self.waiting_for[later as usize] -= 1;
-        }
+            .ok()
+            .and_then(|lane| {
+                let at = self.lanes[lane].outstanding[d]
+                    .iter()
+                    .position(|&id| self.slot(id).op.tag == tag)?;
+                Some((lane, at))
+            });
+        let Some((lane, at)) = found else {
+            return Err(self.unmatched(peer, direction, tag));
+        };
+        let id = self.lanes[lane].outstanding[d].remove(at);
+        self.complete(id);
         Ok(self.issue_ready())
     }
 
@@ -271,9 +315,8 @@ impl Collective {
         let d = dir_index(direction);
         self.lanes
             .iter()
-            .flat_map(|lane| lane.ops[d][..lane.next[d]].iter().map(move |&id| (lane.peer, id)))
-            .filter(|&(_, id)| self.state[id as usize] == State::Issued)
-            .map(|(peer, id)| (peer, self.ops[id as usize].tag))
+            .flat_map(|lane| lane.outstanding[d].iter().map(move |&id| (lane.peer, id)))
+            .map(|(peer, id)| (peer, self.slot(id).op.tag))
             .collect()
     }
 
@@ -300,7 +343,140 @@ impl Collective {
 
     /// Commands this engine issues in all, [`Command::Done`] excluded.
     pub fn command_count(&self) -> usize {
-        self.ops.len()
+        self.total
+    }
+
+    fn slot(&self, id: OpId) -> &Slot {
+        &self.window[(id - self.base) as usize]
+    }
+
+    /// Why an event that matches no outstanding command is wrong: it names a
+    /// command not issued yet, one that completed, or none at all.
+    fn unmatched(&self, peer: Rank, direction: Direction, tag: Tag) -> CollectiveError {
+        let rank = self.rank;
+        let is_it = |op: &Op| op.peer == peer && op.tag == tag && direction_of(op) == direction;
+        let state = match self.window.iter().find(|slot| is_it(&slot.op)) {
+            Some(slot) => Some(slot.state),
+            None => {
+                // Forgotten (so completed), not generated yet, or not in the plan.
+                let id = match &self.source {
+                    Source::Program { ops, .. } => ops.iter().position(is_it),
+                    Source::Ring { start, .. } => {
+                        let mut plan = RingPlan::clone(start);
+                        std::iter::from_fn(|| plan.next_op()).position(|op| is_it(&op))
+                    }
+                };
+                id.map(|id| {
+                    if id < self.base as usize {
+                        State::Completed
+                    } else {
+                        State::Planned
+                    }
+                })
+            }
+        };
+        match state {
+            None => CollectiveError::UnknownTag {
+                rank,
+                peer,
+                direction,
+                tag,
+            },
+            Some(State::Planned) => CollectiveError::NotIssued {
+                rank,
+                peer,
+                direction,
+                tag,
+            },
+            Some(State::Completed) => CollectiveError::Duplicate {
+                rank,
+                peer,
+                direction,
+                tag,
+            },
+            Some(State::Issued) => unreachable!("an issued command is outstanding on its lane"),
+        }
+    }
+
+    /// Generates the next command of the plan with its dependencies on the
+    /// commands that have not completed; `false` after the last one.
+    fn generate(&mut self) -> bool {
+        let id = self.generated as OpId;
+        let (window, base) = (&self.window, self.base);
+        let done = |dep: OpId| dep < base || window[(dep - base) as usize].state == State::Completed;
+        self.scratch.clear();
+        let op = match &mut self.source {
+            Source::Program { ops, deps } => {
+                let Some(op) = ops.get(id as usize) else {
+                    return false;
+                };
+                self.scratch
+                    .extend(deps[id as usize].iter().copied().filter(|&dep| !done(dep)));
+                op.clone()
+            }
+            Source::Ring { plan, blocks, .. } => {
+                let Some(op) = plan.next_op() else {
+                    return false;
+                };
+                if !op.range.is_empty() {
+                    let block = blocks.entry(op.range.start).or_insert_with(|| Block::new(op.range.end));
+                    assert_eq!(
+                        block.end, op.range.end,
+                        "range {:?} is not on the segment grid",
+                        op.range
+                    );
+                    // Every command a block names has not completed (see `complete`).
+                    block.access(id, op.recv.is_some(), &mut self.scratch);
+                }
+                op
+            }
+        };
+        for &dep in &self.scratch {
+            self.window[(dep - self.base) as usize].dependents.push(id);
+        }
+        let lane = self
+            .lanes
+            .binary_search_by_key(&op.peer, |l| l.peer)
+            .expect("every peer of the plan has a lane");
+        let d = dir_index(direction_of(&op));
+        let lane = &mut self.lanes[lane];
+        lane.remaining[d] -= 1;
+        lane.pending[d].push_back(id);
+        self.window.push_back(Slot {
+            op,
+            state: State::Planned,
+            waiting_for: self.scratch.len() as u32,
+            dependents: Ids::default(),
+        });
+        self.generated += 1;
+        true
+    }
+
+    /// Marks command `id` completed, releases what waits for it, and forgets
+    /// the commands no later one can depend on.
+    fn complete(&mut self, id: OpId) {
+        let base = self.base;
+        let slot = &mut self.window[(id - base) as usize];
+        slot.state = State::Completed;
+        let dependents = mem::take(&mut slot.dependents);
+        if let Source::Ring { blocks, .. } = &mut self.source
+            && !slot.op.range.is_empty()
+        {
+            let start = slot.op.range.start;
+            let block = blocks.get_mut(&start).expect("a generated command's block is tracked");
+            block.retire(id, slot.op.recv.is_some());
+            if block.is_idle() {
+                blocks.remove(&start);
+            }
+        }
+        self.completed += 1;
+        for &later in dependents.as_slice() {
+            self.window[(later - base) as usize].waiting_for -= 1;
+        }
+        while self.window.front().is_some_and(|slot| slot.state == State::Completed) {
+            self.window.pop_front();
+            self.base += 1;
+        }
     }
 
     /// Issues every op at the head of its lane whose dependencies completed,
@@ -313,18 +489,21 @@ impl Collective {
         }
         for direction in [Direction::Recv, Direction::Send] {
             let d = dir_index(direction);
-            for lane in &mut self.lanes {
-                while lane.in_flight[d] < self.in_flight_max {
-                    let Some(&id) = lane.ops[d].get(lane.next[d]) else {
+            for lane in 0..self.lanes.len() {
+                while self.lanes[lane].outstanding[d].len() < self.in_flight_max {
+                    while self.lanes[lane].pending[d].is_empty() && self.lanes[lane].remaining[d] > 0 {
+                        assert!(self.generate(), "the plan ended before its counted commands");
+                    }
+                    let Some(&id) = self.lanes[lane].pending[d].front() else {
                         break;
                     };
-                    if self.waiting_for[id as usize] > 0 {
+                    let base = self.base;
+                    let slot = &mut self.window[(id - base) as usize];
+                    if slot.waiting_for > 0 {
                         break;
                     }
-                    lane.next[d] += 1;
-                    lane.in_flight[d] += 1;
-                    self.state[id as usize] = State::Issued;
-                    let op = &self.ops[id as usize];
+                    slot.state = State::Issued;
+                    let op = &slot.op;
                     out.push(match op.recv {
                         Some(recv_op) => Command::Recv {
                             peer: op.peer,
@@ -338,15 +517,36 @@ impl Collective {
                             range: op.range.clone(),
                         },
                     });
+                    let lane = &mut self.lanes[lane];
+                    lane.pending[d].pop_front();
+                    lane.outstanding[d].push(id);
                 }
             }
         }
-        if self.completed == self.ops.len() {
+        if self.completed == self.total {
             self.done = true;
             out.push(Command::Done);
         }
         out
     }
+}
+
+/// The lane of `peer` in `lanes` (sorted by peer), added if missing.
+fn lane_mut(lanes: &mut Vec<Lane>, peer: Rank) -> &mut Lane {
+    let at = match lanes.binary_search_by_key(&peer, |l| l.peer) {
+        Ok(at) => at,
+        Err(at) => {
+            let lane = Lane {
+                peer,
+                pending: [VecDeque::new(), VecDeque::new()],
+                outstanding: [Vec::new(), Vec::new()],
+                remaining: [0; 2],
+            };
+            lanes.insert(at, lane);
+            at
+        }
+    };
+    &mut lanes[at]
 }
 
 impl fmt::Debug for Collective {
@@ -357,7 +557,7 @@ impl fmt::Debug for Collective {
             .field("rank", &self.rank)
             .field("world", &self.world)
             .field("len", &self.len)
-            .field("commands", &self.ops.len())
+            .field("commands", &self.total)
             .field("completed", &self.completed)
             .field("done", &self.done)
             .finish()

@@ -2,15 +2,20 @@
 //! receives, turned into a dependency graph by hazard analysis on the ranges.
 //!
 //! Algorithms only say what a rank does, in an order that would be correct if
-//! every command ran to completion before the next. The builder derives what
-//! may overlap: a send waits for the last receive into its range
+//! every command ran to completion before the next. The hazard rules derive
+//! what may overlap: a send waits for the last receive into its range
 //! (read-after-write), a receive waits for every earlier send of its range
 //! (write-after-read) and for the last receive into it (write-after-write).
 //! Those rules are what keep outstanding commands race-free in the runtime.
 //!
 //! Every algorithm cuts the buffer into one fixed grid of segments, so two
 //! non-empty ranges are either equal or disjoint; the builder asserts that and
-//! tracks hazards per segment in O(log segments) per command.
+//! tracks hazards per segment ([`Block`]) in O(log segments) per command.
+//!
+//! The rules live in [`Block`] alone: [`Program`] applies them to a whole
+//! program at once (the small algorithms), and the engine applies them to the
+//! ring's program one command at a time as it is generated, forgetting the
+//! commands that completed (see `engine`).
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -33,14 +38,121 @@ pub(crate) struct Op {
 /// Index of an op in program order.
 pub(crate) type OpId = u32;
 
-/// Hazard state of one grid segment.
-struct Block {
-    end: usize,
+/// A short list of op ids, inline up to [`Ids::INLINE`]: most segments have
+/// one or two readers and most ops one or two dependents, so the engine
+/// allocates nothing per op on a ring of thousands of ranks.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Ids {
+    len: u32,
+    inline: [OpId; Ids::INLINE],
+    /// All ids once there are more than [`Ids::INLINE`].
+    spill: Vec<OpId>,
+}
+
+impl Ids {
+    const INLINE: usize = 3;
+
+    pub fn as_slice(&self) -> &[OpId] {
+        if self.len as usize <= Ids::INLINE {
+            &self.inline[..self.len as usize]
+        } else {
+            &self.spill
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn push(&mut self, id: OpId) {
+        let len = self.len as usize;
+        if len < Ids::INLINE {
+            self.inline[len] = id;
+        } else {
+            if len == Ids::INLINE {
+                self.spill.clear();
+                self.spill.extend_from_slice(&self.inline);
+            }
+            self.spill.push(id);
+        }
+        self.len += 1;
+    }
+
+    /// Appends every id to `out`, in order, and empties the list.
+    pub fn drain_into(&mut self, out: &mut Vec<OpId>) {
+        out.extend_from_slice(self.as_slice());
+        self.len = 0;
+        self.spill.clear();
+    }
+
+    /// Removes `id` if present, keeping the others in order.
+    pub fn remove(&mut self, id: OpId) {
+        let Some(at) = self.as_slice().iter().position(|&x| x == id) else {
+            return;
+        };
+        let len = self.len as usize;
+        if len <= Ids::INLINE {
+            self.inline.copy_within(at + 1..len, at);
+        } else {
+            self.spill.remove(at);
+            if len - 1 == Ids::INLINE {
+                self.inline.copy_from_slice(&self.spill);
+            }
+        }
+        self.len -= 1;
+    }
+}
+
+/// Hazard state of one grid segment: the last op that wrote it and the ops
+/// that read it since.
+#[derive(Debug)]
+pub(crate) struct Block {
+    pub end: usize,
     last_writer: Option<OpId>,
-    readers_since_write: Vec<OpId>,
+    readers_since_write: Ids,
+}
+
+impl Block {
+    pub fn new(end: usize) -> Block {
+        Block {
+            end,
+            last_writer: None,
+            readers_since_write: Ids::default(),
+        }
+    }
+
+    /// The hazard rules: appends to `deps` what op `id` must wait for, a
+    /// receive (`writes`) or a send of this segment, and records it.
+    pub fn access(&mut self, id: OpId, writes: bool, deps: &mut Vec<OpId>) {
+        deps.extend(self.last_writer);
+        if writes {
+            self.readers_since_write.drain_into(deps);
+            self.last_writer = Some(id);
+        } else {
+            self.readers_since_write.push(id);
+        }
+    }
+
+    /// Forgets op `id`, which completed: an op planned later need not wait
+    /// for it.
+    pub fn retire(&mut self, id: OpId, writes: bool) {
+        if writes {
+            if self.last_writer == Some(id) {
+                self.last_writer = None;
+            }
+        } else {
+            self.readers_since_write.remove(id);
+        }
+    }
+
+    /// Whether no op that has not completed touches the segment.
+    pub fn is_idle(&self) -> bool {
+        self.last_writer.is_none() && self.readers_since_write.is_empty()
+    }
 }
 
 /// What an algorithm needs to know about the collective it plans.
+#[derive(Clone, Debug)]
 pub(crate) struct Ctx {
     pub op: u32,
     pub rank: Rank,
@@ -59,6 +171,15 @@ impl Ctx {
         }
     }
 
+    /// The plan needs more than [`COMMANDS_MAX`] commands.
+    pub fn too_many_commands(&self) -> CollectiveError {
+        self.invalid(format!(
+            "{} of {} f32s needs more than {COMMANDS_MAX} commands; raise segment_elems",
+            self.kind.name(),
+            self.len
+        ))
+    }
+
     pub fn tag(&self, phase: Phase, step: u32, segment: u32) -> Tag {
         Tag::new(self.op, phase, step, segment)
     }
@@ -66,6 +187,12 @@ impl Ctx {
     /// `range` cut into segments of at most `segment_elems`, numbered from 0;
     /// none for an empty range.
     pub fn segments(&self, range: Range<usize>) -> Result<Vec<(u32, Range<usize>)>, CollectiveError> {
+        let count = self.segment_count(&range)?;
+        Ok((0..count).map(|i| (i, self.segment(&range, i))).collect())
+    }
+
+    /// How many segments [`Ctx::segments`] cuts `range` into, or why it cannot.
+    pub fn segment_count(&self, range: &Range<usize>) -> Result<u32, CollectiveError> {
         let count = range.len().div_ceil(self.segment_elems);
         if count > SEGMENT_LIMIT as usize {
             return Err(self.invalid(format!(
@@ -74,12 +201,13 @@ impl Ctx {
                 self.segment_elems
             )));
         }
-        Ok((0..count)
-            .map(|i| {
-                let start = range.start + i * self.segment_elems;
-                (i as u32, start..(start + self.segment_elems).min(range.end))
-            })
-            .collect())
+        Ok(count as u32)
+    }
+
+    /// Segment `i` of `range`, as [`Ctx::segments`] cuts it.
+    pub fn segment(&self, range: &Range<usize>, i: u32) -> Range<usize> {
+        let start = range.start + i as usize * self.segment_elems;
+        start..(start + self.segment_elems).min(range.end)
     }
 }
 
@@ -142,11 +270,7 @@ impl Program {
 
     fn push(&mut self, ctx: &Ctx, op: Op) -> Result<OpId, CollectiveError> {
         if self.ops.len() == COMMANDS_MAX {
-            return Err(ctx.invalid(format!(
-                "{} of {} f32s needs more than {COMMANDS_MAX} commands; raise segment_elems",
-                ctx.kind.name(),
-                ctx.len
-            )));
+            return Err(ctx.too_many_commands());
         }
         assert!(
             op.peer < ctx.world && op.peer != ctx.rank,
@@ -157,13 +281,7 @@ impl Program {
         let id = self.ops.len() as OpId;
         let mut deps = Vec::new();
         if let Some(block) = self.block(&op.range) {
-            deps.extend(block.last_writer);
-            if op.recv.is_some() {
-                deps.append(&mut block.readers_since_write);
-                block.last_writer = Some(id);
-            } else {
-                block.readers_since_write.push(id);
-            }
+            block.access(id, op.recv.is_some(), &mut deps);
         }
         self.ops.push(op);
         self.deps.push(deps);
@@ -195,12 +313,7 @@ impl Program {
     }
 
     fn new_block(&mut self, range: &Range<usize>) {
-        let block = Block {
-            end: range.end,
-            last_writer: None,
-            readers_since_write: Vec::new(),
-        };
-        self.blocks.insert(range.start, block);
+        self.blocks.insert(range.start, Block::new(range.end));
     }
 }
 

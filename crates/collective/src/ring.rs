@@ -8,64 +8,187 @@
 //! `r - s - 1` and copy it. Each rank sends `2 (n - 1) / n` of the buffer in
 //! all, the least any all-reduce can; segments let step `s + 1` of one
 //! segment overlap step `s` of the next.
+//!
+//! The ring's program has 4 (n - 1) groups of segments, O(n) commands per
+//! rank and O(n²) over all ranks: 67 M for 4,096 ranks. So it is not stored:
+//! [`RingPlan`] computes command `i` from the rank, the step and the chunk
+//! sizes as the engine needs it, and the engine keeps only the commands
+//! between the oldest one not completed and the newest one generated.
 
 use std::ops::Range;
 
-use crate::RecvOp;
+use crate::config::COMMANDS_MAX;
 use crate::error::CollectiveError;
-use crate::program::{Ctx, Program};
+use crate::program::{Ctx, Op};
 use crate::tag::Phase;
+use crate::{Direction, Rank, RecvOp};
 
-struct Ring {
-    world: u32,
-    rank: u32,
-    left: u32,
-    right: u32,
-    chunks: Vec<Range<usize>>,
+/// The commands of one ring step that move one chunk to or from one peer:
+/// the chunk cut into segments, numbered from 0.
+#[derive(Clone, Debug)]
+pub(crate) struct Group {
+    pub peer: Rank,
+    pub phase: Phase,
+    pub step: u32,
+    pub range: Range<usize>,
+    /// `None` for the sends.
+    pub recv: Option<RecvOp>,
 }
 
-impl Ring {
-    fn new(ctx: &Ctx) -> Ring {
+impl Group {
+    pub fn direction(&self) -> Direction {
+        if self.recv.is_some() {
+            Direction::Recv
+        } else {
+            Direction::Send
+        }
+    }
+}
+
+/// A rank's ring program ([`Phase::ReduceScatter`], [`Phase::AllGather`] or
+/// both, in that order), generated one command at a time in program order.
+///
+/// Program order, per phase and step: the receives of the step's chunk, then
+/// the sends. Reduce-scatter step `s`: receive chunk `r - s - 2` from the
+/// left and add it in, send chunk `r - s - 1` to the right. All-gather step
+/// `s`: receive chunk `r - s - 1` and copy it, send chunk `r - s`.
+#[derive(Clone, Debug)]
+pub(crate) struct RingPlan {
+    ctx: Ctx,
+    left: Rank,
+    right: Rank,
+    phases: Vec<Phase>,
+    /// The next group: `phases[phase]`, group `group` of the phase.
+    phase: usize,
+    group: u32,
+    /// The group being cut into segments, and its next segment.
+    current: Option<Group>,
+    segment: u32,
+    segments: u32,
+}
+
+impl RingPlan {
+    pub fn new(ctx: &Ctx, phases: &[Phase]) -> RingPlan {
         let world = ctx.world;
-        Ring {
-            world,
-            rank: ctx.rank,
+        RingPlan {
+            ctx: ctx.clone(),
             left: (ctx.rank + world - 1) % world,
             right: (ctx.rank + 1) % world,
-            chunks: tensor::shard_ranges(ctx.len, world as usize),
+            phases: phases.to_vec(),
+            phase: 0,
+            group: 0,
+            current: None,
+            segment: 0,
+            segments: 0,
         }
     }
 
-    /// Chunk `rank - back`, modulo the world size.
+    /// Groups per phase: a receive and a send in each of the `n - 1` steps.
+    fn groups_per_phase(&self) -> u32 {
+        2 * (self.ctx.world - 1)
+    }
+
+    /// Chunk `rank - back`, modulo the world size; the range
+    /// [`tensor::shard_ranges`] gives it, computed without the whole list.
     fn chunk_back(&self, back: u32) -> Range<usize> {
-        let index = (self.rank + self.world - back % self.world) % self.world;
-        self.chunks[index as usize].clone()
+        let world = self.ctx.world;
+        let index = ((self.ctx.rank + world - back % world) % world) as usize;
+        let parts = world as usize;
+        let (base, extra) = (self.ctx.len / parts, self.ctx.len % parts);
+        let start = index * base + index.min(extra);
+        start..start + base + usize::from(index < extra)
+    }
+
+    fn group_at(&self, phase: Phase, group: u32) -> Group {
+        let step = group / 2;
+        let receive = group.is_multiple_of(2);
+        let (peer, back, recv) = match (phase, receive) {
+            (Phase::ReduceScatter, true) => (self.left, step + 2, Some(RecvOp::Reduce)),
+            (Phase::ReduceScatter, false) => (self.right, step + 1, None),
+            (Phase::AllGather, true) => (self.left, step + 1, Some(RecvOp::Copy)),
+            (Phase::AllGather, false) => (self.right, step, None),
+            _ => unreachable!("the ring has no {} phase", phase.name()),
+        };
+        Group {
+            peer,
+            phase,
+            step,
+            range: self.chunk_back(back),
+            recv,
+        }
+    }
+
+    /// Every group, in program order, from the start whatever was generated.
+    pub fn groups(&self) -> impl Iterator<Item = Group> + '_ {
+        let per_phase = self.groups_per_phase();
+        self.phases
+            .iter()
+            .flat_map(move |&phase| (0..per_phase).map(move |g| self.group_at(phase, g)))
+    }
+
+    /// Checks the plan as [`crate::program::Program`] would while building it
+    /// (the segment limit of each group, then [`COMMANDS_MAX`]), and reports
+    /// each group's peer, direction and command count. Returns the total.
+    pub fn count(&self, mut each: impl FnMut(Rank, Direction, usize)) -> Result<usize, CollectiveError> {
+        let mut total = 0usize;
+        for group in self.groups() {
+            let count = self.ctx.segment_count(&group.range)? as usize;
+            if total + count > COMMANDS_MAX {
+                return Err(self.ctx.too_many_commands());
+            }
+            total += count;
+            if count > 0 {
+                each(group.peer, group.direction(), count);
+            }
+        }
+        Ok(total)
+    }
+
+    /// The next command in program order; `None` after the last.
+    pub fn next_op(&mut self) -> Option<Op> {
+        while self.segment == self.segments {
+            if self.phase == self.phases.len() {
+                return None;
+            }
+            if self.group == self.groups_per_phase() {
+                self.phase += 1;
+                self.group = 0;
+                continue;
+            }
+            let group = self.group_at(self.phases[self.phase], self.group);
+            self.group += 1;
+            // Within the tag's limit: `count` checked every group up front.
+            self.segments = group.range.len().div_ceil(self.ctx.segment_elems) as u32;
+            self.segment = 0;
+            self.current = Some(group);
+        }
+        let group = self.current.as_ref().expect("a group is being cut");
+        let segment = self.segment;
+        self.segment += 1;
+        Some(Op {
+            peer: group.peer,
+            tag: self.ctx.tag(group.phase, group.step, segment),
+            range: self.ctx.segment(&group.range, segment),
+            recv: group.recv,
+        })
     }
 }
 
-pub(crate) fn reduce_scatter(program: &mut Program, ctx: &Ctx) -> Result<(), CollectiveError> {
-    let ring = Ring::new(ctx);
-    for step in 0..ctx.world - 1 {
-        let tag = |segment| ctx.tag(Phase::ReduceScatter, step, segment);
-        for (segment, range) in ctx.segments(ring.chunk_back(step + 2))? {
-            program.recv(ctx, ring.left, tag(segment), range, RecvOp::Reduce)?;
-        }
-        for (segment, range) in ctx.segments(ring.chunk_back(step + 1))? {
-            program.send(ctx, ring.right, tag(segment), range)?;
-        }
-    }
-    Ok(())
-}
-
-pub(crate) fn all_gather(program: &mut Program, ctx: &Ctx) -> Result<(), CollectiveError> {
-    let ring = Ring::new(ctx);
-    for step in 0..ctx.world - 1 {
-        let tag = |segment| ctx.tag(Phase::AllGather, step, segment);
-        for (segment, range) in ctx.segments(ring.chunk_back(step + 1))? {
-            program.recv(ctx, ring.left, tag(segment), range, RecvOp::Copy)?;
-        }
-        for (segment, range) in ctx.segments(ring.chunk_back(step))? {
-            program.send(ctx, ring.right, tag(segment), range)?;
+/// The whole ring program built at once, as the engine built it before
+/// [`RingPlan`]: the reference the lazy engine is tested against.
+#[cfg(test)]
+pub(crate) fn plan_eagerly(
+    program: &mut crate::program::Program,
+    ctx: &Ctx,
+    phases: &[Phase],
+) -> Result<(), CollectiveError> {
+    for group in RingPlan::new(ctx, phases).groups() {
+        for (segment, range) in ctx.segments(group.range.clone())? {
+            let tag = ctx.tag(group.phase, group.step, segment);
+            match group.recv {
+                Some(op) => program.recv(ctx, group.peer, tag, range, op)?,
+                None => program.send(ctx, group.peer, tag, range)?,
+            };
         }
     }
     Ok(())
@@ -380,8 +503,140 @@ mod tests {
         assert_eq!(ranks[2].sending_to[0], (0, Tag::new(OP, RS, 0, 0)));
     }
 
+    /// Rank `rank`'s engine built from the whole program at once, as before
+    /// [`super::RingPlan`]: every dependency known up front.
+    fn whole_program_engine(kind: Kind, rank: u32, world: u32, len: usize, config: &CollectiveConfig) -> Collective {
+        let phases: &[Phase] = match kind {
+            Kind::ReduceScatter => &[RS],
+            Kind::AllGather => &[AG],
+            _ => &[RS, AG],
+        };
+        let ctx = crate::program::Ctx {
+            op: OP,
+            rank,
+            world,
+            len,
+            segment_elems: config.segment_elems,
+            kind,
+        };
+        let mut program = crate::program::Program::new();
+        super::plan_eagerly(&mut program, &ctx, phases).unwrap();
+        Collective::from_program(ctx, config.inflight_per_peer, program)
+    }
+
+    const RING_KINDS: [Kind; 3] = [Kind::AllReduce(Algorithm::Ring), Kind::ReduceScatter, Kind::AllGather];
+
+    #[test]
+    fn plans_too_large_are_refused_as_before() {
+        // Segment limit: one chunk of 2^20 + 1 one-element segments.
+        let e = Collective::new(
+            Kind::AllGather,
+            OP,
+            0,
+            2,
+            2 * (crate::tag::SEGMENT_LIMIT as usize + 1),
+            &config(1),
+        );
+        let Err(crate::CollectiveError::Invalid { reason, .. }) = e else {
+            panic!("{e:?}")
+        };
+        assert!(reason.contains("over the tag's limit"), "{reason}");
+        // Command limit: 4 ranks, chunks of 2^18 one-element segments: 4 groups of 3 steps, 3 · 2^20 commands.
+        let e = Collective::new(Kind::AllReduce(Algorithm::Ring), OP, 0, 4, 4 << 18, &config(1));
+        let Err(crate::CollectiveError::Invalid { reason, .. }) = e else {
+            panic!("{e:?}")
+        };
+        assert!(reason.contains("more than 1048576 commands"), "{reason}");
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(96))]
+
+        /// The engine generates the ring's program as it goes and forgets what
+        /// completed; the same program built whole must issue exactly the same
+        /// commands at the same events, in every rank, under any interleaving.
+        #[test]
+        fn the_generated_ring_issues_what_the_whole_program_issues(
+            world in 1..=9u32, len in 0..3000usize, segment_elems in 1..300usize,
+            in_flight in 1..6usize, kind in 0..3usize, seed in any::<u64>(),
+        ) {
+            let kind = RING_KINDS[kind];
+            let config = CollectiveConfig { segment_elems, inflight_per_peer: in_flight, ..CollectiveConfig::default() };
+            let generated: Vec<Collective> =
+                (0..world).map(|r| Collective::new(kind, OP, r, world, len, &config).unwrap()).collect();
+            let whole: Vec<Collective> = (0..world).map(|r| whole_program_engine(kind, r, world, len, &config)).collect();
+            for (g, w) in generated.iter().zip(&whole) {
+                prop_assert_eq!(g.command_count(), w.command_count());
+            }
+            let inputs = integer_inputs(world, len, seed);
+            let mut a = Harness::new(generated, inputs.clone());
+            let mut b = Harness::new(whole, inputs);
+            a.run(Order::Random { seed }).unwrap();
+            b.run(Order::Random { seed }).unwrap();
+            for rank in 0..world {
+                let (ia, ib): (Vec<_>, Vec<_>) = (a.issued(rank).collect(), b.issued(rank).collect());
+                prop_assert_eq!(ia, ib, "rank {}", rank);
+                prop_assert_eq!(a.buffer(rank), b.buffer(rank));
+            }
+        }
+
+        /// Fed the same events, valid or not (completions of outstanding
+        /// commands, of commands not issued yet, twice, or of no command), one
+        /// rank's generated and whole-program engines answer the same: the
+        /// same commands, or the same error.
+        #[test]
+        fn the_generated_ring_answers_every_event_as_the_whole_program(
+            world in 1..=6u32, rank_seed in any::<u32>(), len in 0..400usize, segment_elems in 1..60usize,
+            in_flight in 1..5usize, kind in 0..3usize, seed in any::<u64>(),
+        ) {
+            let kind = RING_KINDS[kind];
+            let rank = rank_seed % world;
+            let config = CollectiveConfig { segment_elems, inflight_per_peer: in_flight, ..CollectiveConfig::default() };
+            let mut g = Collective::new(kind, OP, rank, world, len, &config).unwrap();
+            let mut w = whole_program_engine(kind, rank, world, len, &config);
+            // Every completion the program can see, and one it cannot.
+            let mut pool = vec![Event::Received { peer: (rank + 1) % world, tag: Tag::new(OP, Phase::Barrier, 0, 0) }];
+            let phases: &[Phase] = match kind { Kind::ReduceScatter => &[RS], Kind::AllGather => &[AG], _ => &[RS, AG] };
+            let ctx = crate::program::Ctx { op: OP, rank, world, len, segment_elems, kind };
+            let mut plan = super::RingPlan::new(&ctx, phases);
+            while let Some(op) = plan.next_op() {
+                pool.push(match op.recv {
+                    Some(_) => Event::Received { peer: op.peer, tag: op.tag },
+                    None => Event::Sent { peer: op.peer, tag: op.tag },
+                });
+            }
+            let note = |commands: &[Command], outstanding: &mut Vec<Event>| {
+                for c in commands {
+                    match c {
+                        Command::Send { peer, tag, .. } => outstanding.push(Event::Sent { peer: *peer, tag: *tag }),
+                        Command::Recv { peer, tag, .. } => outstanding.push(Event::Received { peer: *peer, tag: *tag }),
+                        Command::Done => {}
+                    }
+                }
+            };
+            let mut rng = tensor::Rng::new(seed);
+            let early = pool[rng.below(pool.len() as u64) as usize];
+            prop_assert_eq!(g.on_event(early), w.on_event(early), "before start");
+            let first = w.start();
+            prop_assert_eq!(&g.start(), &first);
+            let mut outstanding = Vec::new();
+            note(&first, &mut outstanding);
+            for _ in 0..4 * pool.len() + 8 {
+                let event = if !outstanding.is_empty() && rng.below(2) == 0 {
+                    outstanding.swap_remove(rng.below(outstanding.len() as u64) as usize)
+                } else {
+                    pool[rng.below(pool.len() as u64) as usize]
+                };
+                let (rg, rw) = (g.on_event(event), w.on_event(event));
+                prop_assert_eq!(&rg, &rw, "{:?}", event);
+                if let Ok(commands) = rw {
+                    note(&commands, &mut outstanding);
+                }
+                prop_assert_eq!(g.waiting_on(), w.waiting_on());
+                prop_assert_eq!(g.sends_outstanding(), w.sends_outstanding());
+                prop_assert_eq!(g.is_done(), w.is_done());
+            }
+        }
 
         #[test]
         fn all_reduce_equals_the_sequential_sum(

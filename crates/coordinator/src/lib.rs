@@ -95,6 +95,9 @@ pub struct Coordinator {
     regroup_due_ms: Option<u64>,
     /// Parameter-server replicas: who is primary and backup of each shard.
     replicas: servers::Replicas,
+    /// Elastic parameter-server jobs: ranks whose worker was lost, with the
+    /// time by which a replacement must have joined and how the worker was lost.
+    vacant: BTreeMap<u32, (u64, String)>,
 }
 
 impl Coordinator {
@@ -110,6 +113,7 @@ impl Coordinator {
             checksums: BTreeMap::new(),
             regroup_due_ms: None,
             replicas: servers::Replicas::new(1),
+            vacant: BTreeMap::new(),
         }
     }
 
@@ -166,12 +170,14 @@ impl Coordinator {
                 if let Some(m) = self.members.get_mut(&conn) {
                     m.finished = true;
                 }
-                // Joiners still waiting for a generation have no work to finish.
-                let workers_done = self
-                    .members
-                    .values()
-                    .filter(|m| m.role == Role::Worker && m.rank.is_some())
-                    .all(|m| m.finished);
+                // Joiners still waiting for a generation have no work to finish;
+                // a vacant parameter-server rank has (its replacement will do it).
+                let workers_done = self.vacant.is_empty()
+                    && self
+                        .members
+                        .values()
+                        .filter(|m| m.role == Role::Worker && m.rank.is_some())
+                        .all(|m| m.finished);
                 if self.phase == Phase::Running && workers_done {
                     self.phase = Phase::Over;
                     let mut cmds: Vec<Command> = self
@@ -223,6 +229,9 @@ impl Coordinator {
         pid: u32,
     ) -> Vec<Command> {
         if role == Role::Worker && self.phase == Phase::Running && self.cfg.elastic.is_some() {
+            if self.cfg.servers > 0 {
+                return self.on_replacement_join(now_ms, conn, rank, data_addr, pid);
+            }
             return self.on_late_join(now_ms, conn, data_addr, pid);
         }
         if role == Role::Server && self.phase == Phase::Running && self.replicated() {
@@ -413,6 +422,7 @@ impl Coordinator {
                         cmds
                     }
                     Some((silent, _, rank, who)) => self.fail(rank, format!("{who} sent no heartbeat for {silent} ms")),
+                    None if !self.vacant.is_empty() => self.check_vacancies(now_ms),
                     None => self.regroup_if_due(now_ms),
                 }
             }

@@ -70,6 +70,11 @@ impl Coordinator {
         self.replicas.per_shard > 1
     }
 
+    /// The connection of the server that is primary of `shard` now.
+    pub(crate) fn primary_of(&self, shard: u32) -> Option<ConnId> {
+        self.replicas.slots.get(shard as usize).and_then(|s| s.primary)
+    }
+
     /// Server processes the job starts with.
     pub(crate) fn server_processes(&self) -> u32 {
         self.cfg.servers * self.replicas.per_shard

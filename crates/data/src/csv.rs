@@ -3,7 +3,7 @@
 //! streaming writer.
 
 use std::fs::File;
-use std::io::{BufRead, BufWriter, Write};
+use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -61,10 +61,18 @@ impl Default for CsvOptions {
 }
 
 /// Reads a CSV file (plain or gzip) into a dense data set: the label column
-/// and every other column as an `f32` feature, in file order.
+/// and every other column as an `f32` feature, in file order. With
+/// `opts.row_range`, only those rows (see [`crate::survey`]).
 pub fn read_csv(path: &Path, opts: &ReadOptions) -> Result<Dataset, DataError> {
     opts.validate()?;
-    parse_csv(source::open(path)?, path, opts)
+    if let Some(range) = &opts.row_range {
+        let opts = ReadOptions {
+            format: Some(crate::Format::Csv),
+            ..opts.clone()
+        };
+        return crate::survey(path, &opts)?.read(range.clone());
+    }
+    parse_csv(source::open_at(path, 0)?, path, opts)
 }
 
 fn trim(s: &[u8]) -> &[u8] {
@@ -73,32 +81,97 @@ fn trim(s: &[u8]) -> &[u8] {
     &s[start..end.max(start)]
 }
 
-pub(crate) fn parse_csv<R: BufRead>(reader: R, path: &Path, opts: &ReadOptions) -> Result<Dataset, DataError> {
-    let csv = &opts.csv;
-    let delim = csv.delimiter;
-    let mut lines = Lines::new(reader, path);
-    let mut labels = Labels::new(opts.num_classes);
-    let mut values: Vec<f32> = Vec::new();
-    // Set by the first non-blank line: number of fields and the label's position.
-    let mut shape: Option<(usize, usize)> = None;
-    let (first, end) = opts.row_bounds();
-    let mut row: u64 = 0;
-    while let Some((at, line)) = lines.next_line()? {
-        if trim(line).is_empty() {
-            continue;
+/// Whether a line holds no data (blank lines are skipped).
+pub(crate) fn is_blank(line: &[u8]) -> bool {
+    line.iter().all(|&b| b == b' ')
+}
+
+pub(crate) fn parse_csv<R: Read>(reader: R, path: &Path, opts: &ReadOptions) -> Result<Dataset, DataError> {
+    parse_csv_from(
+        Lines::new(reader, path),
+        0,
+        None,
+        path,
+        opts,
+        Labels::new(opts.num_classes),
+    )
+}
+
+/// The shape of a CSV file from its first non-blank line `line` (number
+/// `at`): the number of fields, the label's position, and whether the line is
+/// a header.
+pub(crate) fn first_line(
+    line: &[u8],
+    at: u64,
+    path: &Path,
+    opts: &ReadOptions,
+) -> Result<((usize, usize), bool), DataError> {
+    reject_quotes(line, at, path, opts.csv.delimiter)?;
+    first_line_shape(line, &opts.csv, opts.dim).map_err(|m| DataError::line(path, at, m))
+}
+
+fn reject_quotes(line: &[u8], at: u64, path: &Path, delim: u8) -> Result<(), DataError> {
+    if memchr::memchr(b'"', line).is_some() {
+        let field = line.split(|&b| b == delim).position(|f| f.contains(&b'"')).unwrap_or(0);
+        return Err(DataError::line(
+            path,
+            at,
+            format!("field {} is quoted: quoted CSV fields are not supported", field + 1),
+        ));
+    }
+    Ok(())
+}
+
+/// The label of a data line of a file shaped `(ncols, label_col)`, or `None`
+/// for a blank line: what a row scan needs, without the features. Errors are
+/// those a full parse gives for the label field (or a line too short to hold it).
+pub(crate) fn line_label(line: &[u8], (ncols, label_col): (usize, usize), delim: u8) -> Option<Result<i64, String>> {
+    if is_blank(line) {
+        return None;
+    }
+    let mut from = 0;
+    for _ in 0..label_col {
+        match memchr::memchr(delim, &line[from..]) {
+            Some(i) => from += i + 1,
+            None => {
+                let found = line.split(|&b| b == delim).count();
+                return Some(Err(format!("expected {ncols} fields, found {found}")));
+            }
         }
-        if line.contains(&b'"') {
-            let field = line.split(|&b| b == delim).position(|f| f.contains(&b'"')).unwrap_or(0);
-            return Err(DataError::line(
-                path,
-                at,
-                format!("field {} is quoted: quoted CSV fields are not supported", field + 1),
-            ));
+    }
+    let to = memchr::memchr(delim, &line[from..]).map_or(line.len(), |i| from + i);
+    let field = trim(&line[from..to]);
+    if field.is_empty() {
+        return Some(Err(format!("field {} is empty", label_col + 1)));
+    }
+    Some(parse_label(field).map_err(|m| format!("field {}: {m}", label_col + 1)))
+}
+
+/// Parses the data rows of `lines`, the first of which is row `row` of the
+/// file, keeping those in `opts.row_bounds()`. `shape` is `None` when `lines`
+/// starts at the top of the file (its first non-blank line tells the shape
+/// and may be a header), else the shape the top of the file told. Lines before
+/// the first kept row are only told apart (data row or blank), never parsed.
+pub(crate) fn parse_csv_from<R: Read>(
+    mut lines: Lines<R>,
+    mut row: u64,
+    mut shape: Option<(usize, usize)>,
+    path: &Path,
+    opts: &ReadOptions,
+    mut labels: Labels,
+) -> Result<Dataset, DataError> {
+    let delim = opts.csv.delimiter;
+    let mut values: Vec<f32> = Vec::new();
+    let (first, end) = opts.row_bounds();
+    while let Some(l) = lines.next_line()? {
+        let (at, line) = (l.number, l.bytes);
+        if is_blank(line) {
+            continue;
         }
         let (ncols, label_col) = match shape {
             Some(s) => s,
             None => {
-                let (s, is_header) = first_line_shape(line, csv, opts.dim).map_err(|m| DataError::line(path, at, m))?;
+                let (s, is_header) = first_line(line, at, path, opts)?;
                 shape = Some(s);
                 if is_header {
                     continue;
@@ -114,6 +187,7 @@ pub(crate) fn parse_csv<R: BufRead>(reader: R, path: &Path, opts: &ReadOptions) 
         if r >= end {
             break;
         }
+        reject_quotes(line, at, path, delim)?;
         let row_start = values.len();
         let mut n = 0;
         for (c, field) in line.split(|&b| b == delim).enumerate() {

@@ -128,19 +128,10 @@ pub fn fashion_mnist(dir: &Path) -> Result<(Dataset, Dataset), DataError> {
 
 /// Reads an image file and its label file (each raw or gzip, told apart by magic bytes).
 pub fn read_idx(images: &Path, labels: &Path, normalize: Normalize) -> Result<Dataset, DataError> {
-    read_idx_rows(images, labels, normalize, None)
-}
-
-pub(crate) fn read_idx_rows(
-    images: &Path,
-    labels: &Path,
-    normalize: Normalize,
-    rows: Option<Range<u64>>,
-) -> Result<Dataset, DataError> {
     normalize.validate()?;
     let image_file = parse_idx_u8(source::open(images)?, images)?;
     let label_file = parse_idx_u8(source::open(labels)?, labels)?;
-    assemble(image_file, images, label_file, labels, normalize, rows)
+    assemble(image_file, images, label_file, labels, normalize)
 }
 
 /// A decoded IDX file: dimensions and payload.
@@ -150,9 +141,35 @@ pub(crate) struct IdxU8 {
     data: Vec<u8>,
 }
 
-pub(crate) fn parse_idx_u8<R: Read>(mut r: R, path: &Path) -> Result<IdxU8, DataError> {
+/// The header of an IDX file.
+#[derive(Clone, Debug)]
+struct IdxHeader {
+    dims: Vec<u32>,
+    /// Bytes of the header itself: where the payload starts.
+    bytes: u64,
+    /// Bytes of payload the dimensions call for.
+    payload: u64,
+}
+
+impl IdxHeader {
+    fn truncated(&self, path: &Path, found: u64) -> DataError {
+        DataError::format(
+            path,
+            format!(
+                "truncated: dimensions {:?} need {} bytes of data, found {found}",
+                self.dims, self.payload
+            ),
+        )
+    }
+
+    fn trailing(&self, path: &Path) -> DataError {
+        DataError::format(path, format!("trailing bytes after the {} bytes of data", self.payload))
+    }
+}
+
+fn parse_idx_header<R: Read>(r: &mut R, path: &Path) -> Result<IdxHeader, DataError> {
     let mut magic = [0u8; 4];
-    read_exact_or(&mut r, &mut magic, path, "truncated header (no 4-byte magic)")?;
+    read_exact_or(r, &mut magic, path, "truncated header (no 4-byte magic)")?;
     if magic[0] != 0 || magic[1] != 0 {
         return Err(DataError::format(
             path,
@@ -183,7 +200,7 @@ pub(crate) fn parse_idx_u8<R: Read>(mut r: R, path: &Path) -> Result<IdxU8, Data
     for d in 0..ndims {
         let mut b = [0u8; 4];
         read_exact_or(
-            &mut r,
+            r,
             &mut b,
             path,
             &format!("truncated header (dimension {d} of {ndims} missing)"),
@@ -199,29 +216,176 @@ pub(crate) fn parse_idx_u8<R: Read>(mut r: R, path: &Path) -> Result<IdxU8, Data
             format!("dimensions {dims:?} need {payload} bytes, over IDX_PAYLOAD_BYTES_MAX ({IDX_PAYLOAD_BYTES_MAX})"),
         ));
     }
+    Ok(IdxHeader {
+        dims,
+        bytes: 4 + 4 * ndims as u64,
+        payload,
+    })
+}
+
+pub(crate) fn parse_idx_u8<R: Read>(mut r: R, path: &Path) -> Result<IdxU8, DataError> {
+    let header = parse_idx_header(&mut r, path)?;
+    let payload = header.payload;
     let mut data = Vec::with_capacity(payload.min(IDX_READ_CHUNK_BYTES) as usize);
     (&mut r)
         .take(payload)
         .read_to_end(&mut data)
         .map_err(|e| DataError::io(path, e))?;
     if (data.len() as u64) < payload {
-        return Err(DataError::format(
-            path,
-            format!(
-                "truncated: dimensions {dims:?} need {payload} bytes of data, found {}",
-                data.len()
-            ),
-        ));
+        return Err(header.truncated(path, data.len() as u64));
     }
     let mut extra = [0u8; 1];
     let n = r.read(&mut extra).map_err(|e| DataError::io(path, e))?;
     if n != 0 {
+        return Err(header.trailing(path));
+    }
+    Ok(IdxU8 {
+        dims: header.dims,
+        data,
+    })
+}
+
+/// What a look at an image file and its label file found: the headers, and
+/// the number of classes among all labels. The image payload is not read.
+#[derive(Clone, Debug)]
+pub(crate) struct IdxSurvey {
+    images: PathBuf,
+    labels: PathBuf,
+    image_header: IdxHeader,
+    label_header: IdxHeader,
+    num_classes: u32,
+}
+
+/// Label bytes read at a time while a survey looks for the largest label.
+const IDX_LABEL_CHUNK_BYTES: usize = 64 << 10;
+
+/// Reads the headers of `images` and `labels` and every label (one byte per
+/// row, so the number of classes is the whole file's, for a tiny part of the
+/// cost of the images). A plain image file's length is checked against its
+/// header; a gzip one's only by the reader of its last rows.
+pub(crate) fn survey_idx(images: &Path, labels: &Path) -> Result<IdxSurvey, DataError> {
+    let image_header = parse_idx_header(&mut source::open(images)?, images)?;
+    if !source::is_gzip(images)? {
+        let len = std::fs::metadata(images).map_err(|e| DataError::io(images, e))?.len();
+        let found = len.saturating_sub(image_header.bytes);
+        if found < image_header.payload {
+            return Err(image_header.truncated(images, found));
+        }
+        if found > image_header.payload {
+            return Err(image_header.trailing(images));
+        }
+    }
+    let mut r = source::open(labels)?;
+    let label_header = parse_idx_header(&mut r, labels)?;
+    let count = image_header.dims[0];
+    if label_header.dims.len() != 1 {
         return Err(DataError::format(
-            path,
-            format!("trailing bytes after the {payload} bytes of data"),
+            labels,
+            format!(
+                "a label file has 1 dimension, this one has {} ({:?})",
+                label_header.dims.len(),
+                label_header.dims
+            ),
         ));
     }
-    Ok(IdxU8 { dims, data })
+    if label_header.dims[0] != count {
+        return Err(DataError::format(
+            labels,
+            format!(
+                "holds {} labels but {} holds {count} images",
+                label_header.dims[0],
+                images.display()
+            ),
+        ));
+    }
+    let mut chunk = vec![0u8; IDX_LABEL_CHUNK_BYTES];
+    let (mut seen, mut max) = (0u64, 0u8);
+    let mut payload = (&mut r).take(label_header.payload);
+    loop {
+        match payload.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => {
+                seen += n as u64;
+                max = chunk[..n].iter().copied().fold(max, u8::max);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(DataError::io(labels, e)),
+        }
+    }
+    if seen < label_header.payload {
+        return Err(label_header.truncated(labels, seen));
+    }
+    if r.read(&mut chunk[..1]).map_err(|e| DataError::io(labels, e))? != 0 {
+        return Err(label_header.trailing(labels));
+    }
+    Ok(IdxSurvey {
+        images: images.to_owned(),
+        labels: labels.to_owned(),
+        image_header,
+        label_header,
+        num_classes: (u32::from(max) + 1).max(2),
+    })
+}
+
+impl IdxSurvey {
+    pub(crate) fn rows(&self) -> u64 {
+        u64::from(self.image_header.dims[0])
+    }
+
+    pub(crate) fn dim(&self) -> u64 {
+        self.image_header.dims[1..].iter().map(|&d| u64::from(d)).product()
+    }
+
+    pub(crate) fn num_classes(&self) -> u32 {
+        self.num_classes
+    }
+
+    /// Rows `range` (clamped to the file): a plain file seeks to them, a gzip
+    /// one is decompressed up to them and no further than their end (except
+    /// for the last rows, whose reader checks that nothing trails them).
+    pub(crate) fn read(&self, normalize: Normalize, range: Range<u64>) -> Result<Dataset, DataError> {
+        normalize.validate()?;
+        let rows = self.rows();
+        let start = range.start.min(rows);
+        let end = range.end.clamp(start, rows);
+        let dim = self.dim();
+        let pixels = read_span(&self.images, &self.image_header, start * dim, (end - start) * dim)?;
+        let labels = read_span(&self.labels, &self.label_header, start, end - start)?;
+        let table = normalize.table();
+        Ok(Dataset {
+            features: Features::Dense {
+                dim: dim as usize,
+                values: pixels.iter().map(|&b| table[usize::from(b)]).collect(),
+            },
+            labels: labels.iter().map(|&l| u32::from(l)).collect(),
+            num_classes: self.num_classes,
+        })
+    }
+}
+
+/// `len` payload bytes of an IDX file from payload byte `from`, with the
+/// whole read's errors for a file that ends early or runs on.
+fn read_span(path: &Path, header: &IdxHeader, from: u64, len: u64) -> Result<Vec<u8>, DataError> {
+    let mut r = source::open_at(path, header.bytes + from).map_err(|e| match e {
+        // A gzip stream that ends before the span: the file is truncated.
+        DataError::Format { .. } => header.truncated(path, from),
+        other => other,
+    })?;
+    let mut data = Vec::with_capacity(len.min(IDX_READ_CHUNK_BYTES) as usize);
+    (&mut r)
+        .take(len)
+        .read_to_end(&mut data)
+        .map_err(|e| DataError::io(path, e))?;
+    if (data.len() as u64) < len {
+        return Err(header.truncated(path, from + data.len() as u64));
+    }
+    if from + len == header.payload {
+        let mut extra = [0u8; 1];
+        if r.read(&mut extra).map_err(|e| DataError::io(path, e))? != 0 {
+            return Err(header.trailing(path));
+        }
+    }
+    Ok(data)
 }
 
 fn read_exact_or<R: Read>(r: &mut R, buf: &mut [u8], path: &Path, msg: &str) -> Result<(), DataError> {
@@ -237,7 +401,6 @@ pub(crate) fn assemble(
     labels: IdxU8,
     labels_path: &Path,
     normalize: Normalize,
-    rows: Option<Range<u64>>,
 ) -> Result<Dataset, DataError> {
     if labels.dims.len() != 1 {
         return Err(DataError::format(
@@ -261,17 +424,10 @@ pub(crate) fn assemble(
         ));
     }
     let dim: usize = images.dims[1..].iter().map(|&d| d as usize).product();
-    let range = rows.map_or(0..count, |r| {
-        (r.start.min(count as u64) as usize)..(r.end.min(count as u64) as usize)
-    });
-    let range = range.start..range.end.max(range.start);
     let table = normalize.table();
-    let values = images.data[range.start * dim..range.end * dim]
-        .iter()
-        .map(|&b| table[usize::from(b)])
-        .collect();
+    let values = images.data.iter().map(|&b| table[usize::from(b)]).collect();
     let num_classes = labels.data.iter().map(|&l| u32::from(l) + 1).max().unwrap_or(0).max(2);
-    let labels = labels.data[range].iter().map(|&l| u32::from(l)).collect();
+    let labels = labels.data.iter().map(|&l| u32::from(l)).collect();
     Ok(Dataset {
         features: Features::Dense { dim, values },
         labels,
@@ -413,7 +569,7 @@ mod tests {
             let labels = parse_idx_u8(&[0u8, 0, 8, 1, 0, 0, 0, 1, 3][..], Path::new("l"));
             match (parse_idx_u8(&bytes[..], Path::new("i")), labels) {
                 (Ok(images), Ok(labels)) => {
-                    let _ = assemble(images, Path::new("i"), labels, Path::new("l"), Normalize::Scale01, None);
+                    let _ = assemble(images, Path::new("i"), labels, Path::new("l"), Normalize::Scale01);
                 }
                 (Err(e), _) => prop_assert!(e.to_string().starts_with("i: ")),
                 (_, Err(e)) => prop_assert!(false, "valid label file rejected: {e}"),

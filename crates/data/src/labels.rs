@@ -41,10 +41,17 @@ fn parse_int(tok: &[u8]) -> Option<i64> {
 }
 
 /// Collects raw labels with where they were seen, and maps them once the whole
-/// file has been read (the mapping depends on the set of labels).
+/// file has been read (the number of classes depends on the set of labels).
+///
+/// The mapping of one label does not depend on the others once the file is
+/// valid (`-1` → 0, `+1` → 1, any other label is its own id, and `-1` never
+/// meets a label other than `+1`), so a row range read with the whole file's
+/// number of classes maps its labels as a whole read does.
 #[derive(Debug, Default)]
 pub(crate) struct Labels {
     raw: Vec<i32>,
+    /// Whether `raw` is kept: off for a scan that only wants the number of classes.
+    keep: bool,
     /// Line or row where `-1` was first seen.
     first_minus_one: Option<u64>,
     /// First label outside `{-1, +1}` and where it was seen.
@@ -58,6 +65,17 @@ impl Labels {
     pub(crate) fn new(classes_fixed: Option<u32>) -> Self {
         Self {
             classes_fixed,
+            keep: true,
+            ..Self::default()
+        }
+    }
+
+    /// Checks labels and finds the number of classes without keeping the
+    /// labels: memory does not grow with the file.
+    pub(crate) fn counting(classes_fixed: Option<u32>) -> Self {
+        Self {
+            classes_fixed,
+            keep: false,
             ..Self::default()
         }
     }
@@ -89,7 +107,9 @@ impl Labels {
             self.first_other.get_or_insert((label, at));
         }
         self.max = self.max.max(label);
-        self.raw.push(label);
+        if self.keep {
+            self.raw.push(label);
+        }
         Ok(())
     }
 

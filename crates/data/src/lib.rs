@@ -3,6 +3,8 @@
 //!
 //! Every reader returns a [`Dataset`] and every malformed input a
 //! [`DataError`] naming the file and the line (text) or row (binary) at fault.
+//! [`survey`] counts a file's rows without parsing them, and
+//! [`Survey::read`] reads only a range of them (a worker's partition).
 
 mod auc;
 mod blobs;
@@ -23,6 +25,7 @@ mod read;
 mod sampling;
 mod source;
 mod sparse;
+mod survey;
 mod synth;
 mod writer;
 
@@ -43,9 +46,10 @@ pub use meta::{META_BYTES_MAX, Meta, meta_path, read_meta, write_meta};
 #[cfg(feature = "parquet")]
 pub use parquet::{ParquetWriter, read_parquet};
 pub use partition::{EpochOrder, Partition, SkewReport, partition, partition_range};
-pub use plan::{EpochPlan, PLAN_ROWS_MAX, Reassigned, local_batches};
+pub use plan::{EpochPlan, PLAN_ROWS_MAX, Reassigned, local_batches, partitions};
 pub use read::{Format, ReadOptions, detect_format, read_auto};
 pub use source::LINE_BYTES_MAX;
 pub use sparse::{HASH_BITS_MAX, hash_index};
+pub use survey::{MARK_EVERY_ROWS, Mark, Survey, survey};
 pub use synth::{GenReport, SplitStats};
 pub use writer::{OutFormat, RowWriter, write_dataset};

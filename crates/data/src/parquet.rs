@@ -3,6 +3,7 @@
 //! and a streaming writer of both layouts.
 
 use std::fs::File;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -47,11 +48,34 @@ fn list_of(t: &DataType) -> DataType {
     DataType::List(Arc::new(Field::new_list_field(t.clone(), true)))
 }
 
-/// Reads a Parquet file. Rows are numbered from 0 in errors.
+/// Reads a Parquet file. Rows are numbered from 0 in errors. With
+/// `opts.row_range`, only those rows (see [`crate::survey`]).
 pub fn read_parquet(path: &Path, opts: &ReadOptions) -> Result<Dataset, DataError> {
     opts.validate()?;
-    let file = File::open(path).map_err(|e| DataError::io(path, e))?;
-    let mut builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(pq(path))?;
+    if let Some(range) = &opts.row_range {
+        let opts = ReadOptions {
+            format: Some(crate::Format::Parquet),
+            ..opts.clone()
+        };
+        return crate::survey(path, &opts)?.read(range.clone());
+    }
+    read_parquet_rows(path, opts, Labels::new(opts.num_classes), None)
+}
+
+/// What the schema says about a file's rows.
+struct Shape {
+    /// `indices` and `values` list columns (else dense numeric columns).
+    sparse: bool,
+    /// Feature columns of a dense file.
+    dense_dim: usize,
+}
+
+/// Checks the schema as every read needs it and narrows `builder` to the
+/// columns read: `label`, and `indices`/`values` or the dense features.
+fn shape(
+    path: &Path,
+    builder: ParquetRecordBatchReaderBuilder<File>,
+) -> Result<(Shape, ParquetRecordBatchReaderBuilder<File>), DataError> {
     let schema = builder.schema().clone();
     let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
     let Some(label_col) = names.iter().position(|&n| n == "label") else {
@@ -73,8 +97,10 @@ pub fn read_parquet(path: &Path, opts: &ReadOptions) -> Result<Dataset, DataErro
             .filter(|&i| ["label", "indices", "values"].contains(&names[i]))
             .collect();
         let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
-        builder = builder.with_projection(mask);
-    } else if let Some(f) = schema
+        let builder = builder.with_projection(mask);
+        return Ok((Shape { sparse, dense_dim: 0 }, builder));
+    }
+    if let Some(f) = schema
         .fields()
         .iter()
         .find(|f| f.name() != "label" && !is_numeric(f.data_type()))
@@ -88,35 +114,125 @@ pub fn read_parquet(path: &Path, opts: &ReadOptions) -> Result<Dataset, DataErro
             ),
         ));
     }
-    let (first, end) = opts.row_bounds();
-    builder = builder
-        .with_batch_size(PARQUET_READ_BATCH_ROWS)
-        .with_offset(first.min(usize::MAX as u64) as usize);
-    if end != u64::MAX {
-        builder = builder.with_limit(end.saturating_sub(first).min(usize::MAX as u64) as usize);
-    }
-    let reader = builder.build().map_err(pq(path))?;
+    let dense_dim = schema.fields().len() - 1;
+    Ok((Shape { sparse, dense_dim }, builder))
+}
 
-    let mut labels = Labels::new(opts.num_classes);
+fn open_builder(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>, DataError> {
+    let file = File::open(path).map_err(|e| DataError::io(path, e))?;
+    ParquetRecordBatchReaderBuilder::try_new(file).map_err(pq(path))
+}
+
+/// What a look at the footer (and, when the classes are not given, at the
+/// label column alone) found.
+pub(crate) struct ParquetSurvey {
+    pub rows: u64,
+    pub sparse: bool,
+    /// Feature columns of a dense file (0 for a sparse one).
+    pub dense_dim: usize,
+    /// The number of classes: `opts.num_classes`, or found in every row's label.
+    pub num_classes: u32,
+}
+
+/// Reads the footer: the schema and the row counts of the row groups. Unless
+/// `opts.num_classes` is set, also reads the `label` column (only it) of every
+/// row group, for the whole file's number of classes.
+pub(crate) fn survey_parquet(path: &Path, opts: &ReadOptions) -> Result<ParquetSurvey, DataError> {
+    let (shape, builder) = shape(path, open_builder(path)?)?;
+    if !shape.sparse
+        && let Some(want) = opts.dim
+        && want != shape.dense_dim as u64
+    {
+        return Err(DataError::format(
+            path,
+            format!("{} feature columns, expected dim {want}", shape.dense_dim),
+        ));
+    }
+    let groups = builder.metadata().row_groups();
+    let rows = groups.iter().map(|g| g.num_rows().max(0) as u64).sum();
+    let num_classes = match opts.num_classes {
+        Some(n) => n,
+        None => {
+            let label_col = builder
+                .schema()
+                .fields()
+                .iter()
+                .position(|f| f.name() == "label")
+                .expect("shape checked the label column");
+            let mask = ProjectionMask::roots(builder.parquet_schema(), [label_col]);
+            let reader = builder
+                .with_projection(mask)
+                .with_batch_size(PARQUET_READ_BATCH_ROWS)
+                .build()
+                .map_err(pq(path))?;
+            let mut labels = Labels::counting(None);
+            let mut row = 0u64;
+            for batch in reader {
+                let batch = batch.map_err(|e| DataError::row(path, row, e.to_string()))?;
+                read_labels(&batch, path, row, &mut labels)?;
+                row += batch.num_rows() as u64;
+            }
+            labels.finish("row").map_err(|(at, m)| DataError::row(path, at, m))?.1
+        }
+    };
+    Ok(ParquetSurvey {
+        rows,
+        sparse: shape.sparse,
+        dense_dim: shape.dense_dim,
+        num_classes,
+    })
+}
+
+/// Reads rows `range` (all rows if `None`). Row groups that end before the
+/// range or start after it are skipped by the footer's row counts, unread.
+pub(crate) fn read_parquet_rows(
+    path: &Path,
+    opts: &ReadOptions,
+    mut labels: Labels,
+    range: Option<Range<u64>>,
+) -> Result<Dataset, DataError> {
+    let (shape, mut builder) = shape(path, open_builder(path)?)?;
+    let first = range.as_ref().map_or(0, |r| r.start);
+    if let Some(range) = &range {
+        let mut selected = Vec::new();
+        let mut group_start = 0u64;
+        let mut selected_start = None;
+        for (g, meta) in builder.metadata().row_groups().iter().enumerate() {
+            let group_end = group_start + meta.num_rows().max(0) as u64;
+            if group_end > range.start && group_start < range.end {
+                selected.push(g);
+                selected_start.get_or_insert(group_start);
+            }
+            group_start = group_end;
+        }
+        let skip = range.start - selected_start.unwrap_or(range.start);
+        builder = builder
+            .with_row_groups(selected)
+            .with_offset(skip as usize)
+            .with_limit(range.end.saturating_sub(range.start) as usize);
+    }
+    let reader = builder
+        .with_batch_size(PARQUET_READ_BATCH_ROWS)
+        .build()
+        .map_err(pq(path))?;
     let mut sparse_rows = SparseBuilder::new(opts.hash_bits, opts.dim);
     let mut dense: Vec<f32> = Vec::new();
-    let mut dim = 0usize;
     let mut row = first;
     for batch in reader {
         let batch = batch.map_err(|e| DataError::row(path, row, e.to_string()))?;
         read_labels(&batch, path, row, &mut labels)?;
-        if sparse {
+        if shape.sparse {
             read_sparse(&batch, path, row, &mut sparse_rows)?;
         } else {
-            dim = read_dense(&batch, path, row, &mut dense)?;
+            read_dense(&batch, path, row, &mut dense)?;
         }
         row += batch.num_rows() as u64;
     }
     let (labels, num_classes) = labels.finish("row").map_err(|(at, m)| DataError::row(path, at, m))?;
-    let features = if sparse {
+    let features = if shape.sparse {
         sparse_rows.finish()
     } else {
-        dim = dim.max(schema.fields().len() - 1);
+        let dim = shape.dense_dim;
         if let Some(want) = opts.dim
             && want != dim as u64
         {
@@ -230,8 +346,8 @@ fn read_sparse(batch: &RecordBatch, path: &Path, row0: u64, out: &mut SparseBuil
     Ok(())
 }
 
-/// Appends the batch's feature columns row-major; returns the number of columns.
-fn read_dense(batch: &RecordBatch, path: &Path, row0: u64, out: &mut Vec<f32>) -> Result<usize, DataError> {
+/// Appends the batch's feature columns row-major.
+fn read_dense(batch: &RecordBatch, path: &Path, row0: u64, out: &mut Vec<f32>) -> Result<(), DataError> {
     let schema = batch.schema();
     let mut cols = Vec::new();
     for (f, col) in schema.fields().iter().zip(batch.columns()) {
@@ -265,7 +381,7 @@ fn read_dense(batch: &RecordBatch, path: &Path, row0: u64, out: &mut Vec<f32>) -
             out.push(v);
         }
     }
-    Ok(cols.len())
+    Ok(())
 }
 
 /// Streams rows into a Parquet file: `label: int32` plus either

@@ -52,13 +52,9 @@ impl EpochPlan {
     pub fn new(rows: usize, world: u32, global_batch: usize, seed: u64, epoch: u32) -> Self {
         assert!(rows <= PLAN_ROWS_MAX, "{rows} rows do not fit a plan");
         let batches = local_batches(global_batch, world.max(1) as usize);
-        let mut start = 0;
-        let queues = shares(rows, &batches)
+        let queues = partitions(rows, world, global_batch)
             .into_iter()
-            .map(|n| {
-                start += n;
-                epoch_order(start - n..start, seed, epoch)
-            })
+            .map(|part| epoch_order(part, seed, epoch))
             .collect();
         Self {
             queues,
@@ -215,6 +211,23 @@ impl EpochPlan {
     }
 }
 
+/// The rows each rank's queue holds at the start of every epoch of
+/// [`EpochPlan::new`]: `rows` cut into `world` contiguous ranges in proportion
+/// to the local batches. The same for every epoch (only the order within a
+/// range changes), so a worker of a job whose membership does not change can
+/// read just its range of the file.
+pub fn partitions(rows: usize, world: u32, global_batch: usize) -> Vec<Range<usize>> {
+    let batches = local_batches(global_batch, world.max(1) as usize);
+    let mut start = 0;
+    shares(rows, &batches)
+        .into_iter()
+        .map(|n| {
+            start += n;
+            start - n..start
+        })
+        .collect()
+}
+
 /// The global batch cut into `world` local batches (balanced, larger first).
 pub fn local_batches(global_batch: usize, world: usize) -> Vec<usize> {
     tensor::shard_ranges(global_batch, world)
@@ -334,6 +347,25 @@ mod tests {
         #[test]
         fn decode_never_panics(words in proptest::collection::vec(any::<u64>(), 0..40), rows in 0usize..100) {
             let _ = EpochPlan::decode(&words, rows);
+        }
+    }
+
+    proptest! {
+        /// Each rank's queue is exactly its partition, in every epoch, and the
+        /// partitions tile the rows in rank order.
+        #[test]
+        fn queues_are_the_partitions(rows in 0usize..2000, world in 1u32..7, batch in 1usize..50, epoch in 0u32..3) {
+            let parts = partitions(rows, world, batch);
+            prop_assert_eq!(parts.len(), world as usize);
+            prop_assert_eq!(parts.first().map_or(0, |p| p.start), 0);
+            prop_assert_eq!(parts.last().map_or(0, |p| p.end), rows);
+            prop_assert!(parts.windows(2).all(|w| w[0].end == w[1].start));
+            let plan = EpochPlan::new(rows, world, batch, 5, epoch);
+            for (r, part) in parts.iter().enumerate() {
+                let mut q = plan.queues[r].clone();
+                q.sort_unstable();
+                prop_assert_eq!(q, part.clone().map(|x| x as u32).collect::<Vec<_>>());
+            }
         }
     }
 

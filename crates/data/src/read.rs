@@ -52,9 +52,10 @@ pub struct ReadOptions {
     pub dim: Option<u64>,
     /// The number of classes; labels must be below it (default: inferred).
     pub num_classes: Option<u32>,
-    /// Keep only data rows in this 0-based range (a worker's contiguous slice,
-    /// see [`crate::partition_range`]). Text rows outside it are not parsed.
-    /// Set `dim` or `hash_bits` too, so that every slice has the same dimension.
+    /// Keep only data rows in this 0-based range (a worker's contiguous
+    /// slice, see [`crate::partitions`]); rows outside it are not parsed (see
+    /// [`crate::survey`]). Sparse files need `dim` or `hash_bits` (or a
+    /// `.meta.json`) for it, so that every slice has the same dimension.
     pub row_range: Option<Range<u64>>,
     pub csv: CsvOptions,
 }
@@ -158,13 +159,47 @@ pub fn detect_format(path: &Path) -> Result<Format, DataError> {
 /// label file is named alike (`...-images-idx3-...` → `...-labels-idx1-...`).
 /// Sparse formats take `dim` and `num_classes` from `FILE.meta.json` when the
 /// options leave them unset, so that train and test files agree.
+///
+/// With `opts.row_range`, only those rows are parsed and held: this is
+/// [`crate::survey`] then [`crate::Survey::read`].
 pub fn read_auto(path: &Path, opts: &ReadOptions) -> Result<Dataset, DataError> {
+    if let Some(range) = &opts.row_range {
+        return crate::survey(path, opts)?.read(range.clone());
+    }
+    let (format, opts) = effective(path, opts)?;
+    match format {
+        Format::Idx => {
+            let (images, labels) = idx_files(path, opts.split)?;
+            crate::idx::read_idx(&images, &labels, opts.normalize)
+        }
+        Format::Libsvm => crate::libsvm::read_libsvm(path, &opts),
+        Format::Csv => crate::csv::read_csv(path, &opts),
+        #[cfg(feature = "parquet")]
+        Format::Parquet => crate::parquet::read_parquet(path, &opts),
+        #[cfg(not(feature = "parquet"))]
+        Format::Parquet => Err(not_compiled(path)),
+    }
+}
+
+#[cfg(not(feature = "parquet"))]
+pub(crate) fn not_compiled(path: &Path) -> DataError {
+    DataError::format(path, "Parquet support is not compiled in (cargo feature `parquet`)")
+}
+
+/// The format of `path` and the options a read of it goes by: validated, with
+/// the format fixed, `dim` and `num_classes` from `FILE.meta.json` where the
+/// options leave them open, and no row range.
+pub(crate) fn effective(path: &Path, opts: &ReadOptions) -> Result<(Format, ReadOptions), DataError> {
     opts.validate()?;
     let format = match opts.format {
         Some(f) => f,
         None => detect_format(path)?,
     };
-    let mut opts = opts.clone();
+    let mut opts = ReadOptions {
+        format: Some(format),
+        row_range: None,
+        ..opts.clone()
+    };
     if format != Format::Idx
         && let Some(m) = meta::read_meta(path)?
     {
@@ -176,24 +211,15 @@ pub fn read_auto(path: &Path, opts: &ReadOptions) -> Result<Dataset, DataError> 
         }
         opts.validate()?;
     }
-    match format {
-        Format::Idx => {
-            let (images, labels) = if path.is_dir() {
-                crate::idx::idx_paths(path, opts.split)?
-            } else {
-                (path.to_owned(), crate::idx::idx_labels_for(path)?)
-            };
-            crate::idx::read_idx_rows(&images, &labels, opts.normalize, opts.row_range.clone())
-        }
-        Format::Libsvm => crate::libsvm::read_libsvm(path, &opts),
-        Format::Csv => crate::csv::read_csv(path, &opts),
-        #[cfg(feature = "parquet")]
-        Format::Parquet => crate::parquet::read_parquet(path, &opts),
-        #[cfg(not(feature = "parquet"))]
-        Format::Parquet => Err(DataError::format(
-            path,
-            "Parquet support is not compiled in (cargo feature `parquet`)",
-        )),
+    Ok((format, opts))
+}
+
+/// The image and label files of an IDX path: a directory's `split`, or an image file and the label file named alike.
+pub(crate) fn idx_files(path: &Path, split: Split) -> Result<(std::path::PathBuf, std::path::PathBuf), DataError> {
+    if path.is_dir() {
+        crate::idx::idx_paths(path, split)
+    } else {
+        Ok((path.to_owned(), crate::idx::idx_labels_for(path)?))
     }
 }
 

@@ -1,5 +1,6 @@
-//! Opening input files: gzip detected by its magic bytes, and a line reader
-//! with a bounded line length for the text formats.
+//! Opening input files: gzip detected by its magic bytes, opening at a byte
+//! offset, and a line reader for the text formats with a bounded line length
+//! that numbers lines and tells where each starts.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
@@ -11,7 +12,7 @@ use crate::DataError;
 
 /// Longest line the text readers accept; a longer one is an error, not an allocation.
 pub const LINE_BYTES_MAX: usize = 16 << 20;
-/// Read buffer of the file readers.
+/// Read buffer of the file readers, and the bytes the line reader asks for at a time.
 const READ_BUFFER_BYTES: usize = 1 << 20;
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 
@@ -38,61 +39,160 @@ pub(crate) fn is_gzip(path: &Path) -> Result<bool, DataError> {
 
 /// Opens `path` for buffered reading, decompressing it if it is gzip (by magic, not name).
 pub(crate) fn open(path: &Path) -> Result<Box<dyn BufRead>, DataError> {
-    let gz = is_gzip(path)?;
-    let mut file = File::open(path).map_err(|e| DataError::io(path, e))?;
-    file.seek(SeekFrom::Start(0)).map_err(|e| DataError::io(path, e))?;
-    Ok(if gz {
-        Box::new(BufReader::with_capacity(READ_BUFFER_BYTES, MultiGzDecoder::new(file)))
-    } else {
-        Box::new(BufReader::with_capacity(READ_BUFFER_BYTES, file))
-    })
+    Ok(Box::new(BufReader::with_capacity(READ_BUFFER_BYTES, open_at(path, 0)?)))
 }
 
-/// Lines of a text file without their `\n` or `\r\n`, numbered from 1, each at
-/// most [`LINE_BYTES_MAX`] long. The buffer is reused: no allocation per line.
+/// Opens `path` positioned at byte `offset` of its content (decompressed, for
+/// gzip). A plain file seeks there; a gzip stream cannot seek, so the bytes
+/// before `offset` are decompressed and thrown away (no line is looked at).
+pub(crate) fn open_at(path: &Path, offset: u64) -> Result<Box<dyn Read>, DataError> {
+    let gz = is_gzip(path)?;
+    let mut file = File::open(path).map_err(|e| DataError::io(path, e))?;
+    if !gz {
+        file.seek(SeekFrom::Start(offset)).map_err(|e| DataError::io(path, e))?;
+        return Ok(Box::new(file));
+    }
+    let mut stream = MultiGzDecoder::new(file);
+    if offset > 0 {
+        let skipped =
+            std::io::copy(&mut (&mut stream).take(offset), &mut std::io::sink()).map_err(|e| DataError::io(path, e))?;
+        if skipped < offset {
+            return Err(DataError::format(
+                path,
+                format!("the decompressed stream ends at byte {skipped}, before byte {offset}"),
+            ));
+        }
+    }
+    Ok(Box::new(stream))
+}
+
+/// One line: its number (1-based), the offset of its first byte in the
+/// stream, and its bytes without the `\n` or `\r\n`.
+#[derive(Debug)]
+pub(crate) struct Line<'a> {
+    pub number: u64,
+    pub offset: u64,
+    pub bytes: &'a [u8],
+}
+
+/// Lines of a text stream, each at most [`LINE_BYTES_MAX`] long. Lines are
+/// found with a SIMD newline search over a buffer of [`READ_BUFFER_BYTES`]
+/// and handed out as slices of it: no copy and no allocation per line, so a
+/// scan that only looks at the first bytes of each line runs at memory speed.
 pub(crate) struct Lines<R> {
     reader: R,
     buf: Vec<u8>,
+    /// `buf[start..end]` is read but not yet handed out; its first `searched` bytes hold no newline.
+    start: usize,
+    end: usize,
+    searched: usize,
+    eof: bool,
+    /// Number of the next line and the stream offset of its first byte.
     line: u64,
+    offset: u64,
     path: PathBuf,
 }
 
-impl<R: BufRead> Lines<R> {
+impl<R: Read> Lines<R> {
     pub(crate) fn new(reader: R, path: &Path) -> Self {
+        Self::starting_at(reader, path, 1, 0)
+    }
+
+    /// Lines of `reader`, which is positioned at byte `offset` of the stream,
+    /// the start of line number `line`: numbers and offsets stay those of the whole file.
+    pub(crate) fn starting_at(reader: R, path: &Path, line: u64, offset: u64) -> Self {
         Self {
             reader,
-            buf: Vec::new(),
-            line: 0,
+            buf: vec![0; READ_BUFFER_BYTES],
+            start: 0,
+            end: 0,
+            searched: 0,
+            eof: false,
+            line,
+            offset,
             path: path.to_owned(),
         }
     }
 
-    /// The next line and its number (1-based), or `None` at the end.
-    pub(crate) fn next_line(&mut self) -> Result<Option<(u64, &[u8])>, DataError> {
-        self.buf.clear();
-        let limit = LINE_BYTES_MAX as u64 + 1;
-        let n = (&mut self.reader)
-            .take(limit)
-            .read_until(b'\n', &mut self.buf)
-            .map_err(|e| DataError::io(&self.path, e))?;
-        if n == 0 {
-            return Ok(None);
+    /// The next line, or `None` at the end.
+    pub(crate) fn next_line(&mut self) -> Result<Option<Line<'_>>, DataError> {
+        loop {
+            let from = self.start + self.searched;
+            if let Some(i) = memchr::memchr(b'\n', &self.buf[from..self.end]) {
+                let newline = from + i;
+                if newline - self.start > LINE_BYTES_MAX {
+                    return Err(self.too_long());
+                }
+                return Ok(Some(self.hand_out(newline, newline + 1)));
+            }
+            self.searched = self.end - self.start;
+            if self.searched > LINE_BYTES_MAX {
+                return Err(self.too_long());
+            }
+            if self.eof {
+                if self.end == self.start {
+                    return Ok(None);
+                }
+                let end = self.end;
+                return Ok(Some(self.hand_out(end, end)));
+            }
+            self.fill()?;
         }
+    }
+
+    /// Hands out `buf[start..content_end]` (less a final `\r`); the next line starts at `next`.
+    fn hand_out(&mut self, content_end: usize, next: usize) -> Line<'_> {
+        let first = self.start;
+        let mut last = content_end;
+        if last > first && self.buf[last - 1] == b'\r' {
+            last -= 1;
+        }
+        let (number, offset) = (self.line, self.offset);
         self.line += 1;
-        let mut end = self.buf.len();
-        if self.buf[end - 1] == b'\n' {
-            end -= 1;
-        } else if end > LINE_BYTES_MAX {
-            return Err(DataError::line(
-                &self.path,
-                self.line,
-                format!("line longer than LINE_BYTES_MAX ({LINE_BYTES_MAX} bytes)"),
-            ));
+        self.offset += (next - first) as u64;
+        self.start = next;
+        self.searched = 0;
+        Line {
+            number,
+            offset,
+            bytes: &self.buf[first..last],
         }
-        if end > 0 && self.buf[end - 1] == b'\r' {
-            end -= 1;
+    }
+
+    /// Reads more: the unfinished line moves to the front, and the buffer
+    /// grows only when that line fills it (bounded by `LINE_BYTES_MAX`).
+    fn fill(&mut self) -> Result<(), DataError> {
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
         }
-        Ok(Some((self.line, &self.buf[..end])))
+        if self.end == self.buf.len() {
+            let grown = self.buf.len() * 2;
+            self.buf.resize(grown, 0);
+        }
+        loop {
+            match self.reader.read(&mut self.buf[self.end..]) {
+                Ok(0) => {
+                    self.eof = true;
+                    return Ok(());
+                }
+                Ok(n) => {
+                    self.end += n;
+                    return Ok(());
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(DataError::io(&self.path, e)),
+            }
+        }
+    }
+
+    fn too_long(&self) -> DataError {
+        DataError::line(
+            &self.path,
+            self.line,
+            format!("line longer than LINE_BYTES_MAX ({LINE_BYTES_MAX} bytes)"),
+        )
     }
 }
 
@@ -104,8 +204,8 @@ mod tests {
     fn lines_strip_line_ends_and_count() {
         let mut lines = Lines::new(&b"a\r\nbb\n\nc"[..], Path::new("t"));
         let mut got = Vec::new();
-        while let Some((n, l)) = lines.next_line().expect("in-memory read") {
-            got.push((n, l.to_vec()));
+        while let Some(l) = lines.next_line().expect("in-memory read") {
+            got.push((l.number, l.bytes.to_vec()));
         }
         let want: Vec<(u64, Vec<u8>)> = vec![
             (1, b"a".to_vec()),
@@ -124,6 +224,72 @@ mod tests {
         assert!(lines.next_line().expect("first line").is_some());
         let err = lines.next_line().expect_err("second line is too long").to_string();
         assert!(err.starts_with("big.svm:2: line longer"), "{err}");
+    }
+
+    /// A reader that hands out at most `step` bytes per call, so that lines straddle reads.
+    struct Trickle<'a> {
+        bytes: &'a [u8],
+        step: usize,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.step.min(buf.len()).min(self.bytes.len());
+            buf[..n].copy_from_slice(&self.bytes[..n]);
+            self.bytes = &self.bytes[n..];
+            Ok(n)
+        }
+    }
+
+    proptest::proptest! {
+        /// Numbers, offsets and bytes are those of a plain split on `\n`,
+        /// however the reads fall, and from any line start.
+        #[test]
+        fn lines_match_a_plain_split(text in "[a\r\n ]{0,300}", step in 1usize..40, skip in 0usize..20) {
+            let mut want = Vec::new();
+            let mut offset = 0u64;
+            let body = text.as_bytes();
+            let pieces: Vec<&[u8]> = body.split(|&b| b == b'\n').collect();
+            for (i, piece) in pieces.iter().enumerate() {
+                if i + 1 == pieces.len() && piece.is_empty() {
+                    break;
+                }
+                let content = piece.strip_suffix(b"\r").unwrap_or(piece);
+                want.push((i as u64 + 1, offset, content.to_vec()));
+                offset += piece.len() as u64 + 1;
+            }
+            let skip = skip.min(want.len());
+            let (line, at) = want.get(skip).map_or((want.len() as u64 + 1, body.len() as u64), |w| (w.0, w.1));
+            let reader = Trickle { bytes: &body[at as usize..], step };
+            let mut lines = Lines::starting_at(reader, Path::new("t"), line, at);
+            let mut got = Vec::new();
+            while let Some(l) = lines.next_line().expect("in-memory read") {
+                got.push((l.number, l.offset, l.bytes.to_vec()));
+            }
+            proptest::prop_assert_eq!(got, want[skip..].to_vec());
+        }
+    }
+
+    #[test]
+    fn open_at_seeks_plain_files_and_skips_into_gzip_streams() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let plain = dir.path().join("p.txt");
+        std::fs::write(&plain, b"0123456789").expect("write");
+        let gz = dir.path().join("g.txt.gz");
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(b"0123456789").expect("gzip to memory");
+        std::fs::write(&gz, enc.finish().expect("gzip to memory")).expect("write");
+        for path in [&plain, &gz] {
+            let mut s = String::new();
+            open_at(path, 4).expect("open").read_to_string(&mut s).expect("read");
+            assert_eq!(s, "456789", "{}", path.display());
+        }
+        let err = open_at(&gz, 11).err().expect("past the end").to_string();
+        assert!(
+            err.contains("g.txt.gz: the decompressed stream ends at byte 10"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -316,6 +316,7 @@ pub fn worker(spec: &PsBenchSpec, env: &ClusterEnv, secret: &wire::Secret) -> Re
         resume: None,
         consistency: cluster.consistency(),
         placement: placement_spec(spec, &zipf),
+        elastic: false,
     });
     let mut ex = PsExchange::connect(
         member.rank,
@@ -326,7 +327,7 @@ pub fn worker(spec: &PsBenchSpec, env: &ClusterEnv, secret: &wire::Secret) -> Re
         &layout,
         1.0,
         cluster.collective_timeout_ms,
-        0,
+        Some(0),
         init,
     )?;
     if let Some(notices) = member.ps_notices.take().filter(|_| spec.replicas > 1) {

@@ -18,10 +18,22 @@
 //! gradient, bitwise the same on every worker (same decodes in the same
 //! order, and all-reduces whose results are identical on every rank).
 //!
+//! Local SGD (`cluster.sync = "local_sgd"`) averages parameters through the
+//! same machinery, compressing the *model delta since the last average*, not
+//! the parameters (Basu et al. 2019, "Qsparse-local-SGD"): every rank keeps
+//! the last average `x̄` (the same everywhere); at an average rank r hands
+//! `x_r − x̄` (plus its error-feedback residual) to the exchange above, which
+//! sums every rank's compressed delta bitwise alike everywhere, and every
+//! rank sets `x̄ ← x̄ + (1/W)·Σ_r Q(x_r − x̄)` and continues from `x̄`. A delta
+//! is small beside the parameters, so a codec's relative error costs far less
+//! on it than on the parameters themselves. The first average of a run (or
+//! of an elastic generation), which has no `x̄` yet, is exact in f32.
+//!
 //! Error-feedback residuals are per worker and part of the training state:
-//! a checkpoint holds every worker's as `rank{r}.{tensor}.ef_residual` and
-//! the warm-start Q (the same everywhere) as `{tensor}.powersgd_q`, in the
-//! `compress` file group.
+//! a checkpoint holds every worker's as `rank{r}.{tensor}.ef_residual`,
+//! the warm-start Q (the same everywhere) as `{tensor}.powersgd_q`, and local
+//! SGD's last average (the same everywhere) as `{tensor}.local_sgd_average`,
+//! in the `compress` file group.
 //!
 //! **Invariant:** every rank plans the same slots in the same order from the
 //! same layout and config, so the collectives line up and the messages of
@@ -60,6 +72,8 @@ const POWERSGD_LABEL: u64 = 0x9057_6D00;
 pub const STATE_GROUP: &str = "compress";
 /// Suffix of a worker's velocity in a checkpoint (`compress.momentum`).
 const VELOCITY_SUFFIX: &str = "velocity";
+/// Suffix of local SGD's last average in a checkpoint.
+const AVERAGE_SUFFIX: &str = "local_sgd_average";
 
 /// `[compress]`: the codec of every tensor, and groups that choose differently.
 ///
@@ -253,6 +267,10 @@ pub struct CompressExchange {
     /// `compress.momentum` and this worker's velocity (empty when 0).
     momentum: f32,
     velocity: Vec<f32>,
+    /// Local SGD: the parameters of the last average, the same on every rank
+    /// (empty before the first one), and this rank's delta from it (scratch).
+    average: Vec<f32>,
+    delta: Vec<f32>,
     traffic: Traffic,
     /// Bytes an uncompressed all-reduce of the whole gradient sends (per peer, for the ratio).
     uncompressed: u64,
@@ -341,6 +359,8 @@ impl CompressExchange {
             } else {
                 Vec::new()
             },
+            average: Vec::new(),
+            delta: Vec::new(),
             traffic: Traffic::new(world),
             uncompressed: uncompressed.sent_total(),
         };
@@ -385,6 +405,7 @@ impl CompressExchange {
                  ranks without one start from zero"
             );
         }
+        self.load_average(restored)?;
         let rank = self.rank;
         if !self.velocity.is_empty() {
             for s in &self.slots {
@@ -423,6 +444,43 @@ impl CompressExchange {
                     None => tracing::warn!(tensor = %name, "no PowerSGD warm start in the checkpoint; starting afresh"),
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Takes local SGD's last average from a checkpoint: all of it, or none (a
+    /// checkpoint of a gradient all-reduce; the first average is then exact).
+    fn load_average(&mut self, restored: &[(String, Vec<f32>)]) -> Result<(), JobError> {
+        let bad = |why: String| JobError::Resume {
+            path: "<checkpoint>".into(),
+            why,
+        };
+        let len = self.slots.iter().map(|s| s.range.end).max().unwrap_or(0);
+        let mut average = vec![0f32; len];
+        let mut found = 0;
+        for s in &self.slots {
+            let name = format!("{}.{AVERAGE_SUFFIX}", s.name);
+            let Some((_, v)) = restored.iter().find(|(n, _)| *n == name) else {
+                continue;
+            };
+            if v.len() != s.range.len() {
+                return Err(bad(format!(
+                    "{STATE_GROUP}/{name}: {} values, expected {}",
+                    v.len(),
+                    s.range.len()
+                )));
+            }
+            average[s.range.clone()].copy_from_slice(v);
+            found += 1;
+        }
+        if found != 0 && found != self.slots.len() {
+            return Err(bad(format!(
+                "{STATE_GROUP} holds local SGD's last average of {found} of the model's {} tensors",
+                self.slots.len()
+            )));
+        }
+        if found != 0 {
+            self.average = average;
         }
         Ok(())
     }
@@ -695,16 +753,42 @@ impl Exchange for CompressExchange {
         Ok(())
     }
 
+    /// Local SGD: `x̄ ← x̄ + (1/W)·Σ_r Q(x_r − x̄)`, and `params ← x̄` (see the module docs).
     fn average_params(&mut self, step: u64, params: &mut [f32]) -> Result<(), JobError> {
-        // Local SGD is refused with compression at config time; average exactly if it comes anyway.
-        let kind = all_reduce_kind(params.len(), self.world);
-        let mut t = Traffic::new(self.world);
-        Self::run(&mut self.comm, &mut t, kind, params, step, "parameter average")?;
-        t.uncompressed = t.sent_total();
-        self.traffic.add(&t);
+        assert!(
+            self.velocity.is_empty(),
+            "compress.momentum corrects gradients; config validation refuses it with local SGD"
+        );
         let inv = 1.0 / self.world as f32;
-        params.iter_mut().for_each(|p| *p *= inv);
-        Ok(())
+        let mut t = Traffic::new(self.world);
+        // What a plain local-SGD average (an f32 all-reduce of the parameters) sends.
+        t.uncompressed = self.uncompressed;
+        if self.average.len() != params.len() {
+            // No last average yet (a new run, or a new elastic generation): average exactly once.
+            let kind = all_reduce_kind(params.len(), self.world);
+            Self::run(&mut self.comm, &mut t, kind, params, step, "parameter average")?;
+            self.traffic.add(&t);
+            params.iter_mut().for_each(|p| *p *= inv);
+            self.average.clear();
+            self.average.extend_from_slice(params);
+            return Ok(());
+        }
+        let mut delta = std::mem::take(&mut self.delta);
+        delta.clear();
+        delta.extend(params.iter().zip(&self.average).map(|(x, a)| x - a));
+        let r = self
+            .exchange_messages(step, &mut delta, &mut t)
+            .and_then(|()| self.exchange_dense(step, &mut delta, &mut t));
+        if r.is_ok() {
+            // `delta` is now the sum of every rank's compressed delta, bitwise the same on every rank.
+            for ((p, a), d) in params.iter_mut().zip(&mut self.average).zip(&delta) {
+                *a += d * inv;
+                *p = *a;
+            }
+            self.traffic.add(&t);
+        }
+        self.delta = delta;
+        r
     }
 
     fn verify_identical(&mut self, epoch: u32, checksum: u64) -> Result<(), JobError> {
@@ -761,6 +845,12 @@ impl Exchange for CompressExchange {
         for s in &self.slots {
             if let How::PowerSgd { ps, .. } = &s.how {
                 out.push((format!("{}.{}", s.name, PowerSgd::STATE_SUFFIX), ps.state().to_vec()));
+            }
+            if !self.average.is_empty() {
+                out.push((
+                    format!("{}.{AVERAGE_SUFFIX}", s.name),
+                    self.average[s.range.clone()].to_vec(),
+                ));
             }
         }
         if !self.velocity.is_empty() {
@@ -940,6 +1030,16 @@ mod tests {
 
     /// `world` ranks over loopback TCP, each with its own coordinator stream (unused here).
     fn exchanges(world: usize, section: &CompressSection, layout: &Layout) -> Vec<CompressExchange> {
+        exchanges_from(world, section, layout, &[])
+    }
+
+    /// [`exchanges`] resumed from a checkpoint's `compress` group.
+    fn exchanges_from(
+        world: usize,
+        section: &CompressSection,
+        layout: &Layout,
+        restored: &[(String, Vec<f32>)],
+    ) -> Vec<CompressExchange> {
         use std::net::{TcpListener, TcpStream};
         let pair = || {
             let l = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -958,7 +1058,7 @@ mod tests {
             .map(|(r, conns)| {
                 let comm = Comm::new(r as u32, conns, CollectiveConfig::default(), 10_000, true).expect("comm");
                 let coordinator = Arc::new(Mutex::new(pair().0));
-                CompressExchange::new(comm, section, layout, 7, coordinator, &[]).expect("exchange")
+                CompressExchange::new(comm, section, layout, 7, coordinator, restored).expect("exchange")
             })
             .collect()
     }
@@ -1105,5 +1205,195 @@ mod tests {
         plan_traffic(all_reduce_kind(100, world), 0, world, 100, &mut t);
         assert_eq!(t.sent, vec![0, 432, 432, 0]);
         assert_eq!(t.received, t.sent);
+    }
+
+    /// Runs one local-SGD average on every rank (threads); `params` become each rank's result.
+    fn average(exchanges: &mut [CompressExchange], params: &mut [Vec<f32>], step: u64) {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = exchanges
+                .iter_mut()
+                .zip(params.iter_mut())
+                .map(|(ex, p)| s.spawn(move || ex.average_params(step, p).expect("average")))
+                .collect();
+            handles.into_iter().for_each(|h| h.join().expect("rank thread"));
+        });
+    }
+
+    /// Every rank's parameters: `base` plus its own noise of scale `scale`.
+    fn drifted(base: &[f32], world: usize, scale: f32, seed: u64) -> Vec<Vec<f32>> {
+        gradients(world, base.len(), seed)
+            .into_iter()
+            .map(|d| base.iter().zip(d).map(|(b, d)| b + scale * d).collect())
+            .collect()
+    }
+
+    fn bitwise_equal(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+    }
+
+    #[test]
+    fn local_sgd_averages_fp16_deltas_within_the_codecs_bound_on_every_rank_alike() {
+        let layout = small_layout();
+        let world = 3;
+        let mut ex = exchanges(world, &section("codec = \"fp16\"\nerror_feedback = false\n"), &layout);
+        // Parameters of magnitude ~100 that drift by ~1e-3 between averages: fp16 of the
+        // parameters would be off by ~0.05, fp16 of the deltas by ~1e-6.
+        let base: Vec<f32> = gradients(1, layout.len(), 1)[0].iter().map(|v| 100.0 * v).collect();
+        let mut params = drifted(&base, world, 1e-3, 2);
+        let locals = params.clone();
+        average(&mut ex, &mut params, 3);
+        // The first average has no last average to take a delta from: it is exact (f32).
+        for (i, v) in params[0].iter().enumerate() {
+            let exact = locals.iter().map(|p| f64::from(p[i])).sum::<f64>() / world as f64;
+            assert!((f64::from(*v) - exact).abs() <= 4.0 * exact.abs() * f64::from(f32::EPSILON));
+        }
+        let first = ex[0].take_traffic().expect("counted");
+        assert_eq!(
+            first.sent_total(),
+            first.uncompressed,
+            "the first average is a plain all-reduce"
+        );
+        for round in 0..3u64 {
+            let last = params[0].clone();
+            params = drifted(&last, world, 1e-3, 10 + round);
+            let locals = params.clone();
+            average(&mut ex, &mut params, 7 + 4 * round);
+            for r in 1..world {
+                assert!(bitwise_equal(&params[r], &params[0]), "round {round}: rank {r} differs");
+            }
+            let mut off_max = 0f64;
+            for (i, v) in params[0].iter().enumerate() {
+                let deltas: Vec<f64> = locals.iter().map(|p| f64::from(p[i]) - f64::from(last[i])).collect();
+                let exact = f64::from(last[i]) + deltas.iter().sum::<f64>() / world as f64;
+                // Each rank's delta rounded once to fp16 (relative 2^-11, or 2^-25 below its
+                // normal range), plus the f32 roundings of the delta and of x̄ + mean.
+                let bound = deltas
+                    .iter()
+                    .map(|d| d.abs() * 2f64.powi(-11) + 2f64.powi(-25))
+                    .sum::<f64>()
+                    / world as f64
+                    + 3.0 * f64::from(last[i]).abs() * f64::from(f32::EPSILON);
+                let off = (f64::from(*v) - exact).abs();
+                assert!(
+                    off <= bound,
+                    "round {round}, element {i}: {v} vs {exact}, bound {bound}"
+                );
+                off_max = off_max.max(off);
+            }
+            assert!(off_max > 0.0, "fp16 rounded nothing: was the delta sent uncompressed?");
+            let t = ex[0].take_traffic().expect("counted");
+            // The all-gather passes each message on W − 1 times: 2 bytes per element, plus
+            // the messages' headers, the lengths and the frames.
+            let (n, hops) = (layout.len() as u64, world as u64 - 1);
+            assert!((hops * 2 * n..=hops * (2 * n + 200)).contains(&t.sent_total()), "{t:?}");
+        }
+    }
+
+    #[test]
+    fn local_sgd_error_feedback_keeps_what_the_average_dropped() {
+        // x̄ + (1/W)·Σ_r e_r is the exact mean of the local parameters: top-k drops
+        // most of each delta, and the residuals hold it until a later average.
+        let layout = small_layout();
+        let world = 2;
+        let mut ex = exchanges(
+            world,
+            &section("codec = \"topk:0.05\"\nerror_feedback = true\n"),
+            &layout,
+        );
+        let mut params = drifted(&vec![0.5; layout.len()], world, 0.1, 3);
+        average(&mut ex, &mut params, 3);
+        let residual_mean = |ex: &[CompressExchange], i: usize| {
+            ex.iter()
+                .map(|e| {
+                    let s = e.slots.iter().find(|s| s.range.contains(&i)).expect("slot");
+                    let How::Message { ef: Some(ef), .. } = &s.how else {
+                        panic!("top-k with error feedback")
+                    };
+                    f64::from(ef.state()[i - s.range.start])
+                })
+                .sum::<f64>()
+                / world as f64
+        };
+        let mut exact: Vec<f64> = params[0].iter().map(|v| f64::from(*v)).collect();
+        for round in 0..4u64 {
+            let last = params[0].clone();
+            params = drifted(&last, world, 0.1, 20 + round);
+            for (i, e) in exact.iter_mut().enumerate() {
+                *e += params.iter().map(|p| f64::from(p[i]) - f64::from(last[i])).sum::<f64>() / world as f64;
+            }
+            average(&mut ex, &mut params, 7 + 4 * round);
+            assert!(bitwise_equal(&params[0], &params[1]), "round {round}");
+            let mut dropped = 0f64;
+            for (i, want) in exact.iter().enumerate() {
+                let got = f64::from(params[0][i]) + residual_mean(&ex, i);
+                assert!((got - want).abs() < 1e-5, "round {round}, element {i}: {got} vs {want}");
+                dropped += residual_mean(&ex, i).abs();
+            }
+            assert!(dropped > 0.0, "top-5% kept everything");
+        }
+    }
+
+    #[test]
+    fn local_sgd_state_in_a_checkpoint_resumes_the_next_average_exactly() {
+        let layout = small_layout();
+        let world = 2;
+        // Every kind of state: top-k residuals, PowerSGD's warm start and residual, the last average.
+        let section = section(
+            "codec = \"topk:0.05\"\nerror_feedback = true\n[[groups]]\nparams = [\"w\"]\ncodec = \"powersgd:2\"\n",
+        );
+        let mut ex = exchanges(world, &section, &layout);
+        let mut params = drifted(&vec![0.0; layout.len()], world, 0.1, 4);
+        average(&mut ex, &mut params, 3);
+        params = drifted(&params[0], world, 0.1, 5);
+        average(&mut ex, &mut params, 7);
+        let saved: Vec<Vec<(String, Vec<f32>)>> = std::thread::scope(|s| {
+            let handles: Vec<_> = ex
+                .iter_mut()
+                .map(|e| s.spawn(move || e.checkpoint_state(8).expect("state")))
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("rank thread")).collect()
+        });
+        // Rank 0 writes the checkpoint; every rank's copy is the same.
+        assert_eq!(saved[0], saved[1]);
+        let names: Vec<&str> = saved[0].iter().map(|(n, _)| n.as_str()).collect();
+        for want in [
+            "rank0.b.ef_residual",
+            "rank1.b.ef_residual",
+            "rank1.w.ef_residual",
+            "w.powersgd_q",
+            "w.local_sgd_average",
+            "b.local_sgd_average",
+        ] {
+            assert!(names.contains(&want), "no {want} in {names:?}");
+        }
+        let mut resumed = exchanges_from(world, &section, &layout, &saved[0]);
+        let next = drifted(&params[0], world, 0.1, 6);
+        let (mut a, mut b) = (next.clone(), next);
+        average(&mut ex, &mut a, 11);
+        average(&mut resumed, &mut b, 11);
+        assert!(bitwise_equal(&a[0], &b[0]), "the resumed average differs");
+        assert!(bitwise_equal(&a[1], &b[1]));
+        // Without the last average a resumed run starts with an exact average instead.
+        let without: Vec<(String, Vec<f32>)> = saved[0]
+            .iter()
+            .filter(|(n, _)| !n.ends_with(AVERAGE_SUFFIX))
+            .cloned()
+            .collect();
+        let mut fresh = exchanges_from(world, &section, &layout, &without);
+        let mut c = drifted(&params[0], world, 0.1, 6);
+        average(&mut fresh, &mut c, 11);
+        assert!(!bitwise_equal(&a[0], &c[0]));
+        let t = fresh[0].take_traffic().expect("counted");
+        assert_eq!(t.sent_total(), t.uncompressed);
+        // Part of it is a broken checkpoint.
+        let partial: Vec<(String, Vec<f32>)> = saved[0]
+            .iter()
+            .filter(|(n, _)| n != "b.local_sgd_average")
+            .cloned()
+            .collect();
+        let comm_less = exchanges(1, &section, &layout).pop().expect("one rank");
+        let mut probe = comm_less;
+        let e = probe.load_state(&partial).expect_err("partial average");
+        assert!(e.to_string().contains("1 of the model's 2 tensors"), "{e}");
     }
 }

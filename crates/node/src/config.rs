@@ -178,10 +178,15 @@ pub struct ClusterConfig {
     /// `SINTER_SECRET` environment variable is used when absent; the launcher
     /// makes a fresh one for a local cluster.
     pub secret_file: Option<PathBuf>,
-    /// All-reduce jobs: survive the loss of workers (the survivors regroup
-    /// and continue) and take in workers that join a running job. Off: the
-    /// first lost worker stops the job, naming it.
+    /// Survive the loss of workers. All-reduce jobs: the survivors regroup
+    /// and continue, and workers that join a running job are taken in.
+    /// Parameter-server jobs: a worker that joins takes the lost worker's rank
+    /// and continues its partition from the step the shards have from it.
+    /// Off: the first lost worker stops the job, naming it.
     pub elastic: bool,
+    /// Elastic parameter-server jobs: a lost worker's rank left without a
+    /// replacement this long stops the job, naming the rank.
+    pub replace_timeout_ms: u64,
     /// Elastic jobs: fewer workers than this left stops the job.
     pub min_workers: u32,
     /// Elastic jobs: joins beyond this many workers are refused (0: `workers`).
@@ -222,6 +227,7 @@ impl Default for ClusterConfig {
             replicas: 1,
             secret_file: None,
             elastic: false,
+            replace_timeout_ms: 10_000,
             min_workers: 1,
             max_workers: 0,
             max_restarts: 0,
@@ -373,10 +379,8 @@ impl JobConfig {
         if c.average_every == 0 {
             return Err("cluster.average_every must be at least 1".into());
         }
-        if c.elastic && c.servers > 0 {
-            return Err(
-                "cluster.elastic applies to all-reduce jobs; with cluster.servers a lost worker stops the job".into(),
-            );
+        if c.elastic && c.servers > 0 && c.replace_timeout_ms < 100 {
+            return Err("cluster.replace_timeout_ms must be at least 100 ms".into());
         }
         if c.elastic && (c.min_workers == 0 || c.min_workers > c.workers || c.max_workers_or_workers() < c.workers) {
             return Err(format!(
@@ -415,8 +419,10 @@ impl JobConfig {
                 return Err("compress.codec = \"powersgd\" needs the all-reduce (its factors are summed); parameter-server pushes take the other codecs".into());
             }
         }
-        if self.compress.is_active() && c.sync == SyncMode::LocalSgd {
-            return Err("compress with cluster.sync = \"local_sgd\" is not supported yet: compression applies to gradient all-reduce (and parameter-server pushes)".into());
+        if self.compress.momentum > 0.0 && c.sync == SyncMode::LocalSgd {
+            // Local SGD compresses the parameters' change between averages, and no
+            // gradient crosses the wire: each worker's optimizer keeps its own momentum.
+            return Err("compress.momentum corrects gradients before they are compressed, but cluster.sync = \"local_sgd\" exchanges parameter deltas, not gradients: leave compress.momentum at 0 and keep momentum in the optimizer (optim.momentum)".into());
         }
         Ok(())
     }
@@ -514,13 +520,17 @@ mod tests {
         );
         let e = JobConfig::parse(BASE, Path::new("job.toml"), &["compress.codek=int8".into()]).unwrap_err();
         assert!(e.to_string().contains("codek"), "{e}");
-        let e = JobConfig::parse(
-            BASE,
-            Path::new("job.toml"),
-            &["compress.codec=int8".into(), "cluster.sync=\"local_sgd\"".into()],
-        )
-        .unwrap_err();
-        assert!(e.to_string().contains("local_sgd"), "{e}");
+        // Local SGD compresses its parameter deltas; gradient momentum correction has nothing to act on.
+        let local_sgd = ["compress.codec=int8".to_string(), "cluster.sync=\"local_sgd\"".into()];
+        let c = JobConfig::parse(BASE, Path::new("job.toml"), &local_sgd).expect("compressed local SGD");
+        assert_eq!(c.cluster.sync, SyncMode::LocalSgd);
+        let mut with_momentum = local_sgd.to_vec();
+        with_momentum.extend(["compress.momentum=0.9".to_string(), "optim.momentum=0".into()]);
+        let e = JobConfig::parse(BASE, Path::new("job.toml"), &with_momentum).unwrap_err();
+        assert!(
+            e.to_string().contains("compress.momentum") && e.to_string().contains("local_sgd"),
+            "{e}"
+        );
         let c = JobConfig::parse(BASE, Path::new("x.toml"), &["train.eval_every_steps=50".into()]).expect("valid");
         assert_eq!(c.train.eval_every_steps, 50);
     }

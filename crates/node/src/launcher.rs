@@ -168,6 +168,8 @@ pub struct Elasticity {
     pub max_workers: u32,
     /// Lost workers the launcher replaces over the whole run.
     pub max_restarts: u32,
+    /// Parameter-server jobs: how long a lost worker's rank waits for its replacement.
+    pub replace_timeout_ms: u64,
 }
 
 /// What starting one more worker takes.
@@ -247,7 +249,9 @@ impl LocalCluster {
         if let Some(e) = elastic {
             coord
                 .arg("--elastic")
-                .arg(format!("{}:{}", e.min_workers, e.max_workers));
+                .arg(format!("{}:{}", e.min_workers, e.max_workers))
+                .arg("--replace-timeout-ms")
+                .arg(e.replace_timeout_ms.to_string());
         }
         if replicas > 1 {
             coord.arg("--replicas").arg(replicas.to_string());
@@ -558,12 +562,22 @@ fn run_once(
         min_workers: c.min_workers,
         max_workers: c.max_workers_or_workers(),
         max_restarts: c.max_restarts,
+        replace_timeout_ms: c.replace_timeout_ms,
     });
     let mut cluster =
         LocalCluster::start_replicated(c.workers, c.servers, c.replicas, c.heartbeat_timeout_ms, &args, elastic)?;
     let mut summary: Option<Summary> = None;
     let mut servers = Vec::new();
+    // Both kinds of line report to the observer, one at a time.
+    let obs = std::cell::RefCell::new(obs);
     let mut on_server = |_, v: serde_json::Value| {
+        if v.get("event").and_then(|e| e.as_str()) == Some("shard") {
+            // Replicated shards: who serves a shard now, as the coordinator says.
+            if let Ok(r) = serde_json::from_value::<Report>(v) {
+                obs.borrow_mut().report(&r);
+            }
+            return;
+        }
         // Replicated shards: the primaries' reports.
         if let Ok(r) = serde_json::from_value::<crate::server::ServerReport>(v)
             && !r.backup
@@ -586,7 +600,7 @@ fn run_once(
             // Workers send start, epoch and evaluation lines from rank 0 only.
             let _ = rank;
             if let Ok(r) = serde_json::from_value::<Report>(v) {
-                obs.report(&r);
+                obs.borrow_mut().report(&r);
             }
         },
         &mut on_server,

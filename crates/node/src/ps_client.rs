@@ -23,6 +23,17 @@
 //! the new primary, and resends those pushes (same clocks: the shard applies
 //! a push it already has only once) and the pull. What was retried and what
 //! was given up is logged with the rank, the role and the step.
+//!
+//! Compressed pushes with error feedback keep one residual per shard, which
+//! is training state: at a checkpoint every worker hands its residuals to the
+//! shards that own their elements (a `WorkerState` message after its last
+//! push of the step, on the push's own ordered stream), and rank 0, which
+//! writes the checkpoint, reads every worker's back from the shards — the
+//! workers of a parameter-server job share no collective and no filesystem.
+//! The checkpoint holds them per tensor as `rank{r}.{tensor}.ef_residual` in
+//! the `compress` group (the names `compress` uses), so a resume on another
+//! number of shards re-splits them and one on another number of workers
+//! starts the ranks that have none from zero, with a warning.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Read;
@@ -102,6 +113,8 @@ pub struct InitArgs<'a> {
     pub resume: Option<(&'a optim::Optimizer, u64)>,
     pub consistency: ps::Consistency,
     pub placement: PlacementSpec,
+    /// `cluster.elastic`: the shards take lost workers' replacements.
+    pub elastic: bool,
 }
 
 /// Pull and push latencies seen by this worker, in microseconds.
@@ -145,6 +158,8 @@ pub struct PsExchange {
     next_req: u64,
     /// Per shard: pushes acknowledged, and the send times of those in flight.
     acked: Vec<u64>,
+    /// The step this worker started at (see [`PsExchange::connect`]).
+    start_step: u64,
     in_flight: Vec<VecDeque<Instant>>,
     /// With failover: the bytes of each push in flight, per shard.
     unacked: Vec<VecDeque<Vec<u8>>>,
@@ -175,6 +190,10 @@ struct PushCodec {
 impl PsExchange {
     /// Connects to every shard; rank 0 also starts them (`init`). Returns once
     /// every shard is ready, with the placement they agreed on.
+    ///
+    /// `start_step` is the step this worker starts at (0, or a checkpoint's);
+    /// `None` for a lost worker's replacement, which continues from the lowest
+    /// of the shards' clocks for its rank ([`PsExchange::start_step`]).
     #[allow(clippy::too_many_arguments)]
     pub fn connect(
         rank: u32,
@@ -185,7 +204,7 @@ impl PsExchange {
         layout: &Layout,
         weight: f32,
         timeout_ms: u64,
-        start_step: u64,
+        start_step: Option<u64>,
         init: Option<InitArgs<'_>>,
     ) -> Result<Self, JobError> {
         let own = PeerInfo {
@@ -235,6 +254,7 @@ impl PsExchange {
                     placement: init.placement.clone(),
                     init_frames: chunks.len() as u32,
                     resume_at: init.resume.map(|(_, step)| step),
+                    elastic: init.elastic,
                 };
                 net::send_control(s, rank, &msg)?;
                 for c in chunks {
@@ -246,6 +266,7 @@ impl PsExchange {
             }
         }
         let mut spec: Option<PlacementSpec> = None;
+        let mut clocks = Vec::with_capacity(streams.len());
         for (i, s) in streams.iter_mut().enumerate() {
             let ready: PsReady = net::recv_control_exact(s, RENDEZVOUS_TIMEOUT_MS)?;
             if ready.shard != i as u32 || spec.as_ref().is_some_and(|p| *p != ready.placement) {
@@ -254,8 +275,22 @@ impl PsExchange {
                     why: "disagrees with the other shards about the placement".into(),
                 });
             }
+            if start_step.is_some_and(|step| step != ready.clock) {
+                return Err(JobError::Server {
+                    server: i as u32,
+                    why: format!(
+                        "counts worker {rank}'s pushes from step {}, not {}",
+                        ready.clock,
+                        start_step.unwrap_or(0)
+                    ),
+                });
+            }
+            clocks.push(ready.clock);
             spec = Some(ready.placement);
         }
+        // A replacement resends the steps some shards already have from its
+        // predecessor; those shards acknowledge them without applying them again.
+        let start_step = clocks.iter().copied().min().unwrap_or(0);
         let spec = spec.ok_or_else(|| JobError::Config {
             path: "<config>".into(),
             why: "a parameter-server job needs at least one server".into(),
@@ -288,7 +323,8 @@ impl PsExchange {
             weight,
             pull: None,
             next_req: 0,
-            // The shards count this worker's pushes from the step the job (re)starts at.
+            // The shards count this worker's pushes from the step it (re)starts at.
+            start_step,
             acked: vec![start_step; n],
             in_flight: vec![VecDeque::new(); n],
             unacked: vec![VecDeque::new(); n],
@@ -302,6 +338,12 @@ impl PsExchange {
             push_codec: None,
             traffic: Traffic::new(n as u32),
         })
+    }
+
+    /// The step this worker (re)started at: 0, a checkpoint's, or for a lost
+    /// worker's replacement the first step not every shard has from its rank.
+    pub fn start_step(&self) -> u64 {
+        self.start_step
     }
 
     /// Compresses the dense part of every push with `spec` (the server decodes
@@ -321,6 +363,151 @@ impl PsExchange {
             msg: Vec::new(),
             decoded: Vec::new(),
         });
+    }
+
+    /// Checkpoint at step `clock` (every push of it sent): hands this worker's
+    /// error-feedback residuals to the shards, and on rank 0 reads every
+    /// worker's back, as the `compress` group of the checkpoint (see the
+    /// module docs). Empty without error feedback. Called on every worker;
+    /// rank 0's read waits until each worker's residuals are in, or it has
+    /// pushed past `clock` without any.
+    pub fn checkpoint_residuals(&mut self, clock: u64) -> Result<Vec<(String, Vec<f32>)>, JobError> {
+        if !self
+            .push_codec
+            .as_ref()
+            .is_some_and(|c| c.residuals.iter().any(Option::is_some))
+        {
+            return Ok(Vec::new());
+        }
+        let owning: Vec<usize> = (0..self.shards())
+            .filter(|&s| self.placement.dense_len(s as u32) > 0)
+            .collect();
+        for &s in &owning {
+            if let Some(c) = &self.push_codec {
+                let state = c.residuals[s].as_ref().map_or(&[][..], |ef| ef.state());
+                ps::msg::encode_worker_state(clock, state, &mut self.buf);
+            }
+            self.send(s)?;
+        }
+        if self.rank != 0 {
+            return Ok(Vec::new());
+        }
+        let dense = DenseIndex::new(&self.layout);
+        let world = self.world as usize;
+        let mut residuals: Vec<Option<Vec<f32>>> = vec![Some(vec![0.0; dense.len]); world];
+        let mut missing: Vec<(usize, usize)> = Vec::new();
+        for &s in &owning {
+            let base = ps::msg::WORKER_STATE_OFFSET;
+            let flags = self.fetch_image(s, clock, base, world)?;
+            let mut here = Vec::new();
+            for (w, f) in flags.iter().enumerate() {
+                match *f {
+                    1.0 => here.push(w),
+                    0.0 => missing.push((w, s)),
+                    other => {
+                        return Err(JobError::Server {
+                            server: s as u32,
+                            why: format!("flagged worker {w}'s checkpoint state with {other}, not 0 or 1"),
+                        });
+                    }
+                }
+            }
+            let len = self.placement.dense_len(s as u32);
+            let states = self.fetch_image(s, clock, base + world as u64, here.len() * len)?;
+            let ranges = self.placement.dense_ranges(s as u32);
+            for (&w, state) in here.iter().zip(states.chunks_exact(len)) {
+                if let Some(buf) = residuals[w].as_mut() {
+                    dense.pieces(ranges, |d, local| buf[d].copy_from_slice(&state[local]));
+                }
+            }
+        }
+        for &(w, s) in &missing {
+            if residuals[w].take().is_some() {
+                tracing::warn!(
+                    rank = w,
+                    shard = s,
+                    step = clock,
+                    "the shard holds no error-feedback residual of this worker for the checkpoint \
+                     (lost in a failover, or the worker was replaced); a resume starts its residuals from zero"
+                );
+            }
+        }
+        let suffix = codec::ErrorFeedback::STATE_SUFFIX;
+        let mut out = Vec::new();
+        for (w, buf) in residuals.iter().enumerate() {
+            let Some(buf) = buf else { continue };
+            for (name, d) in dense.tensors() {
+                out.push((format!("rank{w}.{name}.{suffix}"), buf[d].to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Resuming: takes this worker's push residuals from a checkpoint's
+    /// `compress` group (written by [`PsExchange::checkpoint_residuals`], on
+    /// any number of shards), re-split over this job's shards. A tensor
+    /// without one starts from zero, with a warning; one of the wrong length
+    /// is an error naming it. Call after [`PsExchange::compress_pushes`].
+    pub fn load_push_residuals(&mut self, restored: &[(String, Vec<f32>)]) -> Result<(), JobError> {
+        let Some(c) = self.push_codec.as_mut() else {
+            return Ok(());
+        };
+        if restored.is_empty() || c.residuals.iter().all(Option::is_none) {
+            return Ok(());
+        }
+        let suffix = codec::ErrorFeedback::STATE_SUFFIX;
+        let saved_ranks = restored
+            .iter()
+            .filter(|(n, _)| n.ends_with(suffix))
+            .filter_map(|(n, _)| n.strip_prefix("rank")?.split_once('.')?.0.parse::<u32>().ok())
+            .max()
+            .map_or(0, |r| r + 1);
+        if saved_ranks != self.world {
+            tracing::warn!(
+                saved_ranks,
+                world = self.world,
+                rank = self.rank,
+                "the checkpoint holds push residuals of a different number of workers; ranks without one start from zero"
+            );
+        }
+        let dense = DenseIndex::new(&self.layout);
+        let mut buf = vec![0f32; dense.len];
+        let mut absent = Vec::new();
+        for (tensor, d) in dense.tensors() {
+            let name = format!("rank{}.{tensor}.{suffix}", self.rank);
+            match restored.iter().find(|(n, _)| *n == name) {
+                Some((_, v)) if v.len() == d.len() => buf[d].copy_from_slice(v),
+                Some((_, v)) => {
+                    return Err(JobError::Resume {
+                        path: "<checkpoint>".into(),
+                        why: format!(
+                            "{}/{name}: {} values, the tensor has {}",
+                            crate::compress::STATE_GROUP,
+                            v.len(),
+                            d.len()
+                        ),
+                    });
+                }
+                None => absent.push(name),
+            }
+        }
+        if !absent.is_empty() {
+            tracing::warn!(rank = self.rank, tensors = ?absent, "no push residual in the checkpoint; starting from zero");
+        }
+        let mut local = Vec::new();
+        for (s, ef) in c.residuals.iter_mut().enumerate() {
+            let Some(ef) = ef else { continue };
+            local.clear();
+            local.resize(ef.len(), 0.0);
+            dense.pieces(self.placement.dense_ranges(s as u32), |d, l| {
+                local[l].copy_from_slice(&buf[d])
+            });
+            ef.load_state(&local).map_err(|e| JobError::Resume {
+                path: "<checkpoint>".into(),
+                why: format!("push residual of shard {s}: {e}"),
+            })?;
+        }
+        Ok(())
     }
 
     /// Replicated shards: on a broken shard connection, wait up to `wait_ms`
@@ -613,7 +800,7 @@ impl PsExchange {
                 .map(|(n, t)| (n, t.len()))
                 .collect();
             let total = ll.local.len() + parts.iter().map(|(_, n)| n).sum::<usize>();
-            let image = self.fetch_image(shard, clock, total)?;
+            let image = self.fetch_image(shard, clock, 0, total)?;
             ll.scatter(&layout, &image[..ll.local.len()], &mut params);
             let mut at = ll.local.len();
             for (name, n) in parts {
@@ -639,7 +826,9 @@ impl PsExchange {
     }
 
     /// Reads shard `shard`'s image (see `ps::Shard::image`) in parts that fit a frame.
-    fn fetch_image(&mut self, shard: usize, clock: u64, total: usize) -> Result<Vec<f32>, JobError> {
+    /// `base` is where the read starts: 0, or [`ps::msg::WORKER_STATE_OFFSET`]
+    /// and on for the workers' states (see `ps::Shard::worker_state_image`).
+    fn fetch_image(&mut self, shard: usize, clock: u64, base: u64, total: usize) -> Result<Vec<f32>, JobError> {
         let mut image = Vec::with_capacity(total);
         while image.len() < total {
             let len = (total - image.len()).min(INIT_CHUNK_VALUES);
@@ -651,7 +840,7 @@ impl PsExchange {
                 wait_all: true,
                 dense: false,
                 keys: Vec::new(),
-                snapshot: Some((image.len() as u64, len as u64)),
+                snapshot: Some((base + image.len() as u64, len as u64)),
             };
             ps::msg::encode_pull(&p, &[], &mut self.buf);
             let n = self.shards();
@@ -872,6 +1061,14 @@ impl PsExchange {
                     },
                 )?;
                 net::tune_data_stream(&c)?;
+                // The new primary says it serves this shard with the placement this worker routes by.
+                let ready: PsReady = net::recv_control_exact(&mut c, net::HANDSHAKE_TIMEOUT_MS)?;
+                if ready.shard != s || ready.placement != *self.placement.spec() {
+                    return Err(JobError::Server {
+                        server: s,
+                        why: format!("{addr} serves shard {} with another placement", ready.shard),
+                    });
+                }
                 Ok(c)
             });
             match r {
@@ -1024,8 +1221,66 @@ impl crate::train::Exchange for PsExchange {
     fn verify_identical(&mut self, _: u32, _: u64) -> Result<(), JobError> {
         Ok(())
     }
+    /// The push residuals of every worker (rank 0), see [`PsExchange::checkpoint_residuals`].
+    fn checkpoint_state(&mut self, step: u64) -> Result<Vec<(String, Vec<f32>)>, JobError> {
+        self.checkpoint_residuals(step)
+    }
     fn remote(&mut self) -> Option<&mut PsExchange> {
         Some(self)
+    }
+}
+
+/// The dense tensors' elements back to back, in buffer order: a residual
+/// indexed this way does not depend on how the shards split the elements.
+struct DenseIndex {
+    /// Per dense tensor: its name, its range in the buffer, and where it starts here.
+    tensors: Vec<(String, std::ops::Range<usize>, usize)>,
+    len: usize,
+}
+
+impl DenseIndex {
+    fn new(layout: &Layout) -> Self {
+        let mut len = 0;
+        let mut tensors = Vec::new();
+        for t in layout.tensors().iter().filter(|t| t.kind == ParamKind::Dense) {
+            tensors.push((t.name.clone(), t.range(), len));
+            len += t.range().len();
+        }
+        Self { tensors, len }
+    }
+
+    /// Each tensor's name and its range here.
+    fn tensors(&self) -> impl Iterator<Item = (&str, std::ops::Range<usize>)> + '_ {
+        self.tensors.iter().map(|(n, r, at)| (n.as_str(), *at..*at + r.len()))
+    }
+
+    /// Calls `f(here, local)` for every piece of `ranges` (buffer ranges of
+    /// dense elements, laid back to back in a shard's local order): where
+    /// it is in this index, and where in the shard's local buffer.
+    fn pieces(
+        &self,
+        ranges: &[std::ops::Range<usize>],
+        mut f: impl FnMut(std::ops::Range<usize>, std::ops::Range<usize>),
+    ) {
+        let mut local = 0;
+        for g in ranges {
+            let mut covered = 0;
+            for (_, t, at) in &self.tensors {
+                let (start, end) = (g.start.max(t.start), g.end.min(t.end));
+                if start < end {
+                    let here = at + (start - t.start);
+                    let from = local + (start - g.start);
+                    f(here..here + (end - start), from..from + (end - start));
+                    covered += end - start;
+                }
+            }
+            assert_eq!(
+                covered,
+                g.len(),
+                "a placement's dense range {g:?} is not all dense elements"
+            );
+            local += g.len();
+        }
     }
 }
 
@@ -1033,5 +1288,73 @@ fn not_allreduce() -> JobError {
     JobError::Config {
         path: "<config>".into(),
         why: "an all-reduce operation was asked of a parameter-server exchange".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> Layout {
+        let mut l = Layout::new();
+        l.push("a", &[5], ParamKind::Dense);
+        l.push("emb", &[4, 2], ParamKind::Table);
+        l.push("b", &[3, 3], ParamKind::Dense);
+        l
+    }
+
+    /// What each shard's push residual holds when element i of the dense index holds `v[i]`.
+    fn split(dense: &DenseIndex, placement: &Placement, v: &[f32]) -> Vec<Vec<f32>> {
+        (0..placement.shards())
+            .map(|s| {
+                let mut local = vec![f32::NAN; placement.dense_len(s)];
+                dense.pieces(placement.dense_ranges(s), |d, l| local[l].copy_from_slice(&v[d]));
+                local
+            })
+            .collect()
+    }
+
+    #[test]
+    fn push_residuals_move_between_shard_counts_through_the_per_tensor_index() {
+        let l = layout();
+        let dense = DenseIndex::new(&l);
+        assert_eq!(dense.len, 14);
+        let names: Vec<(&str, std::ops::Range<usize>)> = dense.tensors().collect();
+        assert_eq!(names, [("a", 0..5), ("b", 5..14)]);
+        let v: Vec<f32> = (0..14).map(|i| i as f32).collect();
+        let two = Placement::new(PlacementSpec::hashed(2, 8), &l).expect("placement");
+        let three = Placement::new(PlacementSpec::hashed(3, 8), &l).expect("placement");
+        let by_two = split(&dense, &two, &v);
+        // A shard's residual lines up with the dense part of its pushes: its ranges back to back.
+        for (s, local) in by_two.iter().enumerate() {
+            let want: Vec<f32> = two
+                .dense_ranges(s as u32)
+                .iter()
+                .flat_map(|r| r.clone())
+                .map(|g| {
+                    let (_, t, at) = dense.tensors.iter().find(|(_, t, _)| t.contains(&g)).expect("dense");
+                    (at + g - t.start) as f32
+                })
+                .collect();
+            assert_eq!(local, &want, "shard {s}");
+        }
+        // Gathered from two shards (as rank 0 does), split over three (as a resume does).
+        let mut gathered = vec![f32::NAN; dense.len];
+        for (s, local) in by_two.iter().enumerate() {
+            dense.pieces(two.dense_ranges(s as u32), |d, lr| {
+                gathered[d].copy_from_slice(&local[lr])
+            });
+        }
+        assert_eq!(gathered, v);
+        let by_three = split(&dense, &three, &gathered);
+        assert_eq!(by_three.iter().map(Vec::len).sum::<usize>(), 14);
+        assert!(by_three.iter().flatten().all(|x| !x.is_nan()), "every element placed");
+        let mut again = vec![f32::NAN; dense.len];
+        for (s, local) in by_three.iter().enumerate() {
+            dense.pieces(three.dense_ranges(s as u32), |d, lr| {
+                again[d].copy_from_slice(&local[lr])
+            });
+        }
+        assert_eq!(again, v);
     }
 }

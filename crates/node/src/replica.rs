@@ -16,6 +16,14 @@
 //! that arrived is applied; bounded by [`DRAIN_WAIT_MS`]), then serves the
 //! workers that reconnect to it.
 //!
+//! Elastic jobs (`Setup::elastic`): the primary also takes a lost worker's
+//! replacement, which connects with a newer generation than its rank's
+//! connection: as in `server`, the rank's connection epoch is bumped and
+//! `Replica::replace_worker` drops what the old process waited for, all under
+//! the shard's lock; each reply carries the epoch of the connection it
+//! answers, and one for an older connection is not written to the new one.
+//! A broken worker connection is then not fatal (the coordinator decides).
+//!
 //! Threads: one per worker connection (as in `server`), one writer and one
 //! reader per backup link, one reader of the primary's stream, one accept
 //! loop (backups), and this thread, which takes the coordinator's word and
@@ -59,6 +67,8 @@ pub struct Setup {
     pub optim_json: String,
     pub consistency: ps::Consistency,
     pub placement: PlacementSpec,
+    /// `cluster.elastic`: lost workers are replaced rather than fatal.
+    pub elastic: bool,
 }
 
 /// Primary → new backup, first on the replication stream: the shard, then
@@ -86,6 +96,26 @@ struct Core {
     replica: Option<Replica>,
     /// The current backup link: its id and the queue to its writer thread.
     to_backup: Option<(u64, Sender<Entry>)>,
+    /// Per worker: the epoch of its current connection (bumped by each new one).
+    epochs: Vec<u64>,
+    /// Per worker: the membership generation its current connection came with.
+    generations: Vec<u64>,
+}
+
+impl Core {
+    /// Each output with the epoch of its worker's connection now.
+    fn stamp(&self, outputs: Vec<Output>) -> Vec<(Output, u64)> {
+        outputs
+            .into_iter()
+            .map(|o| {
+                let w = match &o {
+                    Output::Pulled { worker, .. } | Output::Pushed { worker, .. } => *worker,
+                };
+                let epoch = self.epochs.get(w as usize).copied().unwrap_or(0);
+                (o, epoch)
+            })
+            .collect()
+    }
 }
 
 struct Shared {
@@ -93,7 +123,8 @@ struct Shared {
     workers: u32,
     setup: OnceLock<Setup>,
     core: Mutex<Core>,
-    writers: Vec<Mutex<Option<TcpStream>>>,
+    /// Per worker: its current connection's stream and epoch.
+    writers: Vec<Mutex<Option<(TcpStream, u64)>>>,
     events: Sender<Ev>,
     write_timeout_ms: u64,
 }
@@ -101,7 +132,8 @@ struct Shared {
 enum Ev {
     Coord(FromCoordinator),
     Shutdown,
-    Worker(u32, TcpStream),
+    /// A worker connected: its rank, the generation of its hello, its stream.
+    Worker(u32, u64, TcpStream),
     Primary(TcpStream),
     WorkerEnded(u32, Option<JobError>),
     BackupLost(u64, String),
@@ -120,10 +152,12 @@ impl Shared {
         self.setup.get().map(|s| &s.layout)
     }
 
-    /// Sends each reply to its worker; a worker not connected (yet) misses it and asks again.
-    fn reply(&self, outputs: Vec<Output>) -> Result<(), JobError> {
+    /// Sends each reply to its worker; a worker not connected (yet) misses it
+    /// and asks again. A reply made for an earlier connection of the worker
+    /// than its current one is dropped (see the module docs).
+    fn reply(&self, outputs: Vec<(Output, u64)>) -> Result<(), JobError> {
         let mut out = Vec::new();
-        for o in outputs {
+        for (o, epoch) in outputs {
             let to = match o {
                 Output::Pulled {
                     worker,
@@ -147,7 +181,9 @@ impl Shared {
                 server: self.shard,
                 why: "a writer lock is poisoned".into(),
             })?;
-            if let Some(s) = w.as_mut() {
+            if let Some((s, current)) = w.as_mut()
+                && *current == epoch
+            {
                 write_ps(s, 0, self.shard, &out).map_err(|e| JobError::Peer {
                     rank: to,
                     why: format!("server {} could not reply: {e}", self.shard),
@@ -215,6 +251,8 @@ pub fn run(env: &ClusterEnv, secret: &Secret, opts: &ServerOptions) -> Result<Se
         core: Mutex::new(Core {
             replica: None,
             to_backup: None,
+            epochs: vec![0; workers as usize],
+            generations: vec![generation; workers as usize],
         }),
         writers: (0..workers).map(|_| Mutex::new(None)).collect(),
         events: tx.clone(),
@@ -226,6 +264,7 @@ pub fn run(env: &ClusterEnv, secret: &Secret, opts: &ServerOptions) -> Result<Se
         let ready = PsReady {
             shard,
             placement: init.placement.clone(),
+            clock: init.resume_at.unwrap_or(0),
         };
         let _ = shared.setup.set(setup_of(&init));
         shared.core()?.replica = Some(Replica::primary(engine));
@@ -233,13 +272,17 @@ pub fn run(env: &ClusterEnv, secret: &Secret, opts: &ServerOptions) -> Result<Se
             net::send_control(s, shard, &ready)?;
         }
         for (w, s) in streams.into_iter().enumerate() {
-            register(&shared, w as u32, s)?;
+            register(&shared, w as u32, generation, s, false)?;
+        }
+        if init.elastic {
+            // Lost workers' replacements connect here.
+            spawn_accept(listener, shard, generation, workers, secret.clone(), tx.clone())?;
         }
     } else {
         spawn_accept(listener, shard, generation, workers, secret.clone(), tx.clone())?;
     }
     drop(tx);
-    let mut waiting_workers: Vec<(u32, TcpStream)> = Vec::new();
+    let mut waiting_workers: Vec<(u32, u64, TcpStream)> = Vec::new();
     let mut feed: Option<TcpStream> = None;
     let mut feed_open = false;
     let mut links = 0u64;
@@ -308,22 +351,24 @@ pub fn run(env: &ClusterEnv, secret: &Secret, opts: &ServerOptions) -> Result<Se
                         "primary lost; this backup is the primary now"
                     );
                 }
-                for (w, s) in waiting_workers.drain(..) {
-                    register(&shared, w, s)?;
+                for (w, g, s) in waiting_workers.drain(..) {
+                    take_worker(&shared, w, g, s)?;
                 }
             }
             Ev::Coord(other) => tracing::warn!(shard, ?other, "unexpected message from the coordinator"),
-            Ev::Worker(w, s) => {
+            Ev::Worker(w, g, s) => {
                 let serving = shared
                     .core()?
                     .replica
                     .as_ref()
                     .is_some_and(|r| r.role() == ReplicaRole::Primary);
                 if serving {
-                    register(&shared, w, s)?;
+                    if let Err(e) = take_worker(&shared, w, g, s) {
+                        tracing::warn!(shard, worker = w, error = %e, "refused a worker's connection");
+                    }
                 } else {
-                    waiting_workers.retain(|(x, _)| *x != w);
-                    waiting_workers.push((w, s));
+                    waiting_workers.retain(|(x, _, _)| *x != w);
+                    waiting_workers.push((w, g, s));
                 }
             }
             Ev::Primary(s) => {
@@ -346,6 +391,9 @@ pub fn run(env: &ClusterEnv, secret: &Secret, opts: &ServerOptions) -> Result<Se
                 feed_open = false;
             }
             Ev::WorkerEnded(w, None) => tracing::debug!(shard, worker = w, "a worker closed its connection"),
+            Ev::WorkerEnded(w, Some(e)) if shared.setup.get().is_some_and(|s| s.elastic) => {
+                tracing::warn!(shard, worker = w, error = %e, "lost a worker's connection; waiting for its replacement");
+            }
             Ev::WorkerEnded(_, Some(e)) => return Err(e),
             Ev::BackupLost(link, why) => {
                 let mut core = shared.core()?;
@@ -366,6 +414,7 @@ pub fn run(env: &ClusterEnv, secret: &Secret, opts: &ServerOptions) -> Result<Se
                             outputs.push(o);
                         }
                     }
+                    let outputs = shared.core()?.stamp(outputs);
                     shared.reply(outputs)?;
                 }
             }
@@ -394,27 +443,94 @@ fn setup_of(init: &PsInit) -> Setup {
         optim_json: init.optim_json.clone(),
         consistency: init.consistency,
         placement: init.placement.clone(),
+        elastic: init.elastic,
     }
 }
 
-/// Serves a connected worker on its own thread.
-fn register(shared: &Arc<Shared>, worker: u32, s: TcpStream) -> Result<(), JobError> {
+/// A worker that connected to the primary after the start: a lost worker's
+/// replacement (a newer generation than its rank's connection, in an
+/// elastic job), or a worker reconnecting after a failover. Either is told
+/// the shard's placement and its clock here before it sends anything.
+fn take_worker(shared: &Arc<Shared>, worker: u32, generation: u64, mut s: TcpStream) -> Result<(), JobError> {
+    let replacing = {
+        let core = shared.core()?;
+        let current = core.generations.get(worker as usize).copied().unwrap_or(u64::MAX);
+        if generation > current && !shared.setup.get().is_some_and(|s| s.elastic) {
+            return Err(JobError::Peer {
+                rank: worker,
+                why: format!("a newer generation ({generation}) of a worker in a job that is not elastic"),
+            });
+        }
+        generation > current
+    };
+    let placement = shared.setup.get().map(|s| s.placement.clone()).ok_or_else(|| JobError::Server {
+        server: shared.shard,
+        why: "a worker connected before the shard held its state".into(),
+    })?;
+    let stream = s.try_clone().map_err(|e| JobError::io("cloning a worker stream", e))?;
+    // The worker sends nothing before this message, so no reply to it can be lost meanwhile.
+    let clock = register(shared, worker, generation, stream, replacing)?;
+    net::send_control(
+        &mut s,
+        shared.shard,
+        &PsReady {
+            shard: shared.shard,
+            placement,
+            clock,
+        },
+    )?;
+    if replacing {
+        tracing::info!(shard = shared.shard, worker, clock, "a replacement took over a worker's rank");
+    }
+    Ok(())
+}
+
+/// Makes `s` the worker's current connection and serves it on its own
+/// thread; returns the worker's clock here. With `replace`, first tells the
+/// engine a new process took the worker's place (see [`take_worker`]).
+fn register(shared: &Arc<Shared>, worker: u32, generation: u64, s: TcpStream, replace: bool) -> Result<u64, JobError> {
     s.set_write_timeout(Some(Duration::from_millis(shared.write_timeout_ms)))
         .map_err(|e| JobError::io("set_write_timeout", e))?;
     let w = s.try_clone().map_err(|e| JobError::io("cloning a worker stream", e))?;
-    *shared.writers[worker as usize].lock().map_err(|_| JobError::Server {
+    let poisoned = || JobError::Server {
         server: shared.shard,
-        why: "a writer lock is poisoned".into(),
-    })? = Some(w);
+        why: "a lock is poisoned".into(),
+    };
+    let (epoch, clock) = {
+        let mut core = shared.core()?;
+        let i = worker as usize;
+        if i >= core.epochs.len() {
+            return Err(JobError::Peer {
+                rank: worker,
+                why: format!("no such worker in a job of {}", core.epochs.len()),
+            });
+        }
+        core.epochs[i] += 1;
+        core.generations[i] = core.generations[i].max(generation);
+        let clock = match core.replica.as_mut() {
+            Some(r) if replace => r.replace_worker(worker)?,
+            Some(r) => r.shard().clock(worker)?,
+            None => 0,
+        };
+        let epoch = core.epochs[i];
+        // Swapped under the shard's lock: a reply stamped before the bump is not written to `w`.
+        let mut old = shared.writers[i].lock().map_err(|_| poisoned())?;
+        if let Some((old, _)) = old.as_ref() {
+            // The old connection's reader ends on this (it may still be open: a stalled process).
+            let _ = old.shutdown(Shutdown::Both);
+        }
+        *old = Some((w, epoch));
+        (epoch, clock)
+    };
     let sh = shared.clone();
     thread::Builder::new()
         .name(format!("ps-conn-{worker}"))
         .spawn(move || {
-            let r = serve_worker(&sh, worker, s);
+            let r = serve_worker(&sh, worker, epoch, s);
             let _ = sh.events.send(Ev::WorkerEnded(worker, r.err()));
         })
-        .map(|_| ())
-        .map_err(|e| JobError::io("spawning a connection thread", e))
+        .map_err(|e| JobError::io("spawning a connection thread", e))?;
+    Ok(clock)
 }
 
 /// Reads one `Ps` frame into `payload`; `None` at a clean end of the stream.
@@ -466,7 +582,9 @@ fn decode_push(msg: Message, dense_len: usize) -> Result<Option<ps::Push>, Strin
     }
 }
 
-fn serve_worker(shared: &Shared, worker: u32, mut s: TcpStream) -> Result<(), JobError> {
+/// Serves one connection of `worker` until it closes, or until a newer
+/// connection of the worker takes over (`epoch` is no longer current).
+fn serve_worker(shared: &Shared, worker: u32, epoch: u64, mut s: TcpStream) -> Result<(), JobError> {
     let shard = shared.shard;
     let broke = |why: String| JobError::Peer {
         rank: worker,
@@ -485,9 +603,13 @@ fn serve_worker(shared: &Shared, worker: u32, mut s: TcpStream) -> Result<(), Jo
             why: format!("sent server {shard} {e}"),
         })?;
         let mut outputs = Vec::new();
-        {
+        let stamped = {
             let mut core = shared.core()?;
             let core = &mut *core;
+            if core.epochs.get(worker as usize) != Some(&epoch) {
+                // Replaced: what the old connection still sent is not applied.
+                return Ok(());
+            }
             let r = core
                 .replica
                 .as_mut()
@@ -495,6 +617,7 @@ fn serve_worker(shared: &Shared, worker: u32, mut s: TcpStream) -> Result<(), Jo
             let dense_len = r.shard().layout().dense_len;
             let cmds = match msg {
                 Message::Pull(p) => r.on_pull(worker, p),
+                Message::WorkerState { clock, state } => r.on_worker_state(worker, clock, state),
                 other => match decode_push(other, dense_len) {
                     Ok(Some(p)) => r.on_push(worker, p),
                     Ok(None) => return Err(broke("sent a reply to a server".into())),
@@ -511,8 +634,9 @@ fn serve_worker(shared: &Shared, worker: u32, mut s: TcpStream) -> Result<(), Jo
                 why: format!("server {shard}: {e}"),
             })?;
             shared.run(core, cmds, &payload, &mut outputs);
-        }
-        shared.reply(outputs)?;
+            core.stamp(outputs)
+        };
+        shared.reply(stamped)?;
     }
 }
 
@@ -549,15 +673,15 @@ fn build_backup(shared: &Arc<Shared>, addr: &str, secret: &Secret, link: u64) ->
             server: shard,
             why: "asked to build a backup before it held the shard".into(),
         })?;
-        let attached = r.attach_backup()?;
+        let (released, snap) = r.attach_backup()?;
         core.to_backup = Some((link, tx));
-        attached
+        let outputs = released
+            .into_iter()
+            .filter_map(|c| if let Rc::Reply(o) = c { Some(o) } else { None })
+            .collect();
+        (core.stamp(outputs), snap)
     };
-    let outputs = released
-        .into_iter()
-        .filter_map(|c| if let Rc::Reply(o) = c { Some(o) } else { None })
-        .collect();
-    shared.reply(outputs)?;
+    shared.reply(released)?;
     tracing::info!(
         shard,
         role = "primary",
@@ -634,7 +758,7 @@ fn take_acks(shared: &Shared, mut s: TcpStream, link: u64) -> String {
             Err(e) => return format!("the backup sent {e}"),
         };
         let mut outputs = Vec::new();
-        {
+        let stamped = {
             let Ok(mut core) = shared.core() else {
                 return "a thread panicked".into();
             };
@@ -654,8 +778,9 @@ fn take_acks(shared: &Shared, mut s: TcpStream, link: u64) -> String {
                 }
                 Err(e) => return e.to_string(),
             }
-        }
-        if let Err(e) = shared.reply(outputs) {
+            core.stamp(outputs)
+        };
+        if let Err(e) = shared.reply(stamped) {
             tracing::warn!(shard = shared.shard, error = %e, "could not pass on an acknowledgement");
         }
     }
@@ -808,14 +933,15 @@ fn spawn_accept(
                     }
                     Role::Worker => {
                         let hello: PeerHello = net::recv_control_exact(&mut s, net::HANDSHAKE_TIMEOUT_MS)?;
-                        if hello.generation != generation || hello.rank >= workers {
+                        // A newer generation is a lost worker's replacement (elastic jobs).
+                        if hello.generation < generation || hello.rank >= workers {
                             return Err(JobError::Peer {
                                 rank: hello.rank,
                                 why: format!("server {shard} got an unexpected hello {hello:?}"),
                             });
                         }
                         net::tune_data_stream(&s)?;
-                        Ok(Ev::Worker(hello.rank, s))
+                        Ok(Ev::Worker(hello.rank, hello.generation, s))
                     }
                     other => Err(JobError::Coordinator(format!(
                         "a {other:?} connected to server {shard}"

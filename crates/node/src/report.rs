@@ -170,6 +170,23 @@ pub enum Report {
     Eval(EpochReport),
     /// An elastic job continued with a new membership (see `elastic`).
     Regroup(RegroupReport),
+    /// An elastic parameter-server job: this process took lost worker
+    /// `rank`'s place and continues its partition at `step` (the first step
+    /// not every shard had from it); `unix_ms` is when it was ready to train.
+    Replaced {
+        rank: u32,
+        step: u64,
+        unix_ms: u64,
+    },
+    /// Replicated parameter servers: who serves a shard now (from the coordinator).
+    Shard {
+        shard: u32,
+        primary_pid: Option<u32>,
+        backup_pid: Option<u32>,
+        backup_ready: bool,
+        /// Promotions of a backup so far.
+        failovers: u32,
+    },
 }
 
 /// One worker's view of a membership change it came through.

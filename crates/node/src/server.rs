@@ -15,6 +15,18 @@
 //! The server needs no config file: the layout, optimizer, consistency and
 //! placement come from worker 0 in [`PsInit`], so the same job file drives
 //! every role.
+//!
+//! Elastic jobs (`PsInit::elastic`): a broken worker connection does not stop
+//! the shard; the coordinator decides whether the job goes on. A lost worker's
+//! replacement connects with a newer generation than its rank's connection
+//! and takes it over: under the engine lock the rank's connection epoch is
+//! bumped (a thread still serving the old connection stops touching the
+//! engine) and `Shard::replace_worker` drops the old process's waiting pulls
+//! and gives the clock the replacement continues from ([`PsReady::clock`]).
+//!
+//! **Invariant:** a reply reaches a worker only through the connection that
+//! asked for it: a thread of a replaced connection writes nothing to its
+//! rank's new stream (each writer carries the epoch of its connection).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -54,13 +66,19 @@ pub struct PsInit {
     /// Resuming from a checkpoint at this step: the frames carry a whole image
     /// and every worker's clock starts here.
     pub resume_at: Option<u64>,
+    /// `cluster.elastic`: lost workers are replaced rather than fatal.
+    pub elastic: bool,
 }
 
-/// Server → every worker, once the shard is ready: the placement to route by.
+/// Server → every worker, once the shard is ready: the placement to route by,
+/// and the worker's clock here (the step of its next push: 0, the step a
+/// resumed job starts at, or for a lost worker's replacement the first step
+/// this shard has not taken from its rank).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PsReady {
     pub shard: u32,
     pub placement: PlacementSpec,
+    pub clock: u64,
 }
 
 /// What a server reports when the job ends (one JSON line on stdout).
@@ -122,16 +140,34 @@ pub struct ServerOptions {
     pub replicas: u32,
 }
 
+/// Connections a shard accepts after the first one of every worker (replacements).
+const REPLACEMENTS_MAX: usize = 4096;
+
 /// What the connection threads share.
 struct Shared {
     shard: u32,
     layout: Layout,
-    engine: Mutex<Shard>,
-    writers: Vec<Mutex<TcpStream>>,
+    engine: Mutex<Core>,
+    writers: Vec<Mutex<Writer>>,
 }
 
-/// A connection thread's end: the worker closed cleanly (`None`) or something broke.
-struct Ended(Option<JobError>);
+/// The engine, and which connection of each worker is current.
+struct Core {
+    shard: Shard,
+    /// Per worker: the epoch of its current connection (bumped by a replacement).
+    epochs: Vec<u64>,
+    /// Per worker: the membership generation its current connection came with.
+    generations: Vec<u64>,
+}
+
+/// A worker's outgoing stream and the epoch of the connection it belongs to.
+struct Writer {
+    stream: TcpStream,
+    epoch: u64,
+}
+
+/// A connection thread's end: its worker, and whether it closed cleanly (`None`) or something broke.
+struct Ended(u32, Option<JobError>);
 
 /// Runs one shard until the coordinator's shutdown; returns its figures.
 pub fn run(env: &ClusterEnv, secret: &Secret, opts: &ServerOptions) -> Result<ServerReport, JobError> {
@@ -164,48 +200,163 @@ pub fn run(env: &ClusterEnv, secret: &Secret, opts: &ServerOptions) -> Result<Se
     let (init, engine) = take_init(&mut streams[0], shard, workers)?;
     let ready = PsReady {
         shard,
-        placement: init.placement,
+        placement: init.placement.clone(),
+        clock: init.resume_at.unwrap_or(0),
     };
     for s in streams.iter_mut() {
         net::send_control(s, shard, &ready)?;
     }
     let mut writers = Vec::with_capacity(streams.len());
     for s in &streams {
-        s.set_write_timeout(Some(Duration::from_millis(opts.write_timeout_ms)))
-            .map_err(|e| JobError::io("set_write_timeout", e))?;
-        writers.push(Mutex::new(
-            s.try_clone().map_err(|e| JobError::io("cloning a worker stream", e))?,
-        ));
+        writers.push(Mutex::new(Writer {
+            stream: writer_of(s, opts.write_timeout_ms)?,
+            epoch: 0,
+        }));
     }
     let shared = Arc::new(Shared {
         shard,
         layout: init.layout,
-        engine: Mutex::new(engine),
+        engine: Mutex::new(Core {
+            shard: engine,
+            epochs: vec![0; workers as usize],
+            generations: vec![generation; workers as usize],
+        }),
         writers,
     });
     let (tx, ended) = mpsc::channel::<Ended>();
     for (w, s) in streams.into_iter().enumerate() {
-        let (shared, tx) = (shared.clone(), tx.clone());
-        thread::Builder::new()
-            .name(format!("ps-conn-{w}"))
-            .spawn(move || {
-                let r = serve_connection(&shared, w as u32, s);
-                let _ = tx.send(Ended(r.err()));
-            })
-            .map_err(|e| JobError::io("spawning a connection thread", e))?;
+        spawn_connection(&shared, w as u32, 0, s, &tx)?;
+    }
+    if init.elastic {
+        spawn_replacements(
+            listener,
+            shared.clone(),
+            secret.clone(),
+            ready,
+            opts.write_timeout_ms,
+            tx.clone(),
+        )?;
     }
     drop(tx);
-    wait_for_end(&ended, &shutdown, shard)?;
-    let engine = shared.engine.lock().map_err(|_| JobError::Server {
+    wait_for_end(&ended, &shutdown, shard, init.elastic)?;
+    let core = shared.engine.lock().map_err(|_| JobError::Server {
         server: shard,
         why: "a connection thread panicked".into(),
     })?;
     Ok(ServerReport {
         shard,
-        values: engine.values().len(),
-        stats: engine.stats().clone(),
+        values: core.shard.values().len(),
+        stats: core.shard.stats().clone(),
         backup: false,
     })
+}
+
+/// The clone of a worker's stream that replies are written to.
+fn writer_of(s: &TcpStream, write_timeout_ms: u64) -> Result<TcpStream, JobError> {
+    s.set_write_timeout(Some(Duration::from_millis(write_timeout_ms)))
+        .map_err(|e| JobError::io("set_write_timeout", e))?;
+    s.try_clone().map_err(|e| JobError::io("cloning a worker stream", e))
+}
+
+fn spawn_connection(
+    shared: &Arc<Shared>,
+    worker: u32,
+    epoch: u64,
+    s: TcpStream,
+    tx: &mpsc::Sender<Ended>,
+) -> Result<(), JobError> {
+    let (shared, tx) = (shared.clone(), tx.clone());
+    thread::Builder::new()
+        .name(format!("ps-conn-{worker}"))
+        .spawn(move || {
+            let r = serve_connection(&shared, worker, epoch, s);
+            let _ = tx.send(Ended(worker, r.err()));
+        })
+        .map(|_| ())
+        .map_err(|e| JobError::io("spawning a connection thread", e))
+}
+
+/// Elastic jobs: accepts lost workers' replacements for as long as the shard runs.
+fn spawn_replacements(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    secret: Secret,
+    ready: PsReady,
+    write_timeout_ms: u64,
+    tx: mpsc::Sender<Ended>,
+) -> Result<(), JobError> {
+    let shard = shared.shard;
+    thread::Builder::new()
+        .name("ps-replacements".into())
+        .spawn(move || {
+            for _ in 0..REPLACEMENTS_MAX {
+                let Ok((s, from)) = listener.accept() else { continue };
+                match take_replacement(&shared, s, &secret, &ready, write_timeout_ms, &tx) {
+                    Ok(worker) => {
+                        tracing::info!(shard, worker, peer = %from, "a replacement took over a worker's rank")
+                    }
+                    Err(e) => tracing::warn!(shard, peer = %from, error = %e, "refused a connection"),
+                }
+            }
+            tracing::warn!(
+                shard,
+                limit = REPLACEMENTS_MAX,
+                "accepted as many replacements as allowed"
+            );
+        })
+        .map(|_| ())
+        .map_err(|e| JobError::io("spawning the replacement acceptor", e))
+}
+
+/// Authenticates a replacement worker and makes its connection its rank's
+/// current one (see the module docs for the order of the steps); returns its rank.
+fn take_replacement(
+    shared: &Arc<Shared>,
+    mut s: TcpStream,
+    secret: &Secret,
+    ready: &PsReady,
+    write_timeout_ms: u64,
+    tx: &mpsc::Sender<Ended>,
+) -> Result<u32, JobError> {
+    let shard = shared.shard;
+    let own = PeerInfo {
+        role: Role::Server,
+        rank: shard,
+    };
+    let peer = net::accept_handshake(&mut s, secret, own)?;
+    let hello: PeerHello = net::recv_control_exact(&mut s, net::HANDSHAKE_TIMEOUT_MS)?;
+    let poisoned = || JobError::Server {
+        server: shard,
+        why: "a connection thread panicked".into(),
+    };
+    let (epoch, clock) = {
+        let mut core = shared.engine.lock().map_err(|_| poisoned())?;
+        let w = hello.rank as usize;
+        if peer.role != Role::Worker || w >= core.epochs.len() || hello.generation <= core.generations[w] {
+            return Err(JobError::Peer {
+                rank: hello.rank,
+                why: format!(
+                    "server {shard} got a {:?}'s hello {hello:?}: not a newer generation of a worker of this job",
+                    peer.role
+                ),
+            });
+        }
+        core.generations[w] = hello.generation;
+        core.epochs[w] += 1;
+        let clock = core.shard.replace_worker(hello.rank)?;
+        (core.epochs[w], clock)
+    };
+    net::tune_data_stream(&s)?;
+    net::send_control(&mut s, shard, &PsReady { clock, ..ready.clone() })?;
+    let stream = writer_of(&s, write_timeout_ms)?;
+    {
+        let mut w = shared.writers[hello.rank as usize].lock().map_err(|_| poisoned())?;
+        // The old connection's reader ends on this (it may still be open: a stalled process).
+        let _ = w.stream.shutdown(std::net::Shutdown::Both);
+        *w = Writer { stream, epoch };
+    }
+    spawn_connection(shared, hello.rank, epoch, s, tx)?;
+    Ok(hello.rank)
 }
 
 /// Accepts one authenticated connection from every worker; returns them by worker rank.
@@ -332,8 +483,9 @@ pub(crate) fn take_init(s: &mut TcpStream, shard: u32, workers: u32) -> Result<(
     Ok((init, engine))
 }
 
-/// Serves one worker's requests until it closes the connection.
-fn serve_connection(shared: &Shared, worker: u32, mut s: TcpStream) -> Result<(), JobError> {
+/// Serves one worker's requests until it closes the connection, or until a
+/// replacement of the worker takes over (its connection `epoch` is no longer current).
+fn serve_connection(shared: &Shared, worker: u32, epoch: u64, mut s: TcpStream) -> Result<(), JobError> {
     let shard = shared.shard;
     let broke = |why: String| JobError::Peer {
         rank: worker,
@@ -360,13 +512,20 @@ fn serve_connection(shared: &Shared, worker: u32, mut s: TcpStream) -> Result<()
             why: format!("sent server {shard} {e}"),
         })?;
         let outputs = {
-            let mut engine = shared
+            let mut core = shared
                 .engine
                 .lock()
                 .map_err(|_| broke("another connection thread panicked".into()))?;
+            if core.epochs[worker as usize] != epoch {
+                // Replaced: what the old process still sent is not applied.
+                return Ok(());
+            }
+            let engine = &mut core.shard;
             match msg {
                 Message::Pull(p) => engine.on_pull(worker, p),
                 Message::Push(p) => engine.on_push(worker, p),
+                // Error-feedback residuals for a checkpoint (`ps_client::PsExchange::checkpoint_residuals`).
+                Message::WorkerState { clock, state } => engine.on_worker_state(worker, clock, state),
                 Message::PushCoded { mut push, dense_coded } => {
                     // A compressed dense gradient (`compress.codec`): decoded before the optimizer sees it.
                     push.dense = vec![0.0; engine.layout().dense_len];
@@ -410,7 +569,11 @@ fn serve_connection(shared: &Shared, worker: u32, mut s: TcpStream) -> Result<()
             let mut w = shared.writers[to as usize]
                 .lock()
                 .map_err(|_| broke("a writer lock is poisoned".into()))?;
-            write_frame(&mut w, shard, &out).map_err(|e| JobError::Peer {
+            if to == worker && w.epoch != epoch {
+                // Replaced since this reply was made: it is not the new process's.
+                continue;
+            }
+            write_frame(&mut w.stream, shard, &out).map_err(|e| JobError::Peer {
                 rank: to,
                 why: format!("server {shard} could not reply: {e}"),
             })?;
@@ -418,8 +581,9 @@ fn serve_connection(shared: &Shared, worker: u32, mut s: TcpStream) -> Result<()
     }
 }
 
-/// Waits for the coordinator's shutdown; a connection that broke first fails the server.
-fn wait_for_end(ended: &Receiver<Ended>, shutdown: &Receiver<()>, shard: u32) -> Result<(), JobError> {
+/// Waits for the coordinator's shutdown; a connection that broke first fails
+/// the server, unless the job is `elastic` (the coordinator decides then).
+fn wait_for_end(ended: &Receiver<Ended>, shutdown: &Receiver<()>, shard: u32, elastic: bool) -> Result<(), JobError> {
     let mut open = true;
     loop {
         if shutdown.try_recv().is_ok() {
@@ -432,8 +596,11 @@ fn wait_for_end(ended: &Receiver<Ended>, shutdown: &Receiver<()>, shard: u32) ->
                 .map_err(|_| JobError::Coordinator(format!("server {shard}: every worker left but no shutdown came")));
         }
         match ended.recv_timeout(Duration::from_millis(IDLE_TICK_MS)) {
-            Ok(Ended(None)) | Err(RecvTimeoutError::Timeout) => {}
-            Ok(Ended(Some(e))) => return Err(e),
+            Ok(Ended(_, None)) | Err(RecvTimeoutError::Timeout) => {}
+            Ok(Ended(worker, Some(e))) if elastic => {
+                tracing::warn!(shard, worker, error = %e, "lost a worker's connection; waiting for its replacement");
+            }
+            Ok(Ended(_, Some(e))) => return Err(e),
             Err(RecvTimeoutError::Disconnected) => open = false,
         }
     }

@@ -154,6 +154,8 @@ pub struct Trainer {
     owners: Vec<String>,
     /// Whether `run` has reported its start (it runs again after a regroup).
     start_reported: bool,
+    /// The checkpoint being written in the background (rank 0).
+    writer: Option<std::thread::JoinHandle<Result<PathBuf, JobError>>>,
     /// This step's rows, as `Batch::gather` takes them.
     batch_rows: Vec<usize>,
     pos: Position,
@@ -229,6 +231,7 @@ impl Trainer {
             steps_before_plan: 0,
             owners: Vec::new(),
             start_reported: false,
+            writer: None,
             batch_rows: Vec::new(),
             pos: Position::default(),
             weight,
@@ -322,6 +325,33 @@ impl Trainer {
         self.pos = restored.position;
         self.pos.generation = generation;
         Ok(restored)
+    }
+
+    /// Puts this worker at optimizer step `step` of an uninterrupted run with
+    /// its membership: the epoch, and the epoch's plan past the steps taken.
+    /// A parameter-server worker that replaces a lost one does this: the model
+    /// and its optimizer state are on the shards, the rest follows from `step`.
+    pub fn seek(&mut self, step: u64) -> Result<(), JobError> {
+        let per_epoch = self.steps_per_epoch();
+        if per_epoch == 0 {
+            return Err(JobError::Config {
+                path: self.cfg.data.train.clone(),
+                why: "no full batch per epoch for this worker".into(),
+            });
+        }
+        let epoch = u32::try_from(step / per_epoch).map_err(|_| JobError::Peer {
+            rank: self.rank,
+            why: format!("the shards say this rank is at step {step}, past any epoch"),
+        })?;
+        let mut plan = self.fresh_plan(epoch);
+        for _ in 0..step % per_epoch {
+            plan.advance();
+        }
+        self.pos.epoch = epoch;
+        self.pos.step = step;
+        self.plan = Some(plan);
+        self.steps_before_plan = 0;
+        Ok(())
     }
 
     /// The training state another worker continues from when an elastic job
@@ -518,20 +548,24 @@ impl Trainer {
                     Some(r) => Some(r.snapshot(self.pos.step, &self.cfg.optim)?),
                     None => None,
                 };
-                let (params, opt) = match &remote {
-                    Some((p, o)) => (&p[..], o),
-                    None => (&self.params[..], &self.opt),
+                let (params, opt) = match remote {
+                    Some((p, o)) => (p, o),
+                    None => (self.params.clone(), self.opt.clone()),
                 };
-                checkpoint = Some(state::save(
-                    &dir,
-                    ck.keep_last,
-                    &self.cfg,
-                    self.model.layout(),
-                    params,
-                    opt,
-                    self.pos,
-                    &exchange_state,
-                )?);
+                // Written in the background from a copy while training goes on;
+                // the previous write is waited for first, so at most one runs.
+                if let Some(path) = self.finish_checkpoint()? {
+                    checkpoint = Some(path);
+                }
+                let (cfg, layout, pos) = (self.cfg.clone(), self.model.layout().clone(), self.pos);
+                let keep = cfg.checkpoint.keep_last;
+                let write = move || state::save(&dir, keep, &cfg, &layout, &params, &opt, pos, &exchange_state);
+                self.writer = Some(
+                    std::thread::Builder::new()
+                        .name("checkpoint".into())
+                        .spawn(write)
+                        .map_err(|e| JobError::io("spawning the checkpoint writer", e))?,
+                );
             }
             report.wall_s = started.elapsed().as_secs_f64();
             self.eval_window = (0.0, 0);
@@ -543,6 +577,9 @@ impl Trainer {
         }
         if let Some(remote) = ex.remote() {
             remote.flush(self.pos.step)?;
+        }
+        if let Some(path) = self.finish_checkpoint()? {
+            checkpoint = Some(path);
         }
         Ok(Summary {
             rank: self.rank,
@@ -556,6 +593,17 @@ impl Trainer {
             bytes_sent: self.traffic[TOTAL].sent_total(),
             bytes_received: self.traffic[TOTAL].received_total(),
         })
+    }
+
+    /// Waits for the checkpoint being written in the background, if any; its path.
+    fn finish_checkpoint(&mut self) -> Result<Option<PathBuf>, JobError> {
+        match self.writer.take() {
+            None => Ok(None),
+            Some(w) => w
+                .join()
+                .map_err(|_| JobError::io("writing a checkpoint", std::io::Error::other("the writer panicked")))?
+                .map(Some),
+        }
     }
 
     fn stop_requested(&self) -> bool {

@@ -166,7 +166,9 @@ pub(crate) struct Welcomed {
     pub world: u32,
     pub peers: Vec<String>,
     pub servers: Vec<String>,
-    /// Admitted into a running (elastic) job with a new generation.
+    /// Admitted into a running (elastic) job with a new generation: as a new
+    /// member of an all-reduce job, or in a lost worker's place in a
+    /// parameter-server job.
     pub joined_late: bool,
 }
 
@@ -203,7 +205,9 @@ pub(crate) fn rendezvous(env: &ClusterEnv, secret: &Secret, role: Role) -> Resul
     net::send_control(&mut coord, own.rank, &join)?;
     let mut reader = ControlReader::new(coord.try_clone().map_err(|e| JobError::io("cloning", e))?);
     let welcome = match reader.recv::<FromCoordinator>(Some(RENDEZVOUS_TIMEOUT_MS))? {
-        Some(w @ (FromCoordinator::Welcome { .. } | FromCoordinator::Regroup { .. })) => w,
+        Some(
+            w @ (FromCoordinator::Welcome { .. } | FromCoordinator::Regroup { .. } | FromCoordinator::Replace { .. }),
+        ) => w,
         Some(FromCoordinator::Abort { reason, .. }) => return Err(JobError::Coordinator(reason)),
         other => return Err(JobError::Coordinator(format!("expected a welcome, got {other:?}"))),
     };
@@ -223,6 +227,20 @@ pub(crate) fn rendezvous(env: &ClusterEnv, secret: &Secret, role: Role) -> Resul
             peers,
             ..
         } => (generation, rank, world, peers, Vec::new(), true),
+        // A parameter-server worker has no peers among the workers.
+        FromCoordinator::Replace {
+            generation,
+            rank,
+            world,
+            servers,
+        } => (
+            generation,
+            rank,
+            world,
+            vec![String::new(); world as usize],
+            servers,
+            true,
+        ),
         _ => unreachable!("matched above"),
     };
     Ok(Welcomed {
@@ -345,12 +363,28 @@ pub fn run(
             &mut trainer,
             &cluster,
             &optim,
-            rank,
-            world,
-            generation,
+            Seat {
+                rank,
+                world,
+                generation,
+                replacing: joined_late,
+            },
             &servers,
             secret,
         )?;
+        if joined_late {
+            // In a lost worker's place: continue its partition where the shards have it.
+            let step = ps.start_step();
+            trainer.seek(step)?;
+            tracing::info!(rank, step, "replacing a lost worker");
+            relay(&crate::report::Report::Replaced {
+                rank,
+                step,
+                unix_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+            });
+        }
         let compress = trainer.config().compress.clone();
         if compress.is_active() {
             let c = codec::CompressConfig {
@@ -358,6 +392,10 @@ pub fn run(
                 error_feedback: compress.error_feedback,
             };
             ps.compress_pushes(c.compress.clone(), c.error_feedback(), trainer.config().train.seed);
+            // The checkpoint's residuals are of its step; a lost worker's replacement starts from zero.
+            if !joined_late {
+                ps.load_push_residuals(&restored)?;
+            }
         }
         if let Some(notices) = ps_notices.filter(|_| cluster.replicas > 1) {
             let wait_ms = crate::ps_client::failover_wait_ms(cluster.heartbeat_timeout_ms);
@@ -546,19 +584,32 @@ impl Ring {
     }
 }
 
+/// Where a worker sits in a parameter-server job.
+struct Seat {
+    rank: u32,
+    world: u32,
+    generation: u64,
+    /// In a lost worker's place: the shards are running, and tell where to continue.
+    replacing: bool,
+}
+
 /// Connects to the parameter servers; rank 0 first finds the hot keys in its
-/// partition, places them, and starts the shards with the initial parameters.
-#[allow(clippy::too_many_arguments)]
+/// partition, places them, and starts the shards with the initial parameters
+/// (unless it replaces a lost rank 0: the shards are running then).
 fn connect_servers(
     trainer: &mut Trainer,
     cluster: &ClusterConfig,
     optim: &optim::OptimConfig,
-    rank: u32,
-    world: u32,
-    generation: u64,
+    seat: Seat,
     servers: &[String],
     secret: &Secret,
 ) -> Result<PsExchange, JobError> {
+    let Seat {
+        rank,
+        world,
+        generation,
+        replacing,
+    } = seat;
     let consistency = cluster.consistency();
     // BSP sums the workers' pushes into one step of the global batch; SSP and
     // async apply each push as its own step on the worker's batch.
@@ -567,7 +618,7 @@ fn connect_servers(
     } else {
         1.0
     };
-    let init = if rank == 0 {
+    let init = if rank == 0 && !replacing {
         let (hot_rows, total) = trainer.hot_rows(HOT_KEY_SAMPLE_ROWS, cluster.hot_keys);
         let layout = trainer.layout();
         let tables: Vec<(usize, u64)> = layout
@@ -591,6 +642,13 @@ fn connect_servers(
         None
     };
     let layout = trainer.layout().clone();
+    // Elastic jobs: a wait for a shard may include a lost worker's replacement
+    // (detection, a new process, its data): the coordinator's deadline for it comes first.
+    let timeout_ms = if cluster.elastic {
+        cluster.collective_timeout_ms + cluster.heartbeat_timeout_ms + cluster.replace_timeout_ms
+    } else {
+        cluster.collective_timeout_ms
+    };
     PsExchange::connect(
         rank,
         world,
@@ -599,8 +657,8 @@ fn connect_servers(
         secret,
         &layout,
         weight,
-        cluster.collective_timeout_ms,
-        trainer.position().step,
+        timeout_ms,
+        (!replacing).then(|| trainer.position().step),
         init.map(|placement| InitArgs {
             params: trainer.params(),
             optim,
@@ -608,6 +666,7 @@ fn connect_servers(
             resume: (trainer.position().step > 0).then(|| (trainer.optimizer(), trainer.position().step)),
             consistency,
             placement,
+            elastic: cluster.elastic,
         }),
     )
 }

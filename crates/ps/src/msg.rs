@@ -3,7 +3,7 @@
 //!
 //! | bytes   | field    | meaning                                             |
 //! |---------|----------|-----------------------------------------------------|
-//! | 0       | kind     | 1 pull, 2 push, 3 pulled (reply), 4 pushed (ack), 5 coded push |
+//! | 0       | kind     | 1 pull, 2 push, 3 pulled (reply), 4 pushed (ack), 5 coded push, 6 worker state |
 //! | 1       | flags    | bit 0: dense part wanted; bit 1: wait for all       |
 //! | 2..4    | zero     |                                                     |
 //! | 4..8    | n_keys   | u32                                                 |
@@ -17,6 +17,15 @@
 //! message (`codec` crate) of `n_dense` bytes instead of `n_dense` f32s; the
 //! server decodes it into the shard's dense gradient. This crate only carries
 //! the bytes.
+//!
+//! A worker state (kind 6) is what a worker must get back to resume exactly
+//! but the shard never applies: its error-feedback residual over the shard's
+//! dense part, as of `clock` pushes, in `n_dense` f32s (none: it keeps
+//! nothing). A worker sends it between its pushes of a checkpoint step, and
+//! the worker writing the checkpoint reads every worker's back with snapshot
+//! pulls whose offsets start at [`WORKER_STATE_OFFSET`] (see
+//! `Shard::worker_state_image`): that address space is apart from the
+//! shard's image, so the `Pull` layout stays as it is.
 //!
 //! **Invariant:** [`decode`] returns an error, never panics, on any bytes, and
 //! with a layout it accepts only keys of existing table rows and pushes whose
@@ -37,9 +46,13 @@ const KIND_PUSH: u8 = 2;
 const KIND_PULLED: u8 = 3;
 const KIND_PUSHED: u8 = 4;
 const KIND_PUSH_CODED: u8 = 5;
+const KIND_WORKER_STATE: u8 = 6;
 const FLAG_DENSE: u8 = 1;
 const FLAG_WAIT_ALL: u8 = 2;
 const FLAG_SNAPSHOT: u8 = 4;
+/// Snapshot offsets from here on address the workers' states, not the image
+/// (an image is far shorter than 2^62 values).
+pub const WORKER_STATE_OFFSET: u64 = 1 << 62;
 
 /// A worker asks for parameters.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -87,6 +100,12 @@ pub enum Message {
     PushCoded {
         push: Push,
         dense_coded: Vec<u8>,
+    },
+    /// A worker's state for the next checkpoint, as of `clock` pushes
+    /// (empty: it keeps none for this shard).
+    WorkerState {
+        clock: u64,
+        state: Vec<f32>,
     },
 }
 
@@ -155,6 +174,12 @@ pub fn encode_push_coded(clock: u64, dense_coded: &[u8], keys: &[u64], values: &
     put_keys(out, keys);
     out.extend_from_slice(dense_coded);
     put_f32(out, values);
+}
+
+/// Encodes a worker's state for a checkpoint, as of `clock` pushes (see the module docs).
+pub fn encode_worker_state(clock: u64, state: &[f32], out: &mut Vec<u8>) {
+    head(out, KIND_WORKER_STATE, 0, 0, clock, 0, state.len(), 0);
+    put_f32(out, state);
 }
 
 pub fn encode_pulled(req: u64, clock: u64, dense: &[f32], values: &[f32], out: &mut Vec<u8>) {
@@ -272,6 +297,11 @@ pub fn decode(bytes: &[u8], layout: Option<&Layout>) -> Result<Message, PsError>
             }))
         }
         KIND_PULLED | KIND_PUSHED if n_keys != 0 => Err(bad("a reply carries keys")),
+        KIND_WORKER_STATE if n_keys != 0 || n_values != 0 => Err(bad("a worker state carries keys or row values")),
+        KIND_WORKER_STATE => Ok(Message::WorkerState {
+            clock,
+            state: f32s(&bytes[keys_end..dense_end]),
+        }),
         KIND_PULLED => Ok(Message::Pulled {
             req,
             clock,
@@ -378,6 +408,27 @@ mod tests {
         );
         b.pop();
         assert!(decode(&b, Some(&l)).unwrap_err().to_string().contains("need"));
+        encode_worker_state(8, &[0.5, -1.0], &mut b);
+        assert_eq!(b.len(), HEAD_BYTES + 8);
+        assert_eq!(
+            decode(&b, Some(&l)).unwrap(),
+            Message::WorkerState {
+                clock: 8,
+                state: vec![0.5, -1.0]
+            }
+        );
+        encode_worker_state(9, &[], &mut b);
+        assert_eq!(
+            decode(&b, None).unwrap(),
+            Message::WorkerState {
+                clock: 9,
+                state: vec![]
+            }
+        );
+        // Row values or keys have no place in a worker state.
+        b[28] = 1;
+        b.extend_from_slice(&[0; 4]);
+        assert!(decode(&b, None).unwrap_err().to_string().contains("keys or row values"));
     }
 
     #[test]
@@ -412,7 +463,7 @@ mod tests {
         }
 
         #[test]
-        fn corrupted_heads_are_errors_or_consistent(kind in 0u8..6, n in 0u32..5, at in 0usize..32, byte in any::<u8>()) {
+        fn corrupted_heads_are_errors_or_consistent(kind in 0u8..7, n in 0u32..5, at in 0usize..32, byte in any::<u8>()) {
             let mut b = Vec::new();
             encode_push(1, &[1.0], &(0..n).map(|r| key(1, r)).collect::<Vec<_>>(), &vec![0.0; 3 * n as usize], &mut b);
             b[0] = kind;

@@ -186,6 +186,22 @@ impl Replica {
             .collect())
     }
 
+    /// Primary: a worker's state for the next checkpoint. Not forwarded: the
+    /// backup never answers a checkpoint's read, and a failover before that
+    /// read loses this shard's copy (the checkpoint is then written without
+    /// the worker's residuals, and a resume starts them from zero).
+    pub fn on_worker_state(&mut self, worker: u32, clock: u64, state: Vec<f32>) -> Result<Vec<Command>, PsError> {
+        if self.role != Role::Primary {
+            return Err(self.not(Role::Primary, "a worker state"));
+        }
+        Ok(self
+            .shard
+            .on_worker_state(worker, clock, state)?
+            .into_iter()
+            .map(Command::Reply)
+            .collect())
+    }
+
     /// Primary: a worker's push (first sent, or resent after a failover).
     pub fn on_push(&mut self, worker: u32, push: Push) -> Result<Vec<Command>, PsError> {
         if self.role != Role::Primary {
@@ -218,6 +234,20 @@ impl Replica {
             }
         }
         Ok(cmds)
+    }
+
+    /// Primary, elastic jobs: a new process takes the place of lost `worker`.
+    /// Its acknowledgements still waiting for the backup and its deferred
+    /// pulls are dropped (the replacement never asked for them); it resends
+    /// the pushes it cannot know were applied, which are acknowledged as
+    /// duplicates once the backup has every entry before them. Returns the
+    /// worker's clock here.
+    pub fn replace_worker(&mut self, worker: u32) -> Result<u64, PsError> {
+        if self.role != Role::Primary {
+            return Err(self.not(Role::Primary, "a worker's replacement"));
+        }
+        self.held.retain(|&(_, w, _)| w != worker);
+        self.shard.replace_worker(worker)
     }
 
     /// Primary: the backup applied every entry up to `seq`. Releases the acknowledgements that waited for it.
@@ -391,6 +421,35 @@ mod tests {
         assert_eq!(p.shard().image(), b.shard().image());
         assert!(p.on_applied(2).is_err(), "an entry never forwarded");
         assert!(b.on_forward(5, 0, push(0, 2)).is_err(), "a gap in the entries");
+    }
+
+    #[test]
+    fn a_replaced_worker_gets_no_acknowledgement_its_predecessor_waited_for_and_its_resends_apply_once() {
+        let mut p = Replica::primary(shard(2, Consistency::Async));
+        let (_, snap) = p.attach_backup().unwrap();
+        let mut b = Replica::backup(shard(2, Consistency::Async), &snap).unwrap();
+        p.on_push(0, push(0, 0)).unwrap();
+        p.on_push(1, push(1, 0)).unwrap();
+        p.on_push(0, push(0, 1)).unwrap();
+        assert_eq!(p.held(), 3);
+        // Worker 0 dies with two pushes applied but not acknowledged.
+        assert_eq!(p.replace_worker(0).unwrap(), 2);
+        assert_eq!(p.held(), 1, "only worker 1's acknowledgement still waits");
+        for (seq, w, c) in [(0, 0, 0), (1, 1, 0), (2, 0, 1)] {
+            b.on_forward(seq, w, push(w, c)).unwrap();
+        }
+        assert_eq!(
+            p.on_applied(2).unwrap(),
+            vec![Command::Reply(Output::Pushed { worker: 1, clock: 0 })]
+        );
+        // The replacement resends step 1 (another shard lacked it): acknowledged, not applied.
+        assert_eq!(
+            p.on_push(0, push(0, 1)).unwrap(),
+            vec![Command::Reply(Output::Pushed { worker: 0, clock: 1 })]
+        );
+        assert_eq!(p.shard().image(), b.shard().image());
+        let mut lone = Replica::backup(shard(2, Consistency::Async), &snap).unwrap();
+        assert!(lone.replace_worker(0).is_err(), "a backup serves no worker");
     }
 
     #[test]

@@ -18,6 +18,12 @@
 //!
 //! **Invariant:** pushes from one worker arrive in clock order (0, 1, 2, …);
 //! anything else is a protocol error naming the worker.
+//!
+//! A lost worker's replacement (elastic jobs, [`Shard::replace_worker`])
+//! continues from the lowest of its predecessor's clocks over all shards, so a
+//! shard that already took a step from the predecessor sees it again: such a
+//! push is acknowledged and not applied, and only until the replacement has
+//! caught up with this shard's clock. Each (worker, step) is applied once.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -27,7 +33,7 @@ use tensor::{Layout, SparseRows};
 
 use crate::error::PsError;
 use crate::local::LocalLayout;
-use crate::msg::{Pull, Push};
+use crate::msg::{Pull, Push, WORKER_STATE_OFFSET};
 use crate::placement::{Placement, mix64, split_key};
 
 /// Staleness histogram: buckets 0..16 count staleness 0..15 exactly; bucket
@@ -140,11 +146,17 @@ pub struct Shard {
     applied: u64,
     pending: BTreeMap<u64, Pending>,
     deferred: Vec<(u32, Pull)>,
+    /// Per worker: replaced, and not yet caught up with its clock here (see the module docs).
+    replaced: Vec<bool>,
     stats: ShardStats,
     /// Scratch for building the optimizer's sparse rows.
     scratch: Vec<SparseRows>,
     /// Test-only (`sim`): see [`Shard::sim_bug_ssp_off_by_one`].
     bug_ssp_off_by_one: bool,
+    /// Per worker: its state for the next checkpoint (error-feedback residual
+    /// over the dense part; empty when it keeps none) and the pushes it had
+    /// made. Kept for the checkpoint's writer, never applied.
+    worker_states: Vec<Option<(u64, Vec<f32>)>>,
 }
 
 impl Shard {
@@ -194,12 +206,14 @@ impl Shard {
             applied: 0,
             pending: BTreeMap::new(),
             deferred: Vec::new(),
+            replaced: vec![false; workers as usize],
             stats: ShardStats {
                 staleness: vec![0; STALENESS_BUCKETS],
                 ..ShardStats::default()
             },
             scratch,
             bug_ssp_off_by_one: false,
+            worker_states: vec![None; workers as usize],
         })
     }
 
@@ -334,6 +348,18 @@ impl Shard {
         self.bug_ssp_off_by_one = on;
     }
 
+    /// A new process takes the place of lost `worker`: its pulls waiting here
+    /// are dropped (they would be answered to the replacement, which never
+    /// asked), and pushes of steps this shard already has are acknowledged
+    /// without being applied until the replacement catches up. Returns the
+    /// worker's clock here: the first step this shard has not taken from it.
+    pub fn replace_worker(&mut self, worker: u32) -> Result<u64, PsError> {
+        self.check_worker(worker)?;
+        self.deferred.retain(|(w, _)| *w != worker);
+        self.replaced[worker as usize] = true;
+        Ok(self.clocks[worker as usize])
+    }
+
     /// Pulls waiting for a slower worker.
     pub fn deferred(&self) -> usize {
         self.deferred.len()
@@ -349,7 +375,10 @@ impl Shard {
         Ok(())
     }
 
-    fn may_answer(&self, p: &Pull) -> bool {
+    fn may_answer(&self, worker: u32, p: &Pull) -> bool {
+        if p.snapshot.is_some_and(|(offset, _)| offset >= WORKER_STATE_OFFSET) {
+            return self.worker_states_ready(worker, p.clock);
+        }
         let visible = self.visible();
         match (p.wait_all, self.consistency) {
             (true, _) | (false, Consistency::Bsp) => visible >= p.clock,
@@ -368,7 +397,7 @@ impl Shard {
             self.local_offset(worker, k)?;
         }
         self.stats.pulls += 1;
-        if self.may_answer(&pull) {
+        if self.may_answer(worker, &pull) {
             return Ok(vec![self.answer(worker, pull)?]);
         }
         self.deferred.push((worker, pull));
@@ -376,10 +405,79 @@ impl Shard {
         Ok(Vec::new())
     }
 
+    /// A worker's state for the next checkpoint (`msg::Message::WorkerState`),
+    /// sent after its `clock`-th push and before the next. Answers the
+    /// checkpoint's reads of [`Shard::worker_state_image`] it completes.
+    pub fn on_worker_state(&mut self, worker: u32, clock: u64, state: Vec<f32>) -> Result<Vec<Output>, PsError> {
+        self.check_worker(worker)?;
+        let pushed = self.clocks[worker as usize];
+        if clock != pushed {
+            return Err(PsError::Protocol {
+                worker,
+                why: format!("sent its state as of step {clock} after {pushed} pushes"),
+            });
+        }
+        if !state.is_empty() && state.len() != self.map.dense_len {
+            return Err(PsError::Protocol {
+                worker,
+                why: format!(
+                    "sent a state of {} values; shard {} holds {} dense values",
+                    state.len(),
+                    self.index,
+                    self.map.dense_len
+                ),
+            });
+        }
+        self.worker_states[worker as usize] = Some((clock, state));
+        let mut out = Vec::new();
+        self.release(&mut out)?;
+        Ok(out)
+    }
+
+    /// Every worker's state as of `clock` pushes, for a checkpoint: one value
+    /// per worker first, 1 when its state is here and 0 when not (it sent
+    /// none, an empty one, or one of another step), then the states that are
+    /// here, in worker order. Read with snapshot pulls from
+    /// [`WORKER_STATE_OFFSET`].
+    pub fn worker_state_image(&self, clock: u64) -> Vec<f32> {
+        fn here(s: &Option<(u64, Vec<f32>)>, clock: u64) -> Option<&[f32]> {
+            s.as_ref()
+                .filter(|(c, v)| *c == clock && !v.is_empty())
+                .map(|(_, v)| &v[..])
+        }
+        let mut out: Vec<f32> = self
+            .worker_states
+            .iter()
+            .map(|s| if here(s, clock).is_some() { 1.0 } else { 0.0 })
+            .collect();
+        for v in self.worker_states.iter().filter_map(|s| here(s, clock)) {
+            out.extend_from_slice(v);
+        }
+        out
+    }
+
+    /// Whether the states as of `clock` are all in, or will never come (a
+    /// worker that pushed past `clock` sent its state before, if at all).
+    /// The asker's own is not waited for: it sent it before asking, on the
+    /// same ordered stream, so it is here unless a failover lost it.
+    fn worker_states_ready(&self, asker: u32, clock: u64) -> bool {
+        self.worker_states
+            .iter()
+            .enumerate()
+            .all(|(w, s)| w as u32 == asker || s.as_ref().is_some_and(|(c, _)| *c >= clock) || self.clocks[w] > clock)
+    }
+
     /// A worker's gradient for its next step.
     pub fn on_push(&mut self, worker: u32, push: Push) -> Result<Vec<Output>, PsError> {
         self.check_worker(worker)?;
         let expected = self.clocks[worker as usize];
+        if push.clock < expected && self.replaced[worker as usize] {
+            // The predecessor's push of this step is already in (see `replace_worker`).
+            return Ok(vec![Output::Pushed {
+                worker,
+                clock: push.clock,
+            }]);
+        }
         if push.clock != expected {
             return Err(PsError::Protocol {
                 worker,
@@ -405,6 +503,7 @@ impl Shard {
             _ => self.apply_one(worker, &push)?,
         }
         self.clocks[worker as usize] += 1;
+        self.replaced[worker as usize] = false;
         let mut out = vec![Output::Pushed {
             worker,
             clock: expected,
@@ -420,7 +519,7 @@ impl Shard {
         }
         let waiting = std::mem::take(&mut self.deferred);
         for (w, p) in waiting {
-            if self.may_answer(&p) {
+            if self.may_answer(w, &p) {
                 out.push(self.answer(w, p)?);
             } else {
                 self.deferred.push((w, p));
@@ -436,7 +535,10 @@ impl Shard {
             self.stats.staleness_max = self.stats.staleness_max.max(s);
         }
         if let Some((offset, len)) = pull.snapshot {
-            let image = self.image();
+            let (image, offset) = match offset.checked_sub(WORKER_STATE_OFFSET) {
+                Some(at) => (self.worker_state_image(pull.clock), at),
+                None => (self.image(), offset),
+            };
             let range = usize::try_from(offset)
                 .ok()
                 .zip(usize::try_from(len).ok())
@@ -653,6 +755,72 @@ mod tests {
         assert!(t.restore(&image[1..], 0).is_err());
     }
 
+    /// A checkpoint's read of the workers' states as of `clock`, elements `at..at + len`.
+    fn state_read(clock: u64, at: u64, len: u64) -> Pull {
+        Pull {
+            req: 100 + at,
+            clock,
+            wait_all: true,
+            dense: false,
+            keys: Vec::new(),
+            snapshot: Some((WORKER_STATE_OFFSET + at, len)),
+        }
+    }
+
+    fn pulled(out: &[Output]) -> Vec<f32> {
+        match out {
+            [.., Output::Pulled { values, .. }] => values.clone(),
+            o => panic!("no answered pull in {o:?}"),
+        }
+    }
+
+    #[test]
+    fn worker_states_are_read_once_every_worker_sent_its_own_or_moved_on() {
+        let (_, _, mut s) = setup(3, Consistency::Bsp);
+        for w in 0..3 {
+            s.on_push(w, push(0, 1.0)).unwrap();
+        }
+        // The asker's own state is in; worker 1 keeps none; worker 2's is still on its way.
+        assert!(s.on_worker_state(0, 1, vec![1.0, 2.0, 3.0]).unwrap().is_empty());
+        assert!(s.on_pull(0, state_read(1, 0, 3)).unwrap().is_empty(), "deferred");
+        assert!(
+            s.on_worker_state(1, 1, Vec::new()).unwrap().is_empty(),
+            "worker 2 still missing"
+        );
+        let out = s.on_worker_state(2, 1, vec![4.0, 5.0, 6.0]).unwrap();
+        assert_eq!(pulled(&out), [1.0, 0.0, 1.0], "one flag per worker");
+        assert_eq!(
+            pulled(&s.on_pull(0, state_read(1, 3, 6)).unwrap()),
+            [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+        );
+        // The image stays the shard's own: values and optimizer state only.
+        assert_eq!(s.image().len(), s.image_len());
+        // A state of another step, or of the wrong size, is a protocol error naming the worker.
+        let e = s.on_worker_state(0, 0, Vec::new()).unwrap_err().to_string();
+        assert!(e.contains("as of step 0 after 1 pushes"), "{e}");
+        let e = s.on_worker_state(1, 1, vec![0.0; 2]).unwrap_err().to_string();
+        assert!(e.contains("state of 2 values") && e.contains("3 dense"), "{e}");
+        assert!(s.on_pull(0, state_read(1, 9, 1)).is_err(), "outside the states");
+    }
+
+    #[test]
+    fn a_worker_that_pushed_past_the_step_without_a_state_is_not_waited_for() {
+        let (_, _, mut s) = setup(2, Consistency::Bsp);
+        s.on_push(0, push(0, 1.0)).unwrap();
+        s.on_push(1, push(0, 1.0)).unwrap();
+        assert!(s.on_pull(0, state_read(1, 0, 2)).unwrap().is_empty());
+        // Worker 1 goes on to step 1 without sending a state: none will come.
+        let out = s.on_push(1, push(1, 1.0)).unwrap();
+        assert_eq!(pulled(&out), [0.0, 0.0]);
+        s.on_push(0, push(1, 1.0)).unwrap();
+        s.on_worker_state(0, 2, vec![7.0; 3]).unwrap();
+        assert_eq!(pulled(&s.on_pull(1, state_read(2, 0, 2)).unwrap()), [1.0, 0.0]);
+        // A state of an older checkpoint is not this one's.
+        s.on_push(0, push(2, 1.0)).unwrap();
+        s.on_push(0, push(3, 1.0)).unwrap();
+        assert_eq!(pulled(&s.on_pull(1, state_read(3, 0, 2)).unwrap()), [0.0, 0.0]);
+    }
+
     #[test]
     fn bsp_sums_a_step_over_workers_and_defers_reads_until_it_is_applied() {
         let (_, _, mut s) = setup(2, Consistency::Bsp);
@@ -713,6 +881,38 @@ mod tests {
         let mut p = pull(10);
         p.wait_all = true;
         assert!(s.on_pull(0, p).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_replacement_resends_steps_the_shard_has_once_and_its_predecessors_pulls_are_dropped() {
+        let (_, _, mut s) = setup(2, Consistency::Bsp);
+        s.on_push(0, push(0, 1.0)).unwrap();
+        s.on_push(1, push(0, 1.0)).unwrap();
+        s.on_push(0, push(1, 1.0)).unwrap();
+        // Worker 0 waits for worker 1's step 1, then dies.
+        assert!(s.on_pull(0, pull(2)).unwrap().is_empty());
+        assert_eq!(s.deferred(), 1);
+        assert_eq!(s.replace_worker(0).unwrap(), 2, "the replacement's first step here");
+        assert_eq!(
+            s.deferred(),
+            0,
+            "the dead worker's pull is not answered to its replacement"
+        );
+        // The replacement continues from step 1 (another shard had only step 0 from the
+        // predecessor): this shard acknowledges step 1 again without applying it.
+        let before = s.values().to_vec();
+        let out = s.on_push(0, push(1, 100.0)).unwrap();
+        assert_eq!(out, vec![Output::Pushed { worker: 0, clock: 1 }]);
+        assert_eq!(s.values(), &before[..]);
+        assert_eq!(s.clock(0).unwrap(), 2);
+        // Its step 2 is new; once caught up, an old step is a protocol error again.
+        s.on_push(0, push(2, 1.0)).unwrap();
+        assert!(s.on_push(0, push(1, 1.0)).is_err());
+        // Worker 1's step 1 completes step 1 with the predecessor's gradient (1.0, not 100.0).
+        s.on_push(1, push(1, 1.0)).unwrap();
+        assert_eq!(s.stats().steps_applied, 2);
+        assert_eq!(s.values()[0], -4.0, "two SGD steps of 1 + 1");
+        assert!(s.replace_worker(9).is_err());
     }
 
     #[test]

@@ -926,14 +926,12 @@ impl Sim {
                 Proc::Worker(w) if w.step != steps || w.phase != Phase::Finished => {
                     problems.push(format!("worker {} is at step {} ({:?})", w.rank, w.step, w.phase));
                 }
-                Proc::Server(s) => {
-                    if s.delivered.iter().any(|&d| d != steps) {
-                        problems.push(format!(
-                            "shard {} took {:?} pushes, not {steps} from each worker",
-                            s.shard.index(),
-                            s.delivered
-                        ));
-                    }
+                Proc::Server(s) if s.delivered.iter().any(|&d| d != steps) => {
+                    problems.push(format!(
+                        "shard {} took {:?} pushes, not {steps} from each worker",
+                        s.shard.index(),
+                        s.delivered
+                    ));
                 }
                 // A process that died (and maybe restarted) after every worker reported
                 // Finished changes nothing here.
@@ -959,7 +957,7 @@ impl Sim {
                 conn: from as u64,
                 msg: m,
             }),
-            Msg::FromCoord(m) => self.from_coordinator(to, m),
+            Msg::FromCoord(m) => self.on_coordinator_msg(to, m),
             Msg::Frame { tag, data } => {
                 let Some(w) = self.worker(to) else { return };
                 w.arrived.entry(from).or_default().push_back((tag, data));
@@ -972,7 +970,7 @@ impl Sim {
         }
     }
 
-    fn from_coordinator(&mut self, node: u32, msg: FromCoordinator) {
+    fn on_coordinator_msg(&mut self, node: u32, msg: FromCoordinator) {
         match msg {
             FromCoordinator::Welcome { rank, world, .. } => {
                 let inc = self.inc;
@@ -1202,10 +1200,7 @@ impl Sim {
         let Some(c) = w.coll.as_mut() else { return };
         let mut done = Vec::new();
         let mut broken = None;
-        loop {
-            let (Some(queue), Some(frames)) = (c.recvs.get_mut(&peer), w.arrived.get_mut(&peer)) else {
-                break;
-            };
+        while let (Some(queue), Some(frames)) = (c.recvs.get_mut(&peer), w.arrived.get_mut(&peer)) {
             if queue.is_empty() || frames.is_empty() {
                 break;
             }

@@ -136,7 +136,7 @@ pub fn fuzz_seeds(
                 cfg.seed,
                 bug.map(|_| " --bug ssp-off-by-one").unwrap_or_default()
             );
-        } else if n % every == 0 {
+        } else if n.is_multiple_of(every) {
             let _ = writeln!(out, "{n}/{total} seeds, no violation so far");
         }
     });
@@ -190,13 +190,12 @@ pub fn predict_table(p: &PredictRun, out: &mut dyn Write) -> Result<String, Stri
     if !p.json {
         writeln!(
             out,
-            "Predicted from the real engines: {} parameters, {:.3} ms compute per step, batch {} per worker, links {} Gbit/s and {} µs latency; {}.",
+            "Predicted from the real engines: {} parameters, {:.3} ms compute per step, batch {} per worker, links {} Gbit/s and {} µs latency; no overlap of compute and communication; engines on scaled-down buffers with each message's bytes scaled back (see `sim::predict`).",
             b.params,
             b.compute_ns as f64 / 1e6,
             b.batch,
             b.link.bandwidth_bits_per_s / 1e9,
             b.link.latency_ns as f64 / 1e3,
-            "no overlap of compute and communication; engines on scaled-down buffers with each message's bytes scaled back (see `sim::predict`)"
         )
         .map_err(io)?;
         writeln!(out, "{}", table_header()).map_err(io)?;

@@ -50,8 +50,9 @@ use tensor::{Layout, ParamKind, Rng};
 use crate::net::{LinkSpec, Network};
 use crate::queue::{Nanos, Queue};
 
-/// Most commands all engines of one collective may plan together (≈ 110
-/// bytes each in memory): a 4,096-rank ring with one segment per chunk
+/// Most commands all engines of one collective may plan together. Engines
+/// keep only the commands in flight, so this bounds time, not memory: about
+/// 0.5 µs per command here, and a 4,096-rank ring with one segment per chunk
 /// needs 67 M.
 pub const COMMANDS_BUDGET: u64 = 70_000_000;
 /// Steps a parameter-server prediction runs.
@@ -144,7 +145,7 @@ impl PredictConfig {
                 ps::placement::SHARDS_MAX
             ));
         }
-        if !(self.link.bandwidth_bits_per_s > 0.0) {
+        if self.link.bandwidth_bits_per_s.is_nan() || self.link.bandwidth_bits_per_s <= 0.0 {
             return Err("the link bandwidth must be positive".into());
         }
         if matches!(self.codec, CodecSpec::PowerSgd { .. }) {
@@ -624,7 +625,10 @@ fn predict_ps(cfg: &PredictConfig) -> Result<Prediction, String> {
     };
     while let Some((now, ev)) = q.pop() {
         events += 1;
-        match ev {
+        // The worker whose state this event changed: only it can move on (a
+        // shard's outputs reach workers as later events), so the others are
+        // not visited, which keeps 4,096 workers linear in the events.
+        let moved = match ev {
             PsEv::Pull { shard, worker, clock } => {
                 let out = shards[shard as usize]
                     .on_pull(worker, pull(clock))
@@ -635,6 +639,7 @@ fn predict_ps(cfg: &PredictConfig) -> Result<Prediction, String> {
                         q.push(at, PsEv::Pulled { worker, clock });
                     }
                 }
+                None
             }
             PsEv::Push { shard, worker, clock } => {
                 let node = (w + shard) as usize;
@@ -661,20 +666,26 @@ fn predict_ps(cfg: &PredictConfig) -> Result<Prediction, String> {
                         }
                     }
                 }
+                None
             }
             PsEv::Pulled { worker, clock } => {
                 let wi = worker as usize;
                 cpu_free[wi] = now.max(cpu_free[wi]) + ns_for(f32_bytes as f64, cpu.copy_gbps);
                 *pulled[wi].entry(clock).or_default() += 1;
+                Some(worker)
             }
-            PsEv::Pushed { worker, shard } => acked[worker as usize][shard as usize] += 1,
+            PsEv::Pushed { worker, shard } => {
+                acked[worker as usize][shard as usize] += 1;
+                Some(worker)
+            }
             PsEv::Computed { worker, step } => {
                 computing[worker as usize] = false;
                 pending_push[worker as usize] = Some(step);
+                Some(worker)
             }
-        }
-        // Move every worker on as far as it can (the loop of node::train::run_epoch_remote).
-        for wk in 0..w {
+        };
+        // Move that worker on as far as it can (the loop of node::train::run_epoch_remote).
+        if let Some(wk) = moved {
             let wi = wk as usize;
             if let Some(k) = pending_push[wi]
                 && acked[wi].iter().all(|&a| a + 2 > k)

@@ -27,7 +27,9 @@ pub const MAGIC: [u8; 4] = *b"SNTR";
 
 /// The protocol version this build speaks. Peers must match exactly.
 /// Version 2: parameter-server frames, and the shared-memory negotiation after `PeerHello`.
-pub const PROTOCOL_VERSION: u8 = 2;
+/// Version 3: elastic membership messages (`Regroup` without previous ranks,
+/// `Replace`), and a parameter-server shard's `PsReady` carries the worker's clock.
+pub const PROTOCOL_VERSION: u8 = 3;
 
 /// The largest control payload (postcard-encoded message) a peer may send.
 pub const CONTROL_PAYLOAD_BYTES_MAX: u32 = 1 << 20;
@@ -361,12 +363,12 @@ mod tests {
         bytes[VERSION_AT] = 1;
         let error = FrameHeader::decode(&bytes).unwrap_err();
         assert!(
-            matches!(error, WireError::VersionMismatch { ours: 2, theirs: 1 }),
+            matches!(error, WireError::VersionMismatch { ours: 3, theirs: 1 }),
             "{error:?}"
         );
         assert_eq!(
             error.to_string(),
-            "protocol version: peer speaks version 1, this build speaks version 2"
+            "protocol version: peer speaks version 1, this build speaks version 3"
         );
     }
 

@@ -63,15 +63,13 @@ pub enum FromCoordinator {
     },
     /// Everyone finished; exit.
     Shutdown,
-    /// Elastic jobs: a new membership generation. Like [`Self::Welcome`], plus
-    /// each new rank's rank in the previous generation (`None`: it joins now).
-    /// Sent to every worker of the new generation, including joiners.
+    /// Elastic jobs: a new membership generation, sent to every worker of it,
+    /// joiners included. Workers tell survivors from joiners by data address.
     Regroup {
         generation: u64,
         rank: u32,
         world: u32,
         peers: Vec<String>,
-        previous: Vec<Option<u32>>,
     },
     /// Replicated parameter servers (`cluster.replicas = 2`), to a server
     /// after its welcome: it serves `shard` as its primary, or as its backup.
@@ -82,6 +80,16 @@ pub enum FromCoordinator {
     /// To every worker and to the new primary: the primary of `shard` died;
     /// its backup, at `addr`, serves the shard now.
     Promote { shard: u32, addr: String },
+    /// Elastic parameter-server jobs, to a worker joining a running job: it
+    /// takes the place of lost worker `rank` (its data partition and its
+    /// clocks on the shards, which tell it the step to continue from).
+    /// `servers` are the shards' current addresses, by shard.
+    Replace {
+        generation: u64,
+        rank: u32,
+        world: u32,
+        servers: Vec<String>,
+    },
 }
 
 /// Longest boot id we accept (Linux's is a 36-character UUID).
@@ -193,22 +201,23 @@ impl FromCoordinator {
             Self::BuildBackup { addr, .. } | Self::Promote { addr, .. } if addr.len() > TEXT_BYTES_MAX => {
                 Err("address too long".into())
             }
-            Self::Regroup {
-                rank,
-                world,
-                peers,
-                previous,
-                ..
-            } => {
-                if peers.len() > PEERS_MAX || peers.len() != *world as usize || previous.len() != peers.len() {
-                    return Err(format!(
-                        "regroup lists {} peers and {} previous ranks for world {world}",
-                        peers.len(),
-                        previous.len()
-                    ));
+            Self::Regroup { rank, world, peers, .. } => {
+                if peers.len() > PEERS_MAX || peers.len() != *world as usize {
+                    return Err(format!("regroup lists {} peers for world {world}", peers.len()));
                 }
                 if *rank >= *world || peers.iter().any(|p| p.len() > TEXT_BYTES_MAX) {
                     return Err(format!("regroup names rank {rank} of {world}, or an address too long"));
+                }
+                Ok(())
+            }
+            Self::Replace {
+                rank, world, servers, ..
+            } => {
+                if servers.is_empty() || servers.len() > PEERS_MAX || servers.iter().any(|p| p.len() > TEXT_BYTES_MAX) {
+                    return Err(format!("replace lists {} servers", servers.len()));
+                }
+                if *world as usize > PEERS_MAX || *rank >= *world {
+                    return Err(format!("replace names rank {rank} of {world}"));
                 }
                 Ok(())
             }

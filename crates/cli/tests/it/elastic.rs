@@ -1,12 +1,16 @@
-//! Elastic all-reduce jobs (`cluster.elastic`): a worker killed with SIGKILL
+//! Elastic jobs (`cluster.elastic`). All-reduce: a worker killed with SIGKILL
 //! no longer stops the job; the survivors regroup, continue from the newest
-//! state, and take in the replacement the launcher starts. Issue 6.
+//! state, and take in the replacement the launcher starts. Parameter
+//! servers: the replacement takes the lost worker's rank and continues where
+//! the shards have it. Issue 6.
 
 use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{KillOnDrop, Proc, ProcId, RUN_TIMEOUT, descendants, event, example, sinter, temp_dir};
+use crate::support::{
+    KillOnDrop, Proc, ProcId, RUN_TIMEOUT, descendants, event, example, poll_until, sinter, temp_dir,
+};
 
 /// The longest a regroup may take here, from a kill to training again (issue 6: 2 s target on loopback).
 const REGROUP_MS_MAX: f64 = 5_000.0;
@@ -166,6 +170,17 @@ fn a_killed_coordinator_is_restarted_and_the_job_resumes_from_its_checkpoint() {
             .arg(format!("checkpoint.dir=\"{}\"", ck.display())),
     );
     launcher.wait_json("the first epoch's end", RUN_TIMEOUT, |v| event(v) == Some("epoch"));
+    // Checkpoints are written in the background while training goes on: wait for the first.
+    poll_until("the first checkpoint", RUN_TIMEOUT, || {
+        std::fs::read_dir(&ck)
+            .map(|d| {
+                d.flatten().any(|e| {
+                    // Not a checkpoint still being written (`checkpoint::store` renames it into place).
+                    !e.file_name().to_string_lossy().starts_with(".tmp-") && e.path().join("manifest.json").exists()
+                })
+            })
+            .unwrap_or(false)
+    });
     let started = descendants(launcher.pid);
     let coordinator = *started
         .iter()
@@ -195,5 +210,162 @@ fn a_killed_coordinator_is_restarted_and_the_job_resumes_from_its_checkpoint() {
     assert_eq!(last["step"].as_u64(), Some(3 * 468), "{last}");
     assert!(last["test_acc"].as_f64().expect("test_acc") > 0.85, "{last}");
     let alive: Vec<&ProcId> = started.iter().filter(|p| p.alive()).collect();
+    assert!(alive.is_empty(), "still running: {alive:?}");
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Kill → the replacement ready to train, on loopback (issue 6's target is 2 s; CI is noisy).
+const REPLACE_MS_MAX: u64 = 10_000;
+
+// issue 6: in a parameter-server job a killed worker's rank is taken over by the
+// process the launcher starts, which continues the lost worker's partition at
+// the step the shards have from it. Under BSP each shard then applies every
+// step exactly once with every worker's push in it: nothing lost, nothing twice.
+// Rank 0 (evaluation, checkpoints) is killed too.
+#[test]
+fn killed_parameter_server_workers_are_replaced_under_their_ranks_and_no_step_is_lost() {
+    let dir = temp_dir();
+    let mut launcher = Proc::spawn(
+        "sinter train ps elastic",
+        sinter(dir.path())
+            .arg("train")
+            .arg(example("fashion-mlp-ps.toml"))
+            .args(["--workers", "3", "--json", "-q"])
+            .args(["--set", "cluster.elastic=true", "--set", "cluster.max_restarts=2"])
+            .args(["--set", "cluster.consistency=\"bsp\"", "--set", "train.epochs=3"]),
+    );
+    launcher.wait_json("the first epoch's end", RUN_TIMEOUT, |v| event(v) == Some("epoch"));
+    let started = KillOnDrop(descendants(launcher.pid));
+    assert_eq!(started.0.len(), 6, "coordinator, 2 servers, 3 workers: {:?}", started.0);
+    let mut replaced = Vec::new();
+    for rank in [1u64, 0] {
+        let killed_ms = unix_ms();
+        worker_with_rank(&started.0, &rank.to_string()).signal(libc::SIGKILL);
+        let r = launcher.wait_json("the replacement", RUN_TIMEOUT, |v| {
+            event(v) == Some("replaced") && v["rank"].as_u64() == Some(rank)
+        });
+        let took_ms = r["unix_ms"].as_u64().expect("unix_ms").saturating_sub(killed_ms);
+        assert!(
+            took_ms < REPLACE_MS_MAX,
+            "rank {rank}'s replacement took {took_ms} ms: {r}"
+        );
+        replaced.push(r);
+    }
+    let out = launcher.wait(RUN_TIMEOUT);
+    out.assert_success();
+    out.assert_no_panic();
+    let lines = out.json_lines();
+    let done = lines
+        .iter()
+        .find(|v| event(v) == Some("done"))
+        .unwrap_or_else(|| panic!("no done line: {}", out.shown()));
+    let steps = done["steps"].as_u64().expect("steps");
+    assert_eq!(steps, 3 * 468, "three epochs of 60,000 rows in global batches of 128");
+    let shards = done["servers"].as_array().expect("servers");
+    assert_eq!(shards.len(), 2);
+    for s in shards {
+        let st = &s["stats"];
+        assert_eq!(st["steps_applied"].as_u64(), Some(steps), "shard {}: {st}", s["shard"]);
+        assert_eq!(st["pushes"].as_u64(), Some(3 * steps), "shard {}: {st}", s["shard"]);
+    }
+    // The replacements continued inside the run, not from its start.
+    for r in &replaced {
+        let at = r["step"].as_u64().expect("step");
+        assert!(at > 0 && at < steps, "{r}");
+    }
+    let acc = lines
+        .iter()
+        .rev()
+        .find(|v| event(v) == Some("epoch"))
+        .and_then(|v| v["test_acc"].as_f64())
+        .unwrap_or_else(|| panic!("no test accuracy: {}", out.shown()));
+    assert!(acc > 0.84, "accuracy after two replacements: {acc}");
+    let alive: Vec<&ProcId> = started.0.iter().filter(|p| p.alive()).collect();
+    assert!(alive.is_empty(), "still running: {alive:?}");
+}
+
+// issue 6: replicated shards and replaced workers together: a worker and a
+// shard's primary killed in one run; still every step applied exactly once.
+#[test]
+fn a_killed_worker_and_a_killed_primary_in_one_replicated_elastic_job_lose_no_step() {
+    let dir = temp_dir();
+    let mut launcher = Proc::spawn(
+        "sinter train ps elastic replicated",
+        sinter(dir.path())
+            .arg("train")
+            .arg(example("fashion-mlp-ps.toml"))
+            .args(["--workers", "2", "--json", "-q"])
+            .args(["--set", "cluster.elastic=true", "--set", "cluster.max_restarts=1"])
+            .args(["--set", "cluster.replicas=2", "--set", "cluster.consistency=\"bsp\""]),
+    );
+    launcher.wait_json("the first epoch's end", RUN_TIMEOUT, |v| event(v) == Some("epoch"));
+    let started = KillOnDrop(descendants(launcher.pid));
+    assert_eq!(
+        started.0.len(),
+        7,
+        "coordinator, 2 × 2 servers, 2 workers: {:?}",
+        started.0
+    );
+    worker_with_rank(&started.0, "1").signal(libc::SIGKILL);
+    launcher.wait_json("the replacement", RUN_TIMEOUT, |v| {
+        event(v) == Some("replaced") && v["rank"].as_u64() == Some(1)
+    });
+    // The primary of shard 0: the first server the coordinator reported as such.
+    let primary = launcher.wait_json("shard 0's replicas", RUN_TIMEOUT, |v| {
+        event(v) == Some("shard") && v["shard"].as_u64() == Some(0) && v["backup_ready"].as_bool() == Some(true)
+    });
+    let pid = primary["primary_pid"].as_u64().expect("primary_pid") as u32;
+    let victim = *started.0.iter().find(|p| p.pid == pid).expect("the primary is a child");
+    victim.signal(libc::SIGKILL);
+    let out = launcher.wait(RUN_TIMEOUT);
+    out.assert_success();
+    out.assert_no_panic();
+    let lines = out.json_lines();
+    let done = lines
+        .iter()
+        .find(|v| event(v) == Some("done"))
+        .unwrap_or_else(|| panic!("no done line: {}", out.shown()));
+    let steps = done["steps"].as_u64().expect("steps");
+    assert_eq!(steps, 3 * 468);
+    for s in done["servers"].as_array().expect("servers") {
+        let st = &s["stats"];
+        assert_eq!(st["steps_applied"].as_u64(), Some(steps), "shard {}: {st}", s["shard"]);
+    }
+    let alive: Vec<&ProcId> = started.0.iter().filter(|p| p.alive()).collect();
+    assert!(alive.is_empty(), "still running: {alive:?}");
+}
+
+// issue 6: a lost parameter-server worker nobody replaces stops the job within
+// cluster.replace_timeout_ms, naming its rank.
+#[test]
+fn an_unreplaced_parameter_server_worker_stops_the_job_naming_its_rank() {
+    let dir = temp_dir();
+    let mut launcher = Proc::spawn(
+        "sinter train ps elastic, no restarts",
+        sinter(dir.path())
+            .arg("train")
+            .arg(example("fashion-mlp-ps.toml"))
+            .args(["--workers", "2", "--json", "-q"])
+            .args(["--set", "cluster.elastic=true", "--set", "cluster.max_restarts=0"])
+            .args(["--set", "cluster.replace_timeout_ms=1000"]),
+    );
+    launcher.wait_json("the first epoch's end", RUN_TIMEOUT, |v| event(v) == Some("epoch"));
+    let started = KillOnDrop(descendants(launcher.pid));
+    let t = std::time::Instant::now();
+    worker_with_rank(&started.0, "1").signal(libc::SIGKILL);
+    let out = launcher.wait(RUN_TIMEOUT);
+    assert_eq!(out.code(), Some(3), "{}", out.shown());
+    assert!(
+        out.stderr.contains("rank 1") && out.stderr.contains("no worker took its place within 1000 ms"),
+        "{}",
+        out.shown()
+    );
+    assert!(t.elapsed() < Duration::from_secs(15), "took {:?}", t.elapsed());
+    let alive: Vec<&ProcId> = started.0.iter().filter(|p| p.alive()).collect();
     assert!(alive.is_empty(), "still running: {alive:?}");
 }
