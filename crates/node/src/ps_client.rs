@@ -832,50 +832,68 @@ impl PsExchange {
         let mut image = Vec::with_capacity(total);
         while image.len() < total {
             let len = (total - image.len()).min(INIT_CHUNK_VALUES);
-            let req = self.next_req;
-            self.next_req += 1;
-            let p = ps::Pull {
-                req,
-                clock,
-                wait_all: true,
-                dense: false,
-                keys: Vec::new(),
-                snapshot: Some((base + image.len() as u64, len as u64)),
-            };
-            ps::msg::encode_pull(&p, &[], &mut self.buf);
-            let n = self.shards();
-            let mut sent = vec![Vec::new(); n];
-            if self.failover.is_some() {
-                sent[shard] = self.buf.clone();
-            }
-            self.send(shard)?;
-            let mut asked = vec![false; n];
-            asked[shard] = true;
-            self.pull = Some(PendingPull {
-                req,
-                clock,
-                keys: vec![Vec::new(); n],
-                dense: false,
-                asked,
-                got: vec![None; n],
-                waiting: 1,
-                started: Instant::now(),
-                sent,
-            });
-            while self.pull.as_ref().is_some_and(|p| p.waiting > 0) {
-                self.handle_reply("checkpoint snapshot", clock, shard as u32)?;
-            }
-            let p = self.pull.take().expect("waited above");
-            let (_, values) = p.got.into_iter().nth(shard).flatten().expect("answered");
-            if values.len() != len {
-                return Err(JobError::Server {
-                    server: shard as u32,
-                    why: format!("sent {} snapshot values, asked for {len}", values.len()),
-                });
-            }
+            let values = self.read_snapshot(shard, clock, base + image.len() as u64, len)?;
             image.extend_from_slice(&values);
         }
         Ok(image)
+    }
+
+    /// SSP and async, at a checkpoint's step `clock`, before this worker
+    /// pushes that step: waits until every worker's first `clock` steps are in
+    /// on every shard, which saves the shards' consistent cut of that step
+    /// (see `ps::shard`). The checkpoint's snapshot is then read from the cut.
+    pub fn cut(&mut self, clock: u64) -> Result<(), JobError> {
+        for shard in 0..self.shards() {
+            self.read_snapshot(shard, clock, ps::CUT_BARRIER, 0)?;
+        }
+        Ok(())
+    }
+
+    /// One snapshot read of `len` values at `offset` from shard `shard`, once
+    /// every worker has pushed `clock` steps there.
+    fn read_snapshot(&mut self, shard: usize, clock: u64, offset: u64, len: usize) -> Result<Vec<f32>, JobError> {
+        let req = self.next_req;
+        self.next_req += 1;
+        let p = ps::Pull {
+            req,
+            clock,
+            wait_all: true,
+            dense: false,
+            keys: Vec::new(),
+            snapshot: Some((offset, len as u64)),
+        };
+        ps::msg::encode_pull(&p, &[], &mut self.buf);
+        let n = self.shards();
+        let mut sent = vec![Vec::new(); n];
+        if self.failover.is_some() {
+            sent[shard] = self.buf.clone();
+        }
+        self.send(shard)?;
+        let mut asked = vec![false; n];
+        asked[shard] = true;
+        self.pull = Some(PendingPull {
+            req,
+            clock,
+            keys: vec![Vec::new(); n],
+            dense: false,
+            asked,
+            got: vec![None; n],
+            waiting: 1,
+            started: Instant::now(),
+            sent,
+        });
+        while self.pull.as_ref().is_some_and(|p| p.waiting > 0) {
+            self.handle_reply("checkpoint snapshot", clock, shard as u32)?;
+        }
+        let p = self.pull.take().expect("waited above");
+        let (_, values) = p.got.into_iter().nth(shard).flatten().expect("answered");
+        if values.len() != len {
+            return Err(JobError::Server {
+                server: shard as u32,
+                why: format!("sent {} snapshot values, asked for {len}", values.len()),
+            });
+        }
+        Ok(values)
     }
 
     /// Waits until every push is acknowledged (the end of training).

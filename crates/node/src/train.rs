@@ -105,10 +105,51 @@ pub struct Position {
 
 /// The loaded data of a job.
 pub struct JobData {
+    /// The training rows this worker holds: rows `first_row .. first_row +
+    /// train.rows()` of the `total_rows` in the file. The epoch plan works in
+    /// these global row ids; a worker that read only its partition holds just
+    /// the plan's rows for its rank.
     pub train: Dataset,
+    pub first_row: usize,
+    pub total_rows: usize,
+    /// Non-zeros of every rank's partition, by rank, when the ranks told each
+    /// other (all-reduce workers that hold only their partitions).
+    pub partition_nnz: Option<Vec<u64>>,
     pub test: Option<Dataset>,
     /// Extra facts about the data to report (e.g. a generator's Bayes AUC).
     pub meta: Option<serde_json::Value>,
+}
+
+impl JobData {
+    /// Data that holds every training row.
+    pub fn whole(train: Dataset, test: Option<Dataset>, meta: Option<serde_json::Value>) -> Self {
+        Self {
+            first_row: 0,
+            total_rows: train.rows(),
+            train,
+            partition_nnz: None,
+            test,
+            meta,
+        }
+    }
+
+    /// Whether `train` holds only some of the file's rows.
+    pub fn is_partial(&self) -> bool {
+        self.first_row != 0 || self.train.rows() != self.total_rows
+    }
+
+    /// Where global row `row` is in `train`. A row this worker does not hold
+    /// means the plan and the rows read disagree: a bug, not bad input.
+    fn local_row(&self, row: u32) -> usize {
+        let local = (row as usize).wrapping_sub(self.first_row);
+        assert!(
+            local < self.train.rows(),
+            "row {row} is outside the rows this worker holds ({}..{})",
+            self.first_row,
+            self.first_row + self.train.rows()
+        );
+        local
+    }
 }
 
 /// What a finished run reports.
@@ -200,22 +241,30 @@ impl Trainer {
                 ),
             });
         }
-        if data.train.rows() > data::PLAN_ROWS_MAX {
+        if data.total_rows > data::PLAN_ROWS_MAX {
             return Err(JobError::Config {
                 path: PathBuf::from("<config>"),
-                why: format!("{} training rows are more than a worker can plan", data.train.rows()),
+                why: format!("{} training rows are more than a worker can plan", data.total_rows),
             });
         }
-        let plan = EpochPlan::new(data.train.rows(), world, cfg.train.batch_size, cfg.train.seed, 0);
+        let plan = EpochPlan::new(data.total_rows, world, cfg.train.batch_size, cfg.train.seed, 0);
         if plan.steps() == 0 {
             return Err(JobError::Config {
                 path: PathBuf::from("<config>"),
                 why: format!(
                     "{} training rows are too few for a global batch of {} over {world} workers",
-                    data.train.rows(),
+                    data.total_rows,
                     cfg.train.batch_size
                 ),
             });
+        }
+        if data.is_partial() {
+            let part = data::partitions(data.total_rows, world, cfg.train.batch_size)[rank as usize].clone();
+            assert_eq!(
+                part,
+                data.first_row..data.first_row + data.train.rows(),
+                "rank {rank} of {world} holds rows that are not its partition"
+            );
         }
         let weight = plan.batch_rows(rank) as f32 / cfg.train.batch_size as f32;
         Ok(Self {
@@ -263,12 +312,30 @@ impl Trainer {
 
     fn fresh_plan(&self, epoch: u32) -> EpochPlan {
         EpochPlan::new(
-            self.data.train.rows(),
+            self.data.total_rows,
             self.world,
             self.cfg.train.batch_size,
             self.cfg.train.seed,
             epoch,
         )
+    }
+
+    /// The skew of the plan's partitions for `world` workers: rows from their
+    /// ranges; non-zeros from the rows when this worker holds them all, else
+    /// from the counts the ranks exchanged (`None` if they did not).
+    fn partition_skew(&self, world: u32) -> (f64, Option<f64>) {
+        let parts = data::partitions(self.data.total_rows, world, self.cfg.train.batch_size);
+        let nnz = match &self.data.partition_nnz {
+            Some(n) if n.len() == parts.len() => Some(n.clone()),
+            _ if !self.data.is_partial() => Some(
+                parts
+                    .iter()
+                    .map(|p| p.clone().map(|r| self.data.train.row_nnz(r) as u64).sum())
+                    .collect(),
+            ),
+            _ => None,
+        };
+        partition_skew(&parts, nnz.as_deref())
     }
 
     pub fn layout(&self) -> &tensor::Layout {
@@ -302,7 +369,7 @@ impl Trainer {
         let part = plan.remaining(self.rank);
         let idx: Vec<usize> = part[..sample_rows.min(part.len())]
             .iter()
-            .map(|&r| r as usize)
+            .map(|&r| self.data.local_row(r))
             .collect();
         // Counted per training batch: a shard's key load is the number of
         // requests (batches) that carry the key.
@@ -415,7 +482,7 @@ impl Trainer {
         let plan = if words.is_empty() {
             None
         } else {
-            let (plan, rest) = EpochPlan::decode(&words, self.data.train.rows()).map_err(&bad)?;
+            let (plan, rest) = EpochPlan::decode(&words, self.data.total_rows).map_err(&bad)?;
             if !rest.is_empty() || plan.world() as usize != owners.len() {
                 return Err(bad(format!(
                     "a plan for {} ranks with {} addresses",
@@ -479,9 +546,9 @@ impl Trainer {
         let mut batch = Batch::for_dataset(&self.data.train);
         let mut last = None;
         let mut checkpoint = None;
-        let skew = partition_skew(&self.data.train, ex.world());
         // Once per process: an elastic job's later generations report `regroup` lines instead.
         if !std::mem::replace(&mut self.start_reported, true) {
+            let skew = self.partition_skew(ex.world());
             obs.report(&Report::Start {
                 rank: ex.rank(),
                 world: ex.world(),
@@ -532,6 +599,14 @@ impl Trainer {
             report.eval_s = self.eval_s;
             let ck = &self.cfg.checkpoint;
             let checkpoint_due = ck.dir.is_some() && (last_epoch || self.pos.epoch.is_multiple_of(ck.every_epochs));
+            if checkpoint_due
+                && self.cfg.cluster.consistency() != ps::Consistency::Bsp
+                && let Some(remote) = ex.remote()
+            {
+                // SSP and async: every worker meets at this step before it pushes the next, so
+                // the checkpoint is a consistent cut of it (see `ps::shard`); BSP is one already.
+                remote.cut(self.pos.step)?;
+            }
             // Every rank hands over its exchange state (compression residuals); rank 0 writes it.
             let exchange_state = if checkpoint_due {
                 ex.checkpoint_state(self.pos.step)?
@@ -673,7 +748,8 @@ impl Trainer {
             return false;
         };
         self.batch_rows.clear();
-        self.batch_rows.extend(rows.iter().map(|&r| r as usize));
+        let data = &self.data;
+        self.batch_rows.extend(rows.iter().map(|&r| data.local_row(r)));
         batch.gather(&self.data.train, &self.batch_rows);
         true
     }
@@ -975,15 +1051,10 @@ fn model_kind(cfg: &JobConfig) -> String {
         .unwrap_or_else(|| "?".into())
 }
 
-/// Max over mean of rows and of non-zeros across the `world` contiguous
-/// partitions that [`Shard::new`] cuts.
-pub fn partition_skew(ds: &Dataset, world: u32) -> (f64, f64) {
-    let parts = tensor::shard_ranges(ds.rows(), world as usize);
-    let rows: Vec<f64> = parts.iter().map(|r| r.len() as f64).collect();
-    let nnz: Vec<f64> = parts
-        .iter()
-        .map(|r| r.clone().map(|i| ds.row_nnz(i) as f64).sum())
-        .collect();
+/// Max over mean of rows and of non-zeros across partitions `parts` (global
+/// row ranges, as [`data::partitions`] cuts them), given each one's non-zeros
+/// (`None`: unknown, and so is their skew).
+pub fn partition_skew(parts: &[Range<usize>], nnz: Option<&[u64]>) -> (f64, Option<f64>) {
     let ratio = |v: &[f64]| {
         let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
         if mean > 0.0 {
@@ -992,7 +1063,9 @@ pub fn partition_skew(ds: &Dataset, world: u32) -> (f64, f64) {
             1.0
         }
     };
-    (ratio(&rows), ratio(&nnz))
+    let rows: Vec<f64> = parts.iter().map(|r| r.len() as f64).collect();
+    let nnz = nnz.map(|n| ratio(&n.iter().map(|&x| x as f64).collect::<Vec<f64>>()));
+    (ratio(&rows), nnz)
 }
 
 /// FNV-1a over the parameter bits: equal on every rank iff the parameters are bitwise equal

@@ -27,5 +27,5 @@ pub use local::LocalLayout;
 pub use msg::{Message, Pull, Push};
 pub use placement::{Placement, PlacementSpec, balance_hot_keys, key, split_key};
 pub use replica::{Replica, Snapshot};
-pub use shard::{Consistency, Output, Shard, ShardStats, staleness_bucket, staleness_bucket_floor};
+pub use shard::{CUT_BARRIER, Consistency, Output, Shard, ShardStats, staleness_bucket, staleness_bucket_floor};
 pub use sketch::HotKeys;

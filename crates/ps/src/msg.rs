@@ -51,7 +51,9 @@ const FLAG_DENSE: u8 = 1;
 const FLAG_WAIT_ALL: u8 = 2;
 const FLAG_SNAPSHOT: u8 = 4;
 /// Snapshot offsets from here on address the workers' states, not the image
-/// (an image is far shorter than 2^62 values).
+/// (an image is far shorter than 2^62 values). The last offset of all,
+/// `shard::CUT_BARRIER`, is a checkpoint's cut barrier instead; the shard
+/// tells it apart first.
 pub const WORKER_STATE_OFFSET: u64 = 1 << 62;
 
 /// A worker asks for parameters.

@@ -19,6 +19,16 @@
 //! **Invariant:** pushes from one worker arrive in clock order (0, 1, 2, …);
 //! anything else is a protocol error naming the worker.
 //!
+//! Checkpoints under SSP and async are consistent cuts: at a checkpoint's
+//! step C every worker sends a *cut barrier* (a `wait_all` snapshot pull at
+//! offset [`CUT_BARRIER`]) before it pushes step C. The first barrier the
+//! shard answers, which is when every worker's first C steps are in and
+//! before any step C can be (its sender waits for this answer), saves the
+//! shard's image as the cut of step C; the checkpoint's snapshot reads of
+//! step C are answered from it, whatever the workers pushed since. (BSP needs
+//! no barrier: step C is applied only once rank 0, which reads the snapshot
+//! first, has pushed it.)
+//!
 //! A lost worker's replacement (elastic jobs, [`Shard::replace_worker`])
 //! continues from the lowest of its predecessor's clocks over all shards, so a
 //! shard that already took a step from the predecessor sees it again: such a
@@ -122,6 +132,11 @@ impl Hasher for MixHasher {
 
 pub type MixMap<K, V> = HashMap<K, V, BuildHasherDefault<MixHasher>>;
 
+/// The snapshot offset of a cut barrier (see the module docs): a `wait_all`
+/// pull at this offset with length 0 is answered, with no values, once every
+/// worker has pushed `clock` steps, and saves the cut of step `clock`.
+pub const CUT_BARRIER: u64 = u64::MAX;
+
 /// The sum of every worker's push for one BSP step.
 #[derive(Default)]
 struct Pending {
@@ -148,6 +163,8 @@ pub struct Shard {
     deferred: Vec<(u32, Pull)>,
     /// Per worker: replaced, and not yet caught up with its clock here (see the module docs).
     replaced: Vec<bool>,
+    /// The last checkpoint cut: its step and the shard's image then.
+    cut: Option<(u64, Vec<f32>)>,
     stats: ShardStats,
     /// Scratch for building the optimizer's sparse rows.
     scratch: Vec<SparseRows>,
@@ -207,6 +224,7 @@ impl Shard {
             pending: BTreeMap::new(),
             deferred: Vec::new(),
             replaced: vec![false; workers as usize],
+            cut: None,
             stats: ShardStats {
                 staleness: vec![0; STALENESS_BUCKETS],
                 ..ShardStats::default()
@@ -376,6 +394,9 @@ impl Shard {
     }
 
     fn may_answer(&self, worker: u32, p: &Pull) -> bool {
+        if p.snapshot.is_some_and(|(offset, _)| offset == CUT_BARRIER) {
+            return self.visible() >= p.clock;
+        }
         if p.snapshot.is_some_and(|(offset, _)| offset >= WORKER_STATE_OFFSET) {
             return self.worker_states_ready(worker, p.clock);
         }
@@ -534,10 +555,26 @@ impl Shard {
             self.stats.staleness[staleness_bucket(s)] += 1;
             self.stats.staleness_max = self.stats.staleness_max.max(s);
         }
+        if pull.snapshot.is_some_and(|(offset, _)| offset == CUT_BARRIER) {
+            if self.cut.as_ref().is_none_or(|(c, _)| *c < pull.clock) {
+                self.cut = Some((pull.clock, self.image()));
+            }
+            return Ok(Output::Pulled {
+                worker,
+                req: pull.req,
+                clock: pull.clock,
+                dense: Vec::new(),
+                values: Vec::new(),
+            });
+        }
         if let Some((offset, len)) = pull.snapshot {
             let (image, offset) = match offset.checked_sub(WORKER_STATE_OFFSET) {
                 Some(at) => (self.worker_state_image(pull.clock), at),
-                None => (self.image(), offset),
+                None => match &self.cut {
+                    // The cut of this step, when the workers made one (SSP and async).
+                    Some((c, image)) if *c == pull.clock => (image.clone(), offset),
+                    _ => (self.image(), offset),
+                },
             };
             let range = usize::try_from(offset)
                 .ok()
@@ -913,6 +950,57 @@ mod tests {
         assert_eq!(s.stats().steps_applied, 2);
         assert_eq!(s.values()[0], -4.0, "two SGD steps of 1 + 1");
         assert!(s.replace_worker(9).is_err());
+    }
+
+    fn barrier(clock: u64) -> Pull {
+        Pull {
+            req: 100 + clock,
+            clock,
+            wait_all: true,
+            dense: false,
+            keys: Vec::new(),
+            snapshot: Some((CUT_BARRIER, 0)),
+        }
+    }
+
+    fn snapshot_values(out: &[Output]) -> Vec<f32> {
+        match out {
+            [Output::Pulled { values, .. }] => values.clone(),
+            o => panic!("{o:?}"),
+        }
+    }
+
+    #[test]
+    fn an_async_checkpoint_reads_the_cut_even_after_faster_workers_pushed_on() {
+        let (_, _, mut s) = setup(2, Consistency::Async);
+        // Step 1 is a checkpoint's. Worker 0 is fast; worker 1 has not pushed step 0 yet.
+        s.on_push(0, push(0, 1.0)).unwrap();
+        assert!(
+            s.on_pull(0, barrier(1)).unwrap().is_empty(),
+            "waits for worker 1's step 0"
+        );
+        let out = s.on_push(1, push(0, 1.0)).unwrap();
+        assert_eq!(out.len(), 2, "ack and worker 0's barrier: {out:?}");
+        let at_cut = s.image();
+        // Worker 1's barrier comes later; worker 0 already pushed on past the cut.
+        s.on_push(0, push(1, 5.0)).unwrap();
+        assert_eq!(s.on_pull(1, barrier(1)).unwrap().len(), 1);
+        assert_ne!(s.image(), at_cut);
+        let mut read = pull(1);
+        read.wait_all = true;
+        read.snapshot = Some((0, at_cut.len() as u64));
+        assert_eq!(
+            snapshot_values(&s.on_pull(0, read).unwrap()),
+            at_cut,
+            "the cut, not the present"
+        );
+        // A later cut replaces it.
+        s.on_push(1, push(1, 1.0)).unwrap();
+        assert_eq!(s.on_pull(0, barrier(2)).unwrap().len(), 1);
+        let mut read = pull(2);
+        read.wait_all = true;
+        read.snapshot = Some((0, 3));
+        assert_eq!(snapshot_values(&s.on_pull(0, read).unwrap()), s.image()[..3]);
     }
 
     #[test]

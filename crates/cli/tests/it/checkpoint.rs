@@ -171,6 +171,29 @@ fn parameter_server_checkpoint_resumes_on_another_cluster_shape() {
     assert!(newest(&b).ends_with(EPOCH_2_CHECKPOINT), "{}", newest(&b).display());
 }
 
+// issue 6: under async consistency a parameter-server checkpoint is a consistent cut:
+// every worker's first N steps are in it and none after, so the shards had taken
+// exactly workers × N optimizer steps (each async push is one), however far ahead
+// a fast worker ran meanwhile.
+#[test]
+fn an_async_parameter_server_checkpoint_is_a_consistent_cut() {
+    let dir = temp_dir();
+    let ck = dir.path().join("ck");
+    let extra = ["--servers", "2", "--set", "cluster.consistency=\"async\"", "--set", "checkpoint.keep_last=3"];
+    train_small_with(dir.path(), 3, 3, &ck, false, &extra);
+    let all = checkpoints(&ck);
+    assert_eq!(all.len(), 3, "{all:?}");
+    for path in all {
+        let snap = checkpoint::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let t = snap
+            .tensor("optim", "optim.step")
+            .unwrap_or_else(|| panic!("{}: no optim.step", path.display()));
+        // Stored as (steps / 2^24, steps % 2^24), exactly representable in f32.
+        let steps = t.data[0] as u64 * (1 << 24) + t.data[1] as u64;
+        assert_eq!(steps, 3 * snap.manifest.step, "{}", path.display());
+    }
+}
+
 // issue 2, issue 6: one flipped byte is found, and a resume falls back to the previous checkpoint.
 #[test]
 fn damaged_checkpoint_is_reported_and_resume_falls_back_to_the_previous_one() {
