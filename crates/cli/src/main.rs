@@ -55,7 +55,7 @@ enum Command {
     Worker(WorkerArgs),
     /// Deterministic simulation of the protocols under faults (`--fuzz` for many
     /// seeds, `--reproduce SEED` to replay one), or scale prediction (`--predict`).
-    Sim(SimArgs),
+    Sim(Box<SimArgs>),
     /// Run one parameter-server shard of a cluster; finds the coordinator through
     /// DMLC_PS_ROOT_URI/DMLC_PS_ROOT_PORT (or MASTER_ADDR/MASTER_PORT). Takes its
     /// model, optimizer and placement from worker 0: no config file needed.
@@ -113,6 +113,12 @@ struct SimArgs {
     bandwidth: String,
     #[arg(long, default_value_t = 10.0)]
     latency_us: f64,
+    /// Token bucket of each NIC, each way, as tbf's `burst` (e.g. 32kb); 0: none, as a real NIC.
+    #[arg(long, default_value = "0")]
+    burst: String,
+    /// Cores every node shares (all processes on one machine); 0: each node has its own.
+    #[arg(long, default_value_t = 0)]
+    host_cores: u32,
     /// allreduce and/or ps, comma-separated.
     #[arg(long, default_value = "allreduce")]
     strategy: String,
@@ -389,7 +395,7 @@ fn main() -> ExitCode {
         Command::Coordinator(a) => coordinator(a),
         Command::Worker(a) => worker(a),
         Command::Server(a) => server(a),
-        Command::Sim(a) => sim_command(a),
+        Command::Sim(a) => sim_command(*a),
         Command::Bench(BenchCommand::Allreduce(a)) => bench_allreduce(a),
         Command::Bench(BenchCommand::Ps(a)) => bench_ps(a),
         Command::Bench(BenchCommand::Codec(a)) => bench_codec(a),
@@ -668,14 +674,18 @@ fn sim_command(a: SimArgs) -> Result<()> {
             batch: a.batch,
             workers: 1,
             servers: a.servers.max(1),
-            link: sim::net::LinkSpec::new(
-                cmd::parse_rate(&a.bandwidth).map_err(e)?,
-                (a.latency_us * 1e3).round() as u64,
-            ),
+            link: sim::net::LinkSpec {
+                burst_bytes: cmd::parse_bytes(&a.burst).map_err(e)?,
+                ..sim::net::LinkSpec::new(
+                    cmd::parse_rate(&a.bandwidth).map_err(e)?,
+                    (a.latency_us * 1e3).round() as u64,
+                )
+            },
             strategy: sim::predict::Strategy::AllReduce,
             codec: codec_none(),
             consistency: cmd::parse_consistency(&a.consistency, a.staleness).map_err(e)?,
             cpu: sim::predict::CpuModel::default(),
+            host_cores: a.host_cores,
         };
         let run = cmd::PredictRun {
             base,

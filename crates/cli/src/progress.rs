@@ -63,9 +63,8 @@ impl Observer for Console {
                 ..
             } => {
                 if *world > 1 && !self.quiet {
-                    eprintln!(
-                        "{world} workers; partition skew (max/mean): rows {rows_max_over_mean:.3}, non-zeros {nnz_max_over_mean:.3}"
-                    );
+                    let nnz = nnz_max_over_mean.map_or_else(String::new, |n| format!(", non-zeros {n:.3}"));
+                    eprintln!("{world} workers; partition skew (max/mean): rows {rows_max_over_mean:.3}{nnz}");
                 }
                 let bar = self.bar(u64::from(*epochs) * steps_per_epoch);
                 bar.set_position(u64::from(*start_epoch) * steps_per_epoch);
@@ -116,6 +115,28 @@ impl Observer for Console {
                 }
             }
             Report::Shard { .. } => {}
+            Report::Data(d) => {
+                if !self.quiet {
+                    let what = match &d.whole_file {
+                        None => format!(
+                            "rows {}..{} of {} (its partition)",
+                            d.first_row,
+                            d.first_row + d.rows,
+                            d.rows_total
+                        ),
+                        Some(why) => format!("all {} rows ({why})", d.rows_total),
+                    };
+                    let line = format!(
+                        "rank {} read {what} in {:.2} s",
+                        d.rank,
+                        (d.survey_ms + d.read_ms) / 1e3
+                    );
+                    match &self.bar {
+                        Some(bar) if !bar.is_hidden() => bar.println(line),
+                        _ => eprintln!("{line}"),
+                    }
+                }
+            }
             Report::Replaced { rank, step, .. } => {
                 if !self.quiet {
                     let line = format!("a new worker took lost rank {rank}'s place, continuing at its step {step}");

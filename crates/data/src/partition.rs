@@ -44,7 +44,10 @@ impl FromStr for Partition {
 
 /// Row range of `part` when `rows` rows are cut into `parts` contiguous
 /// ranges whose sizes differ by at most one (the first `rows % parts` are larger).
-/// Equal to the ranges of [`Partition::Contiguous`], so a worker can read only its slice.
+/// Equal to the ranges of [`Partition::Contiguous`]. (A training job's
+/// workers read [`crate::partitions`] instead: the epoch plan cuts the rows in
+/// proportion to the local batches, which differ when the global batch does
+/// not divide evenly.)
 pub fn partition_range(rows: usize, parts: usize, part: usize) -> Range<usize> {
     assert!(part < parts, "part {part} of {parts}");
     let (base, extra) = (rows / parts, rows % parts);

@@ -33,7 +33,9 @@
 //! (dense formats: the header or schema; sparse formats: `hash_bits`, `dim`
 //! or `.meta.json`). A sparse file with none of these has the dimension of its
 //! largest index, which only a whole read finds: [`Survey::whole_file_needed`]
-//! says so, and [`Survey::read`] refuses a range.
+//! says so, and [`Survey::read`] refuses a range. IDX normalisation takes
+//! fixed constants ([`crate::Normalize`]), no statistic of the file, so a
+//! range is normalised as in a whole read.
 //!
 //! Errors in rows outside the range (a bad token, a quoted CSV field) are
 //! found by the reader of those rows; bad labels are found by the survey.
@@ -71,6 +73,7 @@ pub struct Survey {
     rows: u64,
     num_classes: u32,
     dim: Option<u64>,
+    sparse: bool,
     whole_file_needed: Option<String>,
     layout: Layout,
 }
@@ -108,13 +111,14 @@ pub(crate) fn survey_marked(path: &Path, opts: &ReadOptions, mark_every_rows: u6
              which only a read of every row finds"
         )
     };
-    let survey = |rows, num_classes, dim: Option<u64>, whole_file_needed, layout| Survey {
+    let survey = |rows, num_classes, (dim, sparse): (Option<u64>, bool), whole_file_needed, layout| Survey {
         path: path.to_owned(),
         format,
         opts: opts.clone(),
         rows,
         num_classes,
         dim,
+        sparse,
         whole_file_needed,
         layout,
     };
@@ -122,7 +126,13 @@ pub(crate) fn survey_marked(path: &Path, opts: &ReadOptions, mark_every_rows: u6
         Format::Idx => {
             let (images, labels) = idx_files(path, opts.split)?;
             let s = crate::idx::survey_idx(&images, &labels)?;
-            Ok(survey(s.rows(), s.num_classes(), Some(s.dim()), None, Layout::Idx(s)))
+            Ok(survey(
+                s.rows(),
+                s.num_classes(),
+                (Some(s.dim()), false),
+                None,
+                Layout::Idx(s),
+            ))
         }
         Format::Libsvm | Format::Csv => {
             let scan = scan_text(path, format, &opts, mark_every_rows)?;
@@ -138,7 +148,13 @@ pub(crate) fn survey_marked(path: &Path, opts: &ReadOptions, mark_every_rows: u6
                 marks: scan.marks,
                 csv_shape: scan.csv_shape,
             };
-            Ok(survey(scan.rows, scan.num_classes, dim, why, layout))
+            Ok(survey(
+                scan.rows,
+                scan.num_classes,
+                (dim, format == Format::Libsvm),
+                why,
+                layout,
+            ))
         }
         #[cfg(feature = "parquet")]
         Format::Parquet => {
@@ -151,7 +167,7 @@ pub(crate) fn survey_marked(path: &Path, opts: &ReadOptions, mark_every_rows: u6
             } else {
                 (Some(s.dense_dim as u64), None)
             };
-            Ok(survey(s.rows, s.num_classes, dim, why, Layout::Parquet))
+            Ok(survey(s.rows, s.num_classes, (dim, s.sparse), why, Layout::Parquet))
         }
         #[cfg(not(feature = "parquet"))]
         Format::Parquet => Err(crate::read::not_compiled(path)),
@@ -180,6 +196,11 @@ impl Survey {
     /// The feature dimension every range read has, when the survey knows it.
     pub fn dim(&self) -> Option<u64> {
         self.dim
+    }
+
+    /// Whether the rows are sparse (LIBSVM, or Parquet with `indices` and `values`).
+    pub fn is_sparse(&self) -> bool {
+        self.sparse
     }
 
     /// Why only a whole read gives this file's data set (`None`: a range read
@@ -319,7 +340,11 @@ mod tests {
     fn rows_strategy(classes: i64) -> impl Strategy<Value = Vec<Row>> {
         let entry = (0u32..12, prop_oneof![Just(1.0f32), Just(0.5), Just(-2.25), Just(3.0)]);
         let row = (
-            if classes == 0 { prop_oneof![Just(-1i64), Just(1)].boxed() } else { (0..classes).boxed() },
+            if classes == 0 {
+                prop_oneof![Just(-1i64), Just(1)].boxed()
+            } else {
+                (0..classes).boxed()
+            },
             proptest::collection::btree_map(entry.0, entry.1, 0..5).prop_map(|m| m.into_iter().collect()),
         );
         proptest::collection::vec(row, 0..60)
@@ -335,14 +360,18 @@ mod tests {
     }
 
     fn style() -> impl Strategy<Value = Style> {
-        (proptest::collection::vec(0u8..8, 64), any::<bool>(), any::<bool>(), any::<bool>()).prop_map(
-            |(noise, crlf, final_newline, gzip)| Style {
+        (
+            proptest::collection::vec(0u8..8, 64),
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+        )
+            .prop_map(|(noise, crlf, final_newline, gzip)| Style {
                 noise,
                 crlf,
                 final_newline,
                 gzip,
-            },
-        )
+            })
     }
 
     fn write(path: &Path, mut text: Vec<u8>, style: &Style) {
@@ -409,7 +438,9 @@ mod tests {
             entries.iter().for_each(|&(i, v)| dense[i as usize % dim as usize] = v);
             // The label is the second column.
             t.extend_from_slice(format!("{:?},{label}", dense[0]).as_bytes());
-            dense[1..].iter().for_each(|v| t.extend_from_slice(format!(", {v:?}").as_bytes()));
+            dense[1..]
+                .iter()
+                .for_each(|v| t.extend_from_slice(format!(", {v:?}").as_bytes()));
             t.extend_from_slice(end(style));
         }
         t
@@ -509,8 +540,8 @@ mod tests {
         /// and a range read agrees; on any bytes, neither panics.
         #[test]
         fn surveys_agree_with_whole_reads_on_near_valid_text(
-            text in "([-+]?[0-9]{0,2}[ \t]*( [0-9a-z]{0,3}:[-0-9.]{0,3}){0,3}[ \t]*(#.*)?\r?\n){0,12}",
-            csv in "(( |[-0-9.a]{0,3})(,[ -0-9.]{0,3}){0,2}\r?\n){0,12}",
+            text in "([ \t]*(\\+?1|0|2|-1)( [0-9]{1,2}:[0-9x]{1,2}(\\.5)?){0,3}[ \t]*(#.*)?\r?\n|[ \t]*(#.*)?\r?\n){0,12}",
+            csv in "(y,a,b\r?\n)?(( *|[0-3], ?[0-9]{1,2}(\\.[0-9])?,[0-9x]{1,2})\r?\n){0,12}",
             cut in (0u64..14, 0u64..14),
         ) {
             let dir = tempfile::tempdir().expect("tempdir");
@@ -537,9 +568,9 @@ mod tests {
     mod parquet {
         use std::sync::Arc;
 
+        use ::parquet::arrow::ArrowWriter;
         use arrow::array::{ArrayRef, Float32Array, Int32Array, ListArray, RecordBatch};
         use arrow::datatypes::{Float32Type, Int32Type};
-        use ::parquet::arrow::ArrowWriter;
 
         use super::*;
 
@@ -552,10 +583,14 @@ mod tests {
                 let batch = match dense_dim {
                     None => {
                         let ind = ListArray::from_iter_primitive::<Int32Type, _, _>(
-                            chunk.iter().map(|r| Some(r.1.iter().map(|&(i, _)| Some(i as i32)).collect::<Vec<_>>())),
+                            chunk
+                                .iter()
+                                .map(|r| Some(r.1.iter().map(|&(i, _)| Some(i as i32)).collect::<Vec<_>>())),
                         );
                         let val = ListArray::from_iter_primitive::<Float32Type, _, _>(
-                            chunk.iter().map(|r| Some(r.1.iter().map(|&(_, v)| Some(v)).collect::<Vec<_>>())),
+                            chunk
+                                .iter()
+                                .map(|r| Some(r.1.iter().map(|&(_, v)| Some(v)).collect::<Vec<_>>())),
                         );
                         RecordBatch::try_from_iter([
                             ("label", labels),
@@ -566,10 +601,13 @@ mod tests {
                     Some(dim) => {
                         let mut cols = vec![("label".to_string(), labels)];
                         for c in 0..dim {
-                            let col = chunk.iter().map(|r| {
-                                r.1.iter().find(|&&(i, _)| i % dim == c).map_or(0.0, |&(_, v)| v)
-                            });
-                            cols.push((format!("x{c}"), Arc::new(Float32Array::from_iter_values(col)) as ArrayRef));
+                            let col = chunk
+                                .iter()
+                                .map(|r| r.1.iter().find(|&&(i, _)| i % dim == c).map_or(0.0, |&(_, v)| v));
+                            cols.push((
+                                format!("x{c}"),
+                                Arc::new(Float32Array::from_iter_values(col)) as ArrayRef,
+                            ));
                         }
                         RecordBatch::try_from_iter(cols)
                     }
@@ -619,7 +657,10 @@ mod tests {
             assert_eq!((s.rows(), s.num_classes(), s.dim()), (2, 2, None));
             assert!(s.whole_file_needed().is_some_and(|w| w.contains("sparse Parquet")));
             let err = s.read(0..1).expect_err("refused").to_string();
-            assert!(err.contains("s.parquet: a sparse Parquet file without hash_bits"), "{err}");
+            assert!(
+                err.contains("s.parquet: a sparse Parquet file without hash_bits"),
+                "{err}"
+            );
         }
     }
 
@@ -678,9 +719,14 @@ mod tests {
 
         let path = text_file(dir.path(), "l.svm", "1 1:1\n\n0 2:1\n-1 3:1\n");
         let err = survey(&path, &opts).expect_err("mixed labels").to_string();
-        assert!(err.contains("/l.svm:3: label 0 mixed with label -1 (first at line 4)"), "{err}");
+        assert!(
+            err.contains("/l.svm:3: label 0 mixed with label -1 (first at line 4)"),
+            "{err}"
+        );
         let path = text_file(dir.path(), "c.csv", "y,a\n1,2\n\n0,3\nz,4\n");
-        let err = survey(&path, &ReadOptions::default()).expect_err("bad label").to_string();
+        let err = survey(&path, &ReadOptions::default())
+            .expect_err("bad label")
+            .to_string();
         assert!(err.ends_with("/c.csv:5: field 1: label `z` is not an integer"), "{err}");
     }
 
@@ -690,7 +736,10 @@ mod tests {
         let path = text_file(dir.path(), "d.svm", "1 7:1\n0 2:1\n");
         let s = survey(&path, &ReadOptions::default()).expect("survey");
         assert_eq!(s.dim(), None);
-        assert!(s.whole_file_needed().is_some_and(|w| w.contains("largest feature index")));
+        assert!(
+            s.whole_file_needed()
+                .is_some_and(|w| w.contains("largest feature index"))
+        );
         let err = s.read(0..1).expect_err("refused").to_string();
         assert!(err.contains("invalid row range: "), "{err}");
         let meta = crate::Meta {
@@ -740,9 +789,14 @@ mod tests {
         let s = survey(dir.path(), &ReadOptions::default()).expect("a gzip file's length is not checked up front");
         assert!(s.read(0..2).is_ok());
         let err = s.read(2..4).expect_err("truncated").to_string();
-        assert!(err.contains("train-images-idx3-ubyte: truncated: dimensions [4, 2] need 8 bytes"), "{err}");
+        assert!(
+            err.contains("train-images-idx3-ubyte: truncated: dimensions [4, 2] need 8 bytes"),
+            "{err}"
+        );
         std::fs::write(&ip, &plain).expect("write");
-        let err = survey(dir.path(), &ReadOptions::default()).expect_err("plain and short").to_string();
+        let err = survey(dir.path(), &ReadOptions::default())
+            .expect_err("plain and short")
+            .to_string();
         assert!(err.contains("train-images-idx3-ubyte: truncated"), "{err}");
     }
 

@@ -359,6 +359,13 @@ impl Comm {
         self.world
     }
 
+    /// Sets how long each collective waits for a peer; returns the previous
+    /// deadline. For a wait that is not a training step's (the first one,
+    /// while the workers finish reading their data).
+    pub fn set_timeout_ms(&mut self, timeout_ms: u64) -> u64 {
+        std::mem::replace(&mut self.timeout_ms, timeout_ms)
+    }
+
     /// All-reduce (sum) of `buf`, choosing the algorithm by size.
     pub fn all_reduce(&mut self, buf: &mut [f32], step: u64, what: &str) -> Result<(), JobError> {
         let alg = self.cfg.all_reduce_algorithm(buf.len() * 4, self.world);

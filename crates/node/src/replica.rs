@@ -463,10 +463,14 @@ fn take_worker(shared: &Arc<Shared>, worker: u32, generation: u64, mut s: TcpStr
         }
         generation > current
     };
-    let placement = shared.setup.get().map(|s| s.placement.clone()).ok_or_else(|| JobError::Server {
-        server: shared.shard,
-        why: "a worker connected before the shard held its state".into(),
-    })?;
+    let placement = shared
+        .setup
+        .get()
+        .map(|s| s.placement.clone())
+        .ok_or_else(|| JobError::Server {
+            server: shared.shard,
+            why: "a worker connected before the shard held its state".into(),
+        })?;
     let stream = s.try_clone().map_err(|e| JobError::io("cloning a worker stream", e))?;
     // The worker sends nothing before this message, so no reply to it can be lost meanwhile.
     let clock = register(shared, worker, generation, stream, replacing)?;
@@ -480,7 +484,12 @@ fn take_worker(shared: &Arc<Shared>, worker: u32, generation: u64, mut s: TcpStr
         },
     )?;
     if replacing {
-        tracing::info!(shard = shared.shard, worker, clock, "a replacement took over a worker's rank");
+        tracing::info!(
+            shard = shared.shard,
+            worker,
+            clock,
+            "a replacement took over a worker's rank"
+        );
     }
     Ok(())
 }

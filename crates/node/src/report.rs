@@ -159,10 +159,15 @@ pub enum Report {
         params: usize,
         start_epoch: u32,
         /// Data skew across workers: the largest partition over the mean, in rows
-        /// and in non-zeros (1.0 is perfect balance).
+        /// and in non-zeros (1.0 is perfect balance). The non-zeros are absent
+        /// when no rank knows every partition's: parameter-server workers that
+        /// read only their partitions exchange no counts (each `data` line has its own).
         rows_max_over_mean: f64,
-        nnz_max_over_mean: f64,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        nnz_max_over_mean: Option<f64>,
     },
+    /// What one worker of a cluster read of the training data (every rank sends one, before training).
+    Data(DataReport),
     Step(StepReport),
     Epoch(EpochReport),
     /// A test-set evaluation within an epoch (`train.eval_every_steps`):
@@ -187,6 +192,32 @@ pub enum Report {
         /// Promotions of a backup so far.
         failovers: u32,
     },
+}
+
+/// What one worker read: its partition of the training rows, or every row and why.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DataReport {
+    pub rank: u32,
+    pub world: u32,
+    /// Data rows in the training file.
+    pub rows_total: u64,
+    /// The rows this worker parsed and holds: `first_row .. first_row + rows`
+    /// (its partition of the epoch plan, or every row).
+    pub first_row: u64,
+    pub rows: u64,
+    /// Stored entries of those rows (non-zeros; `rows × dim` for dense data).
+    pub nnz: u64,
+    /// Why this worker read every row; absent when it read only its partition.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub whole_file: Option<String>,
+    /// Rows of the test set this worker read (only rank 0 evaluates).
+    pub test_rows: u64,
+    /// Milliseconds of the first look at the data files, before joining the
+    /// cluster (row count and labels: a bad file fails early); 0 when the
+    /// worker read every row before joining (elastic jobs).
+    pub survey_ms: f64,
+    /// Milliseconds reading the training rows and the test set.
+    pub read_ms: f64,
 }
 
 /// One worker's view of a membership change it came through.

@@ -253,8 +253,7 @@ impl Trainer {
                 path: PathBuf::from("<config>"),
                 why: format!(
                     "{} training rows are too few for a global batch of {} over {world} workers",
-                    data.total_rows,
-                    cfg.train.batch_size
+                    data.total_rows, cfg.train.batch_size
                 ),
             });
         }
@@ -1082,6 +1081,17 @@ pub fn checksum(params: &[f32]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn skew_comes_from_the_plan_partitions_and_unknown_non_zeros_stay_unknown() {
+        // A global batch of 3 over 2 workers: local batches 2 and 1, rows shared 2:1.
+        let parts = data::partitions(300, 2, 3);
+        assert_eq!(parts, vec![0..200, 200..300]);
+        let (rows, nnz) = partition_skew(&parts, Some(&[100, 300]));
+        assert!((rows - 200.0 / 150.0).abs() < 1e-12, "{rows}");
+        assert_eq!(nnz, Some(1.5));
+        assert_eq!(partition_skew(&parts, None).1, None);
+    }
 
     #[test]
     fn checksum_sees_one_bit() {

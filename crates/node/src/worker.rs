@@ -296,8 +296,10 @@ pub fn run(
     resume: Option<&Path>,
     obs: &mut dyn Observer,
 ) -> Result<Summary, JobError> {
-    // Load the data first: a bad file fails this worker before the cluster waits for it.
-    let data = crate::job::load_data(&cfg)?;
+    // A first look at the data before joining (the files open, their headers
+    // and labels are good, the rows are counted): a bad file fails this worker
+    // before the cluster waits for it. The rows are read once the rank is known.
+    let early = crate::job::load_early(&cfg)?;
     let member = join(env, secret, &cfg.cluster)?;
     let (rank, world) = (member.rank, member.world);
     if world != cfg.cluster.workers && !cfg.cluster.elastic {
@@ -310,7 +312,7 @@ pub fn run(
     let Member {
         coord,
         step,
-        comm,
+        mut comm,
         shutdown,
         peers,
         servers,
@@ -323,6 +325,14 @@ pub fn run(
     } = member;
     let cluster = cfg.cluster.clone();
     let optim = cfg.optim.clone();
+    let read_after_join = matches!(early, crate::job::EarlyData::Surveyed { .. });
+    let (mut data, data_report) = crate::job::load_for_rank(&cfg, early, rank, world)?;
+    if read_after_join && servers.is_empty() {
+        // The first collective waits for every rank's read (a parameter-server
+        // job's shards wait for every worker instead) and gives the skew report
+        // every partition's non-zeros.
+        crate::job::exchange_partition_nnz(&mut comm, &mut data, cfg.train.batch_size)?;
+    }
     let mut trainer = Trainer::new(cfg, data, rank, world)?;
     trainer.set_membership(generation, rank, &peers);
     let restored = match resume {
@@ -344,6 +354,7 @@ pub fn run(
         }
         obs.report(r);
     };
+    relay(&crate::report::Report::Data(data_report));
     let result = if servers.is_empty() {
         let membership = membership.expect("all-reduce workers watch their membership");
         let mut ring = Ring {

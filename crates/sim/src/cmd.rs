@@ -190,12 +190,13 @@ pub fn predict_table(p: &PredictRun, out: &mut dyn Write) -> Result<String, Stri
     if !p.json {
         writeln!(
             out,
-            "Predicted from the real engines: {} parameters, {:.3} ms compute per step, batch {} per worker, links {} Gbit/s and {} µs latency; no overlap of compute and communication; engines on scaled-down buffers with each message's bytes scaled back (see `sim::predict`).",
+            "Predicted from the real engines: {} parameters, {:.3} ms compute per step, batch {} per worker, links {} Gbit/s, {} µs latency and a {} B token bucket; no overlap of compute and communication; engines on scaled-down buffers with each message's bytes scaled back (see `sim::predict`).",
             b.params,
             b.compute_ns as f64 / 1e6,
             b.batch,
             b.link.bandwidth_bits_per_s / 1e9,
             b.link.latency_ns as f64 / 1e3,
+            b.link.burst_bytes,
         )
         .map_err(io)?;
         writeln!(out, "{}", table_header()).map_err(io)?;
@@ -307,6 +308,31 @@ pub fn parse_count(s: &str) -> Result<u64, String> {
     Ok((v * mult).round() as u64)
 }
 
+/// `32kb`, `256k`, `1mb`, `65536`: bytes, with `tc`'s units (k = 1024).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let lower = s.trim().to_ascii_lowercase();
+    let (num, mult) = [
+        ("gb", 1u64 << 30),
+        ("g", 1 << 30),
+        ("mb", 1 << 20),
+        ("m", 1 << 20),
+        ("kb", 1 << 10),
+        ("k", 1 << 10),
+        ("b", 1),
+    ]
+    .iter()
+    .find_map(|&(suffix, mult)| lower.strip_suffix(suffix).map(|n| (n.to_string(), mult)))
+    .unwrap_or((lower.clone(), 1));
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (e.g. 32kb, 256kb, 0)"))?;
+    if !(v.is_finite() && v >= 0.0) {
+        return Err(format!("`{s}` is not a size"));
+    }
+    Ok((v * mult as f64).round() as u64)
+}
+
 /// `25gbit`, `100mbit`, `1e9`: bits per second.
 pub fn parse_rate(s: &str) -> Result<f64, String> {
     let lower = s.trim().to_ascii_lowercase();
@@ -365,5 +391,9 @@ mod tests {
         assert_eq!(parse_rate("100mbit"), Ok(1e8));
         assert!(parse_rate("fast").is_err());
         assert!(parse_rate("0gbit").is_err());
+        assert_eq!(parse_bytes("32kb"), Ok(32 * 1024));
+        assert_eq!(parse_bytes("256k"), Ok(256 * 1024));
+        assert_eq!(parse_bytes("0"), Ok(0));
+        assert!(parse_bytes("lots").is_err());
     }
 }

@@ -179,7 +179,14 @@ fn parameter_server_checkpoint_resumes_on_another_cluster_shape() {
 fn an_async_parameter_server_checkpoint_is_a_consistent_cut() {
     let dir = temp_dir();
     let ck = dir.path().join("ck");
-    let extra = ["--servers", "2", "--set", "cluster.consistency=\"async\"", "--set", "checkpoint.keep_last=3"];
+    let extra = [
+        "--servers",
+        "2",
+        "--set",
+        "cluster.consistency=\"async\"",
+        "--set",
+        "checkpoint.keep_last=3",
+    ];
     train_small_with(dir.path(), 3, 3, &ck, false, &extra);
     let all = checkpoints(&ck);
     assert_eq!(all.len(), 3, "{all:?}");

@@ -8,6 +8,7 @@ mod compress;
 mod data;
 mod elastic;
 mod netns;
+mod partition;
 mod ps;
 mod replication;
 mod shm;
