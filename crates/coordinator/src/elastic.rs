@@ -53,17 +53,7 @@ impl Coordinator {
         let workers = self.members.values().filter(|m| m.role == Role::Worker).count() as u32;
         if self.members.contains_key(&conn) || workers >= max {
             let reason = format!("the job already has its maximum of {max} workers (pid {pid} refused)");
-            return vec![
-                Command::Send {
-                    conn,
-                    msg: FromCoordinator::Abort {
-                        generation: self.generation,
-                        reason,
-                        failed_rank: None,
-                    },
-                },
-                Command::Close { conn },
-            ];
+            return self.refuse(conn, reason);
         }
         self.members.insert(
             conn,
@@ -99,17 +89,7 @@ impl Coordinator {
                 Some(r) => format!("rank {r} is not vacant (pid {pid} refused)"),
                 None => format!("no rank is vacant: the job has all its workers (pid {pid} refused)"),
             };
-            return vec![
-                Command::Send {
-                    conn,
-                    msg: FromCoordinator::Abort {
-                        generation: self.generation,
-                        reason,
-                        failed_rank: None,
-                    },
-                },
-                Command::Close { conn },
-            ];
+            return self.refuse(conn, reason);
         };
         if self.generation >= GENERATIONS_MAX {
             return self.fail(

@@ -244,17 +244,7 @@ impl Coordinator {
         };
         if wanted == 0 || self.phase != Phase::Rendezvous || self.members.contains_key(&conn) {
             let reason = format!("unexpected join from a {role:?} (pid {pid}) while {:?}", self.phase);
-            return vec![
-                Command::Send {
-                    conn,
-                    msg: FromCoordinator::Abort {
-                        generation: self.generation,
-                        reason,
-                        failed_rank: None,
-                    },
-                },
-                Command::Close { conn },
-            ];
+            return self.refuse(conn, reason);
         }
         if let Some(r) = rank {
             let taken = self.members.values().any(|m| m.role == role && m.rank == Some(r));
@@ -428,6 +418,21 @@ impl Coordinator {
             }
             _ => Vec::new(),
         }
+    }
+
+    /// Turns away a connection that may not join: it is told why, then closed.
+    fn refuse(&self, conn: ConnId, reason: String) -> Vec<Command> {
+        vec![
+            Command::Send {
+                conn,
+                msg: FromCoordinator::Abort {
+                    generation: self.generation,
+                    reason,
+                    failed_rank: None,
+                },
+            },
+            Command::Close { conn },
+        ]
     }
 
     /// Ends the job: tells every member to stop, then exits.

@@ -213,6 +213,22 @@ fn a_killed_coordinator_is_restarted_and_the_job_resumes_from_its_checkpoint() {
     assert!(alive.is_empty(), "still running: {alive:?}");
 }
 
+/// Starts `sinter train` on the parameter-server example with `workers` workers,
+/// elastic, with `extra` settings; returns the launcher once the first epoch ended.
+fn start_ps_elastic(dir: &std::path::Path, name: &str, workers: u32, extra: &[&str]) -> Proc {
+    let mut launcher = Proc::spawn(
+        name,
+        sinter(dir)
+            .arg("train")
+            .arg(example("fashion-mlp-ps.toml"))
+            .args(["--workers", &workers.to_string(), "--json", "-q"])
+            .args(["--set", "cluster.elastic=true"])
+            .args(extra),
+    );
+    launcher.wait_json("the first epoch's end", RUN_TIMEOUT, |v| event(v) == Some("epoch"));
+    launcher
+}
+
 fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -230,16 +246,19 @@ const REPLACE_MS_MAX: u64 = 10_000;
 #[test]
 fn killed_parameter_server_workers_are_replaced_under_their_ranks_and_no_step_is_lost() {
     let dir = temp_dir();
-    let mut launcher = Proc::spawn(
+    let mut launcher = start_ps_elastic(
+        dir.path(),
         "sinter train ps elastic",
-        sinter(dir.path())
-            .arg("train")
-            .arg(example("fashion-mlp-ps.toml"))
-            .args(["--workers", "3", "--json", "-q"])
-            .args(["--set", "cluster.elastic=true", "--set", "cluster.max_restarts=2"])
-            .args(["--set", "cluster.consistency=\"bsp\"", "--set", "train.epochs=3"]),
+        3,
+        &[
+            "--set",
+            "cluster.max_restarts=2",
+            "--set",
+            "cluster.consistency=\"bsp\"",
+            "--set",
+            "train.epochs=3",
+        ],
     );
-    launcher.wait_json("the first epoch's end", RUN_TIMEOUT, |v| event(v) == Some("epoch"));
     let started = KillOnDrop(descendants(launcher.pid));
     assert_eq!(started.0.len(), 6, "coordinator, 2 servers, 3 workers: {:?}", started.0);
     let mut replaced = Vec::new();
@@ -294,16 +313,19 @@ fn killed_parameter_server_workers_are_replaced_under_their_ranks_and_no_step_is
 #[test]
 fn a_killed_worker_and_a_killed_primary_in_one_replicated_elastic_job_lose_no_step() {
     let dir = temp_dir();
-    let mut launcher = Proc::spawn(
+    let mut launcher = start_ps_elastic(
+        dir.path(),
         "sinter train ps elastic replicated",
-        sinter(dir.path())
-            .arg("train")
-            .arg(example("fashion-mlp-ps.toml"))
-            .args(["--workers", "2", "--json", "-q"])
-            .args(["--set", "cluster.elastic=true", "--set", "cluster.max_restarts=1"])
-            .args(["--set", "cluster.replicas=2", "--set", "cluster.consistency=\"bsp\""]),
+        2,
+        &[
+            "--set",
+            "cluster.max_restarts=1",
+            "--set",
+            "cluster.replicas=2",
+            "--set",
+            "cluster.consistency=\"bsp\"",
+        ],
     );
-    launcher.wait_json("the first epoch's end", RUN_TIMEOUT, |v| event(v) == Some("epoch"));
     let started = KillOnDrop(descendants(launcher.pid));
     assert_eq!(
         started.0.len(),
@@ -345,16 +367,17 @@ fn a_killed_worker_and_a_killed_primary_in_one_replicated_elastic_job_lose_no_st
 #[test]
 fn an_unreplaced_parameter_server_worker_stops_the_job_naming_its_rank() {
     let dir = temp_dir();
-    let mut launcher = Proc::spawn(
+    let launcher = start_ps_elastic(
+        dir.path(),
         "sinter train ps elastic, no restarts",
-        sinter(dir.path())
-            .arg("train")
-            .arg(example("fashion-mlp-ps.toml"))
-            .args(["--workers", "2", "--json", "-q"])
-            .args(["--set", "cluster.elastic=true", "--set", "cluster.max_restarts=0"])
-            .args(["--set", "cluster.replace_timeout_ms=1000"]),
+        2,
+        &[
+            "--set",
+            "cluster.max_restarts=0",
+            "--set",
+            "cluster.replace_timeout_ms=1000",
+        ],
     );
-    launcher.wait_json("the first epoch's end", RUN_TIMEOUT, |v| event(v) == Some("epoch"));
     let started = KillOnDrop(descendants(launcher.pid));
     let t = std::time::Instant::now();
     worker_with_rank(&started.0, "1").signal(libc::SIGKILL);
