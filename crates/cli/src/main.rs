@@ -119,6 +119,10 @@ struct SimArgs {
     /// Cores every node shares (all processes on one machine); 0: each node has its own.
     #[arg(long, default_value_t = 0)]
     host_cores: u32,
+    /// Most commands one simulated collective plans before real segments travel
+    /// together (fewer: faster, less pipelining inside a chunk).
+    #[arg(long, default_value_t = sim::predict::COMMANDS_BUDGET)]
+    commands_budget: u64,
     /// allreduce and/or ps, comma-separated.
     #[arg(long, default_value = "allreduce")]
     strategy: String,
@@ -686,6 +690,7 @@ fn sim_command(a: SimArgs) -> Result<()> {
             consistency: cmd::parse_consistency(&a.consistency, a.staleness).map_err(e)?,
             cpu: sim::predict::CpuModel::default(),
             host_cores: a.host_cores,
+            commands_budget: a.commands_budget.max(1),
         };
         let run = cmd::PredictRun {
             base,

@@ -77,6 +77,16 @@ impl CollectiveConfig {
         Algorithm::choose_with(len_bytes, world, self.small_message_bytes_max)
     }
 
+    /// The all-gather algorithm for a whole buffer (every rank's part) of
+    /// `len_bytes` over `world` ranks.
+    pub fn all_gather_algorithm(&self, len_bytes: usize, world: u32) -> GatherAlgorithm {
+        if world > 2 && len_bytes <= self.small_message_bytes_max {
+            GatherAlgorithm::Bruck
+        } else {
+            GatherAlgorithm::Ring
+        }
+    }
+
     /// The broadcast algorithm for a buffer of `len_bytes` over `world` ranks.
     pub fn broadcast_algorithm(&self, len_bytes: usize, world: u32) -> BroadcastAlgorithm {
         if world > 2 && len_bytes <= self.small_message_bytes_max {
@@ -118,6 +128,20 @@ impl Algorithm {
     }
 }
 
+/// How an all-gather is spread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GatherAlgorithm {
+    /// Each part travels around the ring in `n - 1` pipelined steps. For large buffers.
+    Ring,
+    /// Bruck's dissemination: in round `k` every rank passes the parts it holds
+    /// (its own and the `2^k - 1` after it) to the rank `2^k` below it, so after
+    /// ceil(log2 n) rounds everyone holds every part, for any `n`. Each rank
+    /// still sends `n - 1` parts, in log2(n) frames instead of `n - 1`. For
+    /// small buffers, where the ring's hops cost more than the bytes.
+    Bruck,
+}
+
 /// How a broadcast is spread.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -140,7 +164,7 @@ pub enum Kind {
     ReduceScatter,
     /// Rank `r` contributes chunk `r` of its buffer; every rank ends with
     /// every chunk.
-    AllGather,
+    AllGather(GatherAlgorithm),
     /// Every rank ends with the root's buffer.
     Broadcast { root: Rank, algorithm: BroadcastAlgorithm },
     /// No rank completes before every rank has started. `len` must be 0.
@@ -153,7 +177,8 @@ impl Kind {
             Kind::AllReduce(Algorithm::Ring) => "ring all-reduce",
             Kind::AllReduce(Algorithm::RecursiveDoubling) => "recursive-doubling all-reduce",
             Kind::ReduceScatter => "reduce-scatter",
-            Kind::AllGather => "all-gather",
+            Kind::AllGather(GatherAlgorithm::Ring) => "ring all-gather",
+            Kind::AllGather(GatherAlgorithm::Bruck) => "bruck all-gather",
             Kind::Broadcast {
                 algorithm: BroadcastAlgorithm::Chain,
                 ..
@@ -193,6 +218,11 @@ mod tests {
         };
         assert_eq!(config.all_reduce_algorithm(4, 8), Algorithm::Ring);
         assert_eq!(config.broadcast_algorithm(4, 8), BroadcastAlgorithm::Chain);
+        assert_eq!(config.all_gather_algorithm(4, 8), GatherAlgorithm::Ring);
+        let default = CollectiveConfig::default();
+        assert_eq!(default.all_gather_algorithm(4 * 4096, 4096), GatherAlgorithm::Bruck);
+        assert_eq!(default.all_gather_algorithm(8, 2), GatherAlgorithm::Ring);
+        assert_eq!(default.all_gather_algorithm(1 << 20, 8), GatherAlgorithm::Ring);
         assert_eq!(
             CollectiveConfig::default().broadcast_algorithm(4, 8),
             BroadcastAlgorithm::BinomialTree

@@ -24,7 +24,7 @@ use crate::error::CollectiveError;
 use crate::program::{Block, Ctx, Ids, Op, OpId, Program};
 use crate::ring::RingPlan;
 use crate::tag::{Phase, Tag};
-use crate::{Algorithm, Command, Direction, Event, Rank, barrier, broadcast, doubling};
+use crate::{Algorithm, Command, Direction, Event, GatherAlgorithm, Rank, barrier, broadcast, bruck, doubling};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -174,7 +174,7 @@ impl Collective {
         let ring_phases: &[Phase] = match kind {
             Kind::AllReduce(Algorithm::Ring) => &[Phase::ReduceScatter, Phase::AllGather],
             Kind::ReduceScatter => &[Phase::ReduceScatter],
-            Kind::AllGather => &[Phase::AllGather],
+            Kind::AllGather(GatherAlgorithm::Ring) => &[Phase::AllGather],
             _ => &[],
         };
         if !ring_phases.is_empty() {
@@ -184,6 +184,7 @@ impl Collective {
         let mut program = Program::new();
         match kind {
             Kind::AllReduce(Algorithm::RecursiveDoubling) => doubling::all_reduce(&mut program, &ctx)?,
+            Kind::AllGather(GatherAlgorithm::Bruck) => bruck::all_gather(&mut program, &ctx)?,
             Kind::Broadcast { root, algorithm } => {
                 if root >= world {
                     return Err(ctx.invalid(format!("broadcast root {root} is not below the world size")));
@@ -196,7 +197,7 @@ impl Collective {
                 }
                 barrier::barrier(&mut program, &ctx)?;
             }
-            Kind::AllReduce(Algorithm::Ring) | Kind::ReduceScatter | Kind::AllGather => {
+            Kind::AllReduce(Algorithm::Ring) | Kind::ReduceScatter | Kind::AllGather(GatherAlgorithm::Ring) => {
                 unreachable!("ring kinds are planned lazily")
             }
         }

@@ -1,5 +1,6 @@
 //! Collective operations — ring all-reduce, reduce-scatter, all-gather,
-//! broadcast, barrier and recursive-doubling all-reduce — as engines that do no IO.
+//! broadcast, barrier, recursive-doubling all-reduce and Bruck all-gather — as
+//! engines that do no IO.
 //!
 //! An engine ([`Collective`]) takes [`Event`]s (a frame was sent, a frame was
 //! received) and returns [`Command`]s (send this range of the buffer to rank 3,
@@ -50,6 +51,7 @@
 
 mod barrier;
 mod broadcast;
+mod bruck;
 mod config;
 mod doubling;
 mod engine;
@@ -64,7 +66,7 @@ use std::fmt;
 use std::ops::Range;
 
 pub use config::{
-    Algorithm, BroadcastAlgorithm, COMMANDS_MAX, CollectiveConfig, INFLIGHT_PER_PEER_DEFAULT, INFLIGHT_PER_PEER_MAX,
+    Algorithm, BroadcastAlgorithm, COMMANDS_MAX, CollectiveConfig, GatherAlgorithm, INFLIGHT_PER_PEER_DEFAULT, INFLIGHT_PER_PEER_MAX,
     Kind, SEGMENT_ELEMS_DEFAULT, SEGMENT_ELEMS_MAX, SMALL_MESSAGE_BYTES_MAX_DEFAULT, WORLD_MAX,
 };
 pub use engine::Collective;

@@ -12,6 +12,10 @@
 //! non-empty ranges are either equal or disjoint; the builder asserts that and
 //! tracks hazards per segment ([`Block`]) in O(log segments) per command.
 //!
+//! Bruck's all-gather moves runs of parts that do not lie on one grid; it
+//! states its few hazards itself ([`Program::push_after`]) and a program is
+//! built one way or the other, never both.
+//!
 //! The rules live in [`Block`] alone: [`Program`] applies them to a whole
 //! program at once (the small algorithms), and the engine applies them to the
 //! ring's program one command at a time as it is generated, forgetting the
@@ -216,6 +220,8 @@ pub(crate) struct Program {
     pub ops: Vec<Op>,
     pub deps: Vec<Vec<OpId>>,
     blocks: BTreeMap<usize, Block>,
+    /// Built with [`Program::push_after`]: no grid, hazards stated by the algorithm.
+    explicit: bool,
 }
 
 impl Program {
@@ -224,6 +230,7 @@ impl Program {
             ops: Vec::new(),
             deps: Vec::new(),
             blocks: BTreeMap::new(),
+            explicit: false,
         }
     }
 
@@ -268,7 +275,23 @@ impl Program {
         }
     }
 
-    fn push(&mut self, ctx: &Ctx, op: Op) -> Result<OpId, CollectiveError> {
+    /// Adds `op` waiting for exactly the ops in `after`, without the grid's
+    /// hazard analysis. The algorithm answers for the engine's guarantees:
+    /// every receive that writes data a send carries is in that send's
+    /// `after`, and no two outstanding ranges can conflict (the harness checks
+    /// both under random orders).
+    pub fn push_after(&mut self, ctx: &Ctx, op: Op, after: &[OpId]) -> Result<OpId, CollectiveError> {
+        assert!(self.blocks.is_empty(), "a program mixes grid and explicit hazards");
+        self.explicit = true;
+        let id = self.checked_id(ctx, &op)?;
+        assert!(after.iter().all(|&a| a < id), "an op can only wait for an earlier one");
+        self.ops.push(op);
+        self.deps.push(after.to_vec());
+        Ok(id)
+    }
+
+    /// The id `op` would get, after the checks every op passes.
+    fn checked_id(&self, ctx: &Ctx, op: &Op) -> Result<OpId, CollectiveError> {
         if self.ops.len() == COMMANDS_MAX {
             return Err(ctx.too_many_commands());
         }
@@ -278,7 +301,12 @@ impl Program {
             ctx.rank,
             op.peer
         );
-        let id = self.ops.len() as OpId;
+        Ok(self.ops.len() as OpId)
+    }
+
+    fn push(&mut self, ctx: &Ctx, op: Op) -> Result<OpId, CollectiveError> {
+        assert!(!self.explicit, "a program mixes grid and explicit hazards");
+        let id = self.checked_id(ctx, &op)?;
         let mut deps = Vec::new();
         if let Some(block) = self.block(&op.range) {
             block.access(id, op.recv.is_some(), &mut deps);

@@ -199,7 +199,9 @@ mod tests {
     use proptest::prelude::*;
 
     use crate::testing::{Harness, Order, integer_inputs, sum};
-    use crate::{Algorithm, Collective, CollectiveConfig, Command, Event, Kind, Phase, RecvOp, Tag, chunk_range};
+    use crate::{
+        Algorithm, Collective, CollectiveConfig, Command, Event, GatherAlgorithm, Kind, Phase, RecvOp, Tag, chunk_range,
+    };
 
     const OP: u32 = crate::testing::TEST_OP_ID;
 
@@ -508,7 +510,7 @@ mod tests {
     fn whole_program_engine(kind: Kind, rank: u32, world: u32, len: usize, config: &CollectiveConfig) -> Collective {
         let phases: &[Phase] = match kind {
             Kind::ReduceScatter => &[RS],
-            Kind::AllGather => &[AG],
+            Kind::AllGather(GatherAlgorithm::Ring) => &[AG],
             _ => &[RS, AG],
         };
         let ctx = crate::program::Ctx {
@@ -524,13 +526,13 @@ mod tests {
         Collective::from_program(ctx, config.inflight_per_peer, program)
     }
 
-    const RING_KINDS: [Kind; 3] = [Kind::AllReduce(Algorithm::Ring), Kind::ReduceScatter, Kind::AllGather];
+    const RING_KINDS: [Kind; 3] = [Kind::AllReduce(Algorithm::Ring), Kind::ReduceScatter, Kind::AllGather(GatherAlgorithm::Ring)];
 
     #[test]
     fn plans_too_large_are_refused_as_before() {
         // Segment limit: one chunk of 2^20 + 1 one-element segments.
         let e = Collective::new(
-            Kind::AllGather,
+            Kind::AllGather(GatherAlgorithm::Ring),
             OP,
             0,
             2,
@@ -596,7 +598,7 @@ mod tests {
             let mut w = whole_program_engine(kind, rank, world, len, &config);
             // Every completion the program can see, and one it cannot.
             let mut pool = vec![Event::Received { peer: (rank + 1) % world, tag: Tag::new(OP, Phase::Barrier, 0, 0) }];
-            let phases: &[Phase] = match kind { Kind::ReduceScatter => &[RS], Kind::AllGather => &[AG], _ => &[RS, AG] };
+            let phases: &[Phase] = match kind { Kind::ReduceScatter => &[RS], Kind::AllGather(GatherAlgorithm::Ring) => &[AG], _ => &[RS, AG] };
             let ctx = crate::program::Ctx { op: OP, rank, world, len, segment_elems, kind };
             let mut plan = super::RingPlan::new(&ctx, phases);
             while let Some(op) = plan.next_op() {
@@ -698,7 +700,7 @@ mod tests {
                     if !chunk.contains(&i) { *x = -1.0; }
                 }
             }
-            let mut h = Harness::all_ranks(Kind::AllGather, world, &config, inputs).unwrap();
+            let mut h = Harness::all_ranks(Kind::AllGather(GatherAlgorithm::Ring), world, &config, inputs).unwrap();
             h.run(Order::Random { seed }).unwrap();
             for rank in 0..world {
                 prop_assert_eq!(h.buffer(rank), &expected[..], "rank {}", rank);

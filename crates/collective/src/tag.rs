@@ -53,10 +53,12 @@ pub enum Phase {
     Exchange = 7,
     /// Recursive doubling: the partner hands the result back to the surplus rank.
     FoldOut = 8,
+    /// Bruck all-gather: the dissemination rounds.
+    Bruck = 9,
 }
 
 impl Phase {
-    const ALL: [Phase; 8] = [
+    const ALL: [Phase; 9] = [
         Phase::ReduceScatter,
         Phase::AllGather,
         Phase::BroadcastChain,
@@ -65,6 +67,7 @@ impl Phase {
         Phase::FoldIn,
         Phase::Exchange,
         Phase::FoldOut,
+        Phase::Bruck,
     ];
 
     fn from_bits(bits: u64) -> Option<Phase> {
@@ -81,6 +84,7 @@ impl Phase {
             Phase::FoldIn => "fold-in",
             Phase::Exchange => "exchange",
             Phase::FoldOut => "fold-out",
+            Phase::Bruck => "bruck",
         }
     }
 }
@@ -174,12 +178,12 @@ mod tests {
     fn op_wraps_and_zero_phase_is_invalid() {
         assert_eq!(Tag::new(OP_ID_LIMIT + 5, Phase::Barrier, 0, 0).op(), 5);
         assert_eq!(Tag::from_u64(0), None);
-        assert_eq!(Tag::from_u64(9 << PHASE_SHIFT), None);
+        assert_eq!(Tag::from_u64(10 << PHASE_SHIFT), None);
     }
 
     proptest! {
         #[test]
-        fn fields_round_trip(op in any::<u32>(), phase in 0..8usize, step in 0..STEP_LIMIT, segment in 0..SEGMENT_LIMIT) {
+        fn fields_round_trip(op in any::<u32>(), phase in 0..9usize, step in 0..STEP_LIMIT, segment in 0..SEGMENT_LIMIT) {
             let phase = Phase::ALL[phase];
             let tag = Tag::new(op, phase, step, segment);
             prop_assert_eq!(Tag::from_u64(tag.to_u64()), Some(tag));

@@ -523,18 +523,18 @@ impl CompressExchange {
             };
             match ef {
                 Some(ef) => {
-                    t.norm2 += g.iter().zip(ef.state()).map(|(a, r)| sq(a + r)).sum::<f64>();
+                    t.norm2 += sum_sq(g, ef.state(), |a, r| a + r);
                     ef.compress_shaped(spec, g, &s.shape, seed, &mut self.msg)
                         .map_err(failed)?;
-                    t.err2 += ef.state().iter().map(|r| sq(*r)).sum::<f64>();
+                    t.err2 += sum_sq(ef.state(), ef.state(), |r, _| r);
                 }
                 None => {
                     codec::encode_shaped(spec, g, &s.shape, seed, &mut self.msg).map_err(failed)?;
                     self.decoded.clear();
                     self.decoded.resize(g.len(), 0.0);
                     codec::decode(&self.msg, &mut self.decoded).map_err(failed)?;
-                    t.norm2 += g.iter().map(|a| sq(*a)).sum::<f64>();
-                    t.err2 += g.iter().zip(&self.decoded).map(|(a, d)| sq(a - d)).sum::<f64>();
+                    t.norm2 += sum_sq(g, g, |a, _| a);
+                    t.err2 += sum_sq(g, &self.decoded, |a, d| a - d);
                 }
             }
             if !self.velocity.is_empty() && is_sparse(spec) {
@@ -566,7 +566,7 @@ impl CompressExchange {
         Self::run(
             &mut self.comm,
             t,
-            Kind::AllGather,
+            all_gather_kind(world, self.world),
             &mut lens,
             step,
             "compressed gradient lengths",
@@ -595,7 +595,7 @@ impl CompressExchange {
         let r = Self::run(
             &mut self.comm,
             t,
-            Kind::AllGather,
+            all_gather_kind(world * words, self.world),
             &mut buf,
             step,
             "compressed gradient all-gather",
@@ -687,8 +687,8 @@ impl CompressExchange {
                     self.decoded.clear();
                     self.decoded.resize(m.len(), 0.0);
                     ps.decompress(p, q, &mut self.decoded);
-                    t.norm2 += m.iter().map(|v| sq(*v)).sum::<f64>();
-                    t.err2 += m.iter().zip(&self.decoded).map(|(a, d)| sq(a - d)).sum::<f64>();
+                    t.norm2 += sum_sq(m, m, |v, _| v);
+                    t.err2 += sum_sq(m, &self.decoded, |a, d| a - d);
                     if let Some(ef) = ef {
                         ef.record(m, &self.decoded);
                     }
@@ -826,7 +826,7 @@ impl Exchange for CompressExchange {
             Self::run(
                 &mut self.comm,
                 &mut self.traffic,
-                Kind::AllGather,
+                all_gather_kind(buf.len(), world as u32),
                 &mut buf,
                 step,
                 "error-feedback residuals for a checkpoint",
@@ -860,7 +860,7 @@ impl Exchange for CompressExchange {
             Self::run(
                 &mut self.comm,
                 &mut self.traffic,
-                Kind::AllGather,
+                all_gather_kind(buf.len(), world as u32),
                 &mut buf,
                 step,
                 "velocities for a checkpoint",
@@ -887,14 +887,33 @@ fn is_sparse(spec: &CodecSpec) -> bool {
     )
 }
 
-fn sq(v: f32) -> f64 {
-    f64::from(v) * f64::from(v)
+/// Σ f(a_i, b_i)², in f64, for the compression-error figures. Eight running
+/// sums instead of one, so the adds do not wait on each other and the loop
+/// vectorises; the order differs from a plain sum only in rounding.
+fn sum_sq(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f64 {
+    assert_eq!(a.len(), b.len(), "sum_sq of slices of different lengths");
+    let sq = |v: f32| f64::from(v) * f64::from(v);
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f64 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| sq(f(*x, *y))).sum();
+    let mut lanes = [0f64; 8];
+    for (x, y) in ca.zip(cb) {
+        for ((lane, x), y) in lanes.iter_mut().zip(x).zip(y) {
+            *lane += sq(f(*x, *y));
+        }
+    }
+    lanes.iter().sum::<f64>() + tail
 }
 
 /// The all-reduce `Comm::all_reduce` runs for `len` f32s (the worker's comm
 /// uses the default collective config).
 pub fn all_reduce_kind(len: usize, world: u32) -> Kind {
     Kind::AllReduce(CollectiveConfig::default().all_reduce_algorithm(len * 4, world))
+}
+
+/// The all-gather `CompressExchange` runs for `len` f32s (every rank's part
+/// together): Bruck's for small buffers, the ring for large ones.
+pub fn all_gather_kind(len: usize, world: u32) -> Kind {
+    Kind::AllGather(CollectiveConfig::default().all_gather_algorithm(len * 4, world))
 }
 
 /// Adds to `t` the bytes rank `rank` sends to and receives from each peer in
@@ -935,6 +954,8 @@ pub fn plan_traffic(kind: Kind, rank: u32, world: u32, len: usize, t: &mut Traff
 
 #[cfg(test)]
 mod tests {
+    use collective::GatherAlgorithm;
+
     use super::*;
 
     #[test]
@@ -1186,6 +1207,18 @@ mod tests {
     }
 
     #[test]
+    fn sum_sq_is_the_plain_sum_up_to_rounding() {
+        let mut rng = Rng::new(7);
+        for n in [0, 1, 7, 8, 9, 1001] {
+            let a: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+            let b: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+            let plain: f64 = a.iter().zip(&b).map(|(x, y)| f64::from(x - y) * f64::from(x - y)).sum();
+            let fast = sum_sq(&a, &b, |x, y| x - y);
+            assert!((fast - plain).abs() <= 1e-12 * plain.max(1.0), "n = {n}: {fast} vs {plain}");
+        }
+    }
+
+    #[test]
     fn traffic_follows_the_collective_plans() {
         // Ring all-reduce: 2(W−1)/W of the buffer out to the right neighbour, in from the left.
         let (world, len) = (4u32, 1 << 20);
@@ -1197,9 +1230,15 @@ mod tests {
         assert_eq!(t.received[0], t.sent[2]);
         // All-gather of W chunks of m: (W−1)·m each way.
         let mut t = Traffic::new(world);
-        plan_traffic(Kind::AllGather, 3, world, 4 * 100, &mut t);
+        plan_traffic(Kind::AllGather(GatherAlgorithm::Ring), 3, world, 4 * 100, &mut t);
         assert_eq!(t.sent, vec![3 * (400 + 32), 0, 0, 0]);
         assert_eq!(t.received, vec![0, 0, 3 * (400 + 32), 0]);
+        // Bruck's: a round to rank 3 − 2^k with the parts held so far, parts 3
+        // then 0 in round 1, two frames as they wrap around the buffer's end.
+        let mut t = Traffic::new(world);
+        plan_traffic(Kind::AllGather(GatherAlgorithm::Bruck), 3, world, 4 * 100, &mut t);
+        assert_eq!(t.sent, vec![0, 800 + 2 * 32, 400 + 32, 0]);
+        assert_eq!(t.received, vec![400 + 32, 800 + 32, 0, 0]);
         // Recursive doubling with 4 ranks: the whole buffer to each of two partners.
         let mut t = Traffic::new(world);
         plan_traffic(all_reduce_kind(100, world), 0, world, 100, &mut t);
