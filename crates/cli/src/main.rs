@@ -757,8 +757,11 @@ fn bench_codec(a: CodecArgs) -> Result<()> {
         if a.json {
             out!("{}", serde_json::to_string(r).context("row to JSON")?);
         } else {
+            let exchange = r
+                .exchange_gbps
+                .map_or_else(|| "-".to_string(), |g| format!("{g:.2} GB/s"));
             out!(
-                "{:<16} {:>10} f32  encode {:>7.2} GB/s  decode {:>7.2} GB/s  ratio {:>7.1}  rel_error {:.3e}",
+                "{:<16} {:>10} f32  encode {:>7.2} GB/s  decode {:>7.2} GB/s  ratio {:>7.1}  rel_error {:.3e}  exchange {exchange:>10}",
                 r.row.codec,
                 r.row.elems,
                 r.row.encode_gbps,

@@ -66,8 +66,8 @@ use std::fmt;
 use std::ops::Range;
 
 pub use config::{
-    Algorithm, BroadcastAlgorithm, COMMANDS_MAX, CollectiveConfig, GatherAlgorithm, INFLIGHT_PER_PEER_DEFAULT, INFLIGHT_PER_PEER_MAX,
-    Kind, SEGMENT_ELEMS_DEFAULT, SEGMENT_ELEMS_MAX, SMALL_MESSAGE_BYTES_MAX_DEFAULT, WORLD_MAX,
+    Algorithm, BroadcastAlgorithm, COMMANDS_MAX, CollectiveConfig, GatherAlgorithm, INFLIGHT_PER_PEER_DEFAULT,
+    INFLIGHT_PER_PEER_MAX, Kind, SEGMENT_ELEMS_DEFAULT, SEGMENT_ELEMS_MAX, SMALL_MESSAGE_BYTES_MAX_DEFAULT, WORLD_MAX,
 };
 pub use engine::Collective;
 pub use error::CollectiveError;

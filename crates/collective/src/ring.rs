@@ -526,7 +526,11 @@ mod tests {
         Collective::from_program(ctx, config.inflight_per_peer, program)
     }
 
-    const RING_KINDS: [Kind; 3] = [Kind::AllReduce(Algorithm::Ring), Kind::ReduceScatter, Kind::AllGather(GatherAlgorithm::Ring)];
+    const RING_KINDS: [Kind; 3] = [
+        Kind::AllReduce(Algorithm::Ring),
+        Kind::ReduceScatter,
+        Kind::AllGather(GatherAlgorithm::Ring),
+    ];
 
     #[test]
     fn plans_too_large_are_refused_as_before() {

@@ -3,17 +3,31 @@
 //! MLP 784-256-256-10 over its first steps of SGD, concatenated up to the
 //! requested size (the model has 269,322 parameters, so 25 MiB is the
 //! gradients of 25 consecutive steps).
+//!
+//! Also the whole exchange the runtime wraps around a codec
+//! ([`CompressExchange`], as `sinter train` runs it with `[compress]` and
+//! error feedback) on one rank, step after step over the MLP's own tensors:
+//! error feedback, the codec per tensor, the compression-error figures,
+//! framing, and decoding its own message. Every worker of a compressed
+//! all-reduce does this once a step and then decodes each other rank's
+//! message, which is what `sinter sim --predict` charges it.
 
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use codec::CodecSpec;
 use codec::bench::BenchRow;
+use collective::CollectiveConfig;
 use data::Batch;
-use tensor::{Gradient, Rng};
+use tensor::{Gradient, Layout, Rng};
 
+use crate::comm::Comm;
+use crate::compress::{CompressExchange, CompressSection};
 use crate::config::JobConfig;
 use crate::error::JobError;
+use crate::train::Exchange;
 
 /// Codecs measured when none are named.
 pub const DEFAULT_SPECS: &[&str] = &[
@@ -54,11 +68,14 @@ pub struct CodecBenchRow {
     pub row: BenchRow,
     /// `"fashion-mnist mlp 784-256-256-10, steps 1..=S"`.
     pub gradients: String,
+    /// GB/s of f32 gradients through the runtime's whole exchange on one
+    /// rank (see the module docs); `None` for `none`, which has no exchange.
+    pub exchange_gbps: Option<f64>,
 }
 
 /// The gradients of the example MLP's first SGD steps (lr 0.05, momentum
 /// 0.9, batch 128), concatenated and cut to `elems`; and how many steps that took.
-pub fn gradients(data_dir: &Path, elems: usize, seed: u64) -> Result<(Vec<f32>, u64), JobError> {
+pub fn gradients(data_dir: &Path, elems: usize, seed: u64) -> Result<(Vec<f32>, u64, Layout), JobError> {
     let path = toml::Value::String(data_dir.display().to_string());
     let text = format!(
         "[data]\nformat = \"idx\"\ntrain = {path}\nnormalize = \"standardize\"\n\
@@ -94,7 +111,47 @@ pub fn gradients(data_dir: &Path, elems: usize, seed: u64) -> Result<(Vec<f32>, 
         steps += 1;
     }
     out.truncate(elems);
-    Ok((out, steps))
+    Ok((out, steps, layout))
+}
+
+/// The runtime's whole exchange with `spec` and error feedback, on one rank,
+/// over `layout`'s tensors, fed consecutive steps of `grads` (cycling) for at
+/// least `min_time`: GB/s of f32 gradients in the fastest step.
+fn exchange_gbps(spec: &CodecSpec, layout: &Layout, grads: &[f32], min_time: Duration) -> Result<f64, JobError> {
+    let n = layout.len();
+    let steps = grads.len() / n;
+    if steps == 0 {
+        return Err(JobError::Config {
+            path: "--size".into(),
+            why: format!("the exchange needs at least one step of gradients ({n} f32s)"),
+        });
+    }
+    let section = CompressSection {
+        codec: spec.clone(),
+        error_feedback: Some(true),
+        ..CompressSection::default()
+    };
+    // One rank: its collectives complete at once. The coordinator stream is only
+    // written at checkpoints, which this loop does not take.
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| JobError::io("binding a loopback socket", e))?;
+    let addr = listener.local_addr().map_err(|e| JobError::io("loopback address", e))?;
+    let coordinator = TcpStream::connect(addr).map_err(|e| JobError::io("loopback connect", e))?;
+    let comm = Comm::new(0, vec![None::<TcpStream>], CollectiveConfig::default(), 10_000, true)?;
+    let mut ex = CompressExchange::new(comm, &section, layout, 0, Arc::new(Mutex::new(coordinator)), &[])?;
+    let mut g = vec![0f32; n];
+    // The fastest step counts, as the codec's own figures take their fastest run.
+    let (mut spent, mut fastest, mut step) = (Duration::ZERO, Duration::MAX, 0u64);
+    while spent < min_time {
+        let at = (step as usize % steps) * n;
+        g.copy_from_slice(&grads[at..at + n]);
+        let t = Instant::now();
+        ex.allreduce_gradient(step, &mut g)?;
+        let took = t.elapsed();
+        spent += took;
+        fastest = fastest.min(took);
+        step += 1;
+    }
+    Ok(4.0 * n as f64 / fastest.as_secs_f64().max(1e-9) / 1e9)
 }
 
 /// Measures every codec of `b` on the gradients (one core: this thread).
@@ -114,13 +171,20 @@ pub fn run(b: &CodecBench) -> Result<Vec<CodecBenchRow>, JobError> {
             path: "--codecs".into(),
             why: e.to_string(),
         })?;
-    let (values, steps) = gradients(&b.data, b.elems, b.seed)?;
+    let (values, steps, layout) = gradients(&b.data, b.elems, b.seed)?;
     let source = format!("fashion-mnist mlp 784-256-256-10, steps 1..={steps}");
-    Ok(codec::bench::run(&values, &specs, b.min_time, Instant::now)
-        .into_iter()
-        .map(|row| CodecBenchRow {
+    let rows = codec::bench::run(&values, &specs, b.min_time, Instant::now);
+    let mut out = Vec::with_capacity(rows.len());
+    for (row, spec) in rows.into_iter().zip(&specs) {
+        let exchange_gbps = match spec {
+            CodecSpec::None => None,
+            spec => Some(exchange_gbps(spec, &layout, &values, b.min_time)?),
+        };
+        out.push(CodecBenchRow {
             row,
             gradients: source.clone(),
-        })
-        .collect())
+            exchange_gbps,
+        });
+    }
+    Ok(out)
 }

@@ -894,7 +894,12 @@ fn sum_sq(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f64 {
     assert_eq!(a.len(), b.len(), "sum_sq of slices of different lengths");
     let sq = |v: f32| f64::from(v) * f64::from(v);
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f64 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| sq(f(*x, *y))).sum();
+    let tail: f64 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| sq(f(*x, *y)))
+        .sum();
     let mut lanes = [0f64; 8];
     for (x, y) in ca.zip(cb) {
         for ((lane, x), y) in lanes.iter_mut().zip(x).zip(y) {
@@ -1214,7 +1219,10 @@ mod tests {
             let b: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
             let plain: f64 = a.iter().zip(&b).map(|(x, y)| f64::from(x - y) * f64::from(x - y)).sum();
             let fast = sum_sq(&a, &b, |x, y| x - y);
-            assert!((fast - plain).abs() <= 1e-12 * plain.max(1.0), "n = {n}: {fast} vs {plain}");
+            assert!(
+                (fast - plain).abs() <= 1e-12 * plain.max(1.0),
+                "n = {n}: {fast} vs {plain}"
+            );
         }
     }
 

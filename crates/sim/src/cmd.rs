@@ -206,10 +206,8 @@ pub fn predict_table(p: &PredictRun, out: &mut dyn Write) -> Result<String, Stri
         for codec in &p.codecs {
             let mut points = Vec::new();
             for &workers in &p.workers {
-                let (encode_gbps, decode_gbps) = p.codec_gbps.unwrap_or_else(|| {
-                    let c = cpu_for(codec);
-                    (c.encode_gbps, c.decode_gbps)
-                });
+                let measured = cpu_for(codec);
+                let (encode_gbps, decode_gbps) = p.codec_gbps.unwrap_or((measured.encode_gbps, measured.decode_gbps));
                 let cfg = PredictConfig {
                     workers,
                     strategy,
@@ -217,6 +215,7 @@ pub fn predict_table(p: &PredictRun, out: &mut dyn Write) -> Result<String, Stri
                     cpu: CpuModel {
                         encode_gbps,
                         decode_gbps,
+                        feedback_gbps: measured.feedback_gbps,
                         ..b.cpu.clone()
                     },
                     ..b.clone()
@@ -355,26 +354,24 @@ pub fn parse_rate(s: &str) -> Result<f64, String> {
     Ok(v * mult)
 }
 
-/// The default CPU model with codec speeds for `codec` (this machine's
-/// `sinter bench codec`, 2026-11-25) unless overridden.
+/// The default CPU model with the speeds of `codec` and of the runtime's
+/// exchange around it: this machine's `sinter bench codec` (encode, decode,
+/// exchange GB/s), 2026-12-06, `bench/results/2026-12-06-codec.jsonl`.
 pub fn cpu_for(codec: &codec::CodecSpec) -> CpuModel {
     use codec::CodecSpec as C;
-    let (encode_gbps, decode_gbps) = match codec {
-        C::None => (14.0, 14.0),
-        C::Fp16 => (10.6, 12.1),
-        C::Bf16 => (19.0, 19.0),
-        C::Int8 { .. } => (5.0, 23.0),
-        C::Qsgd { .. } => (4.2, 23.0),
-        C::Sign { .. } => (15.0, 19.0),
-        C::TopK { .. } | C::Threshold { .. } => (5.0, 24.0),
-        C::RandK { .. } => (22.0, 19.0),
-        C::PowerSgd { .. } => (3.8, 10.8),
+    let (encode_gbps, decode_gbps, exchange_gbps) = match codec {
+        C::None => (12.1, 13.5, f64::INFINITY),
+        C::Fp16 => (16.9, 17.8, 1.26),
+        C::Bf16 => (20.8, 26.2, 1.45),
+        C::Int8 { .. } => (6.4, 31.0, 1.71),
+        C::Qsgd { .. } => (5.2, 31.5, 1.61),
+        C::Sign { .. } => (18.0, 26.6, 2.92),
+        C::TopK { .. } => (5.0, 38.7, 2.27),
+        C::Threshold { .. } => (7.2, 34.9, 4.16),
+        C::RandK { .. } => (23.2, 31.2, 5.01),
+        C::PowerSgd { .. } => (3.7, 9.1, 1.71),
     };
-    CpuModel {
-        encode_gbps,
-        decode_gbps,
-        ..CpuModel::default()
-    }
+    CpuModel::default().with_exchange(encode_gbps, decode_gbps, exchange_gbps)
 }
 
 #[cfg(test)]

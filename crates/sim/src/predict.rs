@@ -115,12 +115,28 @@ pub struct CpuModel {
     pub encode_gbps: f64,
     pub decode_gbps: f64,
     /// What the runtime does around the codec, in GB/s of f32 gradient: the
-    /// error-feedback residual (accumulate, subtract what was sent) and the
-    /// two f64 passes that account the compression error (`node::compress`,
-    /// `node::ps_client`). Measured with `perf` on the Fashion-MNIST job,
-    /// top-1%, 2026-12-06: 0.27 ms a step for 269,322 f32s, beside the
-    /// codec's own 0.21 ms.
+    /// error-feedback residual (accumulate, subtract what was sent), the
+    /// passes that account the compression error, framing (`node::compress`,
+    /// `node::ps_client`). [`CpuModel::with_exchange`] derives it from
+    /// `sinter bench codec`'s exchange figure, which times all of that with
+    /// the codec and the decoding of the rank's own message.
     pub feedback_gbps: f64,
+}
+
+impl CpuModel {
+    /// This model with the codec's speeds and `feedback_gbps` set so that
+    /// encode + feedback + one decode take as long as the runtime's whole
+    /// exchange measured at `exchange_gbps` (each in GB/s of f32 gradient).
+    pub fn with_exchange(self, encode_gbps: f64, decode_gbps: f64, exchange_gbps: f64) -> CpuModel {
+        let around = 1.0 / exchange_gbps - 1.0 / encode_gbps - 1.0 / decode_gbps;
+        CpuModel {
+            encode_gbps,
+            decode_gbps,
+            // A codec that is all of its exchange leaves nothing around it.
+            feedback_gbps: if around > 0.0 { 1.0 / around } else { f64::INFINITY },
+            ..self
+        }
+    }
 }
 
 impl Default for CpuModel {
