@@ -356,20 +356,21 @@ pub fn parse_rate(s: &str) -> Result<f64, String> {
 
 /// The default CPU model with the speeds of `codec` and of the runtime's
 /// exchange around it: this machine's `sinter bench codec` (encode, decode,
-/// exchange GB/s), 2026-12-06, `bench/results/2026-12-06-codec.jsonl`.
+/// exchange GB/s, the exchange's median step), 2026-12-06,
+/// `bench/results/2026-12-06-codec.jsonl`.
 pub fn cpu_for(codec: &codec::CodecSpec) -> CpuModel {
     use codec::CodecSpec as C;
     let (encode_gbps, decode_gbps, exchange_gbps) = match codec {
-        C::None => (12.1, 13.5, f64::INFINITY),
-        C::Fp16 => (16.9, 17.8, 1.26),
-        C::Bf16 => (20.8, 26.2, 1.45),
-        C::Int8 { .. } => (6.4, 31.0, 1.71),
-        C::Qsgd { .. } => (5.2, 31.5, 1.61),
-        C::Sign { .. } => (18.0, 26.6, 2.92),
-        C::TopK { .. } => (5.0, 38.7, 2.27),
-        C::Threshold { .. } => (7.2, 34.9, 4.16),
-        C::RandK { .. } => (23.2, 31.2, 5.01),
-        C::PowerSgd { .. } => (3.7, 9.1, 1.71),
+        C::None => (16.2, 15.7, f64::INFINITY),
+        C::Fp16 => (17.8, 18.1, 1.23),
+        C::Bf16 => (22.2, 28.1, 1.46),
+        C::Int8 { .. } => (6.4, 34.9, 1.72),
+        C::Qsgd { .. } => (5.1, 33.2, 1.56),
+        C::Sign { .. } => (18.0, 25.7, 2.90),
+        C::TopK { .. } => (4.9, 41.1, 2.14),
+        C::Threshold { .. } => (7.1, 35.3, 1.66),
+        C::RandK { .. } => (23.7, 31.8, 4.99),
+        C::PowerSgd { .. } => (3.3, 7.3, 1.65),
     };
     CpuModel::default().with_exchange(encode_gbps, decode_gbps, exchange_gbps)
 }
