@@ -192,6 +192,11 @@ fn example_accuracy(replicas: u32) -> f64 {
                 "-q",
                 "--set",
                 "train.epochs=1",
+                // Under the example's async consistency the accuracy after one epoch depends on
+                // how stale each read was, which the replication's extra latency changes: BSP
+                // makes both runs apply the same updates, so only replication can tell them apart.
+                "--set",
+                "cluster.consistency=\"bsp\"",
                 "--set",
                 &format!("cluster.replicas={replicas}"),
             ]),
@@ -213,8 +218,9 @@ fn replicated_servers_train_the_ps_example_to_the_same_accuracy() {
     let one = example_accuracy(1);
     let two = example_accuracy(2);
     assert!(two > 0.8, "replicas 2: test accuracy {two}");
+    // The same updates in a possibly different order of float additions.
     assert!(
-        (one - two).abs() <= 0.02,
+        (one - two).abs() <= 0.005,
         "test accuracy {one} with one replica, {two} with two"
     );
 }
