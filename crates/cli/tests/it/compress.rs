@@ -94,6 +94,46 @@ fn safetensors(dir: &Path) -> PathBuf {
     v.pop().unwrap_or_else(|| panic!("no checkpoint in {}", dir.display()))
 }
 
+/// Trains the job `base` makes 2 epochs straight into `a`, 1 epoch into `b`
+/// and then resumed from `b` to 2, and asserts that the resumed run starts at
+/// epoch 1 and that both end on the same bytes of parameters, optimizer and
+/// compression state. Returns `a`.
+fn assert_resume_is_exact(dir: &Path, what: &str, base: impl Fn() -> std::process::Command) -> PathBuf {
+    let train = |epochs: u32, ckpt: &Path, resume: bool| {
+        let mut cmd = base();
+        cmd.arg("--set")
+            .arg(format!("train.epochs={epochs}"))
+            .arg("--set")
+            .arg(format!("checkpoint.dir={}", ckpt.display()));
+        if resume {
+            cmd.arg("--resume").arg(ckpt);
+        }
+        let out = run(
+            &format!("sinter train ({what}, {epochs} epochs, resume {resume})"),
+            &mut cmd,
+            RUN_TIMEOUT,
+        );
+        out.assert_success().assert_no_panic();
+        out
+    };
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    train(2, &a, false);
+    train(1, &b, false);
+    let resumed = train(2, &b, true);
+    let start = find_event(&resumed.json_lines(), "start").cloned().expect("start line");
+    assert_eq!(start["start_epoch"], 1, "{}", resumed.shown());
+    let (na, nb) = (safetensors(&a), safetensors(&b));
+    assert_eq!(na.file_name(), nb.file_name());
+    for file in ["params.safetensors", "optim.safetensors", "compress.safetensors"] {
+        let read = |p: &Path| std::fs::read(p.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert!(
+            read(&na) == read(&nb),
+            "{file} differs between the straight run and the resumed one"
+        );
+    }
+    a
+}
+
 // issue 5: residuals, velocities and PowerSGD's warm start are training state:
 // 1 epoch + resume + 1 epoch ends on the same bytes as 2 epochs straight.
 #[test]
@@ -109,50 +149,17 @@ fn resume_with_compression_state_is_exact() {
          [[compress.groups]]\nparams = [\"layers.1.weight\"]\ncodec = \"powersgd:2\"\n"
     );
     std::fs::write(&job, text).expect("writing the job");
-    let run_job = |epochs: u32, ckpt: &Path, resume: bool| {
+    let a = assert_resume_is_exact(dir.path(), "compressed", || {
         let mut cmd = sinter(dir.path());
         cmd.arg("train")
             .arg(&job)
             .args(["--json", "-q", "--workers", "2"])
             .arg("--set")
             .arg(format!("data.train={}", fashion_mnist().display()))
-            .args(["--set", "model.hidden=[64, 32]", "--set", "optim.momentum=0"])
-            .arg("--set")
-            .arg(format!("train.epochs={epochs}"))
-            .arg("--set")
-            .arg(format!("checkpoint.dir={}", ckpt.display()));
-        if resume {
-            cmd.arg("--resume").arg(ckpt);
-        }
-        let out = run(
-            &format!("sinter train ({epochs} epochs, resume {resume})"),
-            &mut cmd,
-            RUN_TIMEOUT,
-        );
-        out.assert_success().assert_no_panic();
-        out
-    };
-    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-    run_job(2, &a, false);
-    run_job(1, &b, false);
-    let resumed = run_job(2, &b, true);
-    let start = find_event(&resumed.json_lines(), "start").cloned().expect("start line");
-    assert_eq!(start["start_epoch"], 1, "{}", resumed.shown());
-
-    let (na, nb) = (safetensors(&a), safetensors(&b));
-    assert_eq!(na.file_name(), nb.file_name());
-    for file in ["params.safetensors", "optim.safetensors", "compress.safetensors"] {
-        let read = |p: &Path| std::fs::read(p.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
-        let (x, y) = (read(&na), read(&nb));
-        assert!(x == y, "{file} differs between the straight run and the resumed one");
-    }
-    let listing = run(
-        "sinter checkpoint inspect",
-        sinter(dir.path()).args(["checkpoint", "inspect"]).arg(&a),
-        RUN_TIMEOUT,
-    );
-    listing.assert_success();
-    let text = listing.stdout.join("\n");
+            .args(["--set", "model.hidden=[64, 32]", "--set", "optim.momentum=0"]);
+        cmd
+    });
+    let text = inspect(dir.path(), &a);
     for name in [
         "compress/rank0.layers.0.weight.ef_residual",
         "compress/rank1.layers.0.weight.ef_residual",
@@ -360,7 +367,7 @@ fn compressed_local_sgd_agrees_across_ranks_learns_and_sends_fewer_bytes() {
 #[test]
 fn compressed_local_sgd_resumes_exactly() {
     let dir = temp_dir();
-    let run_job = |epochs: u32, ckpt: &Path, resume: bool| {
+    let a = assert_resume_is_exact(dir.path(), "local SGD, top-1%", || {
         let mut cmd = sinter(dir.path());
         cmd.arg("train")
             .arg(example("fashion-mlp.toml"))
@@ -377,37 +384,9 @@ fn compressed_local_sgd_resumes_exactly() {
                 "compress.codec=topk:0.01",
                 "--set",
                 "compress.error_feedback=true",
-            ])
-            .arg("--set")
-            .arg(format!("train.epochs={epochs}"))
-            .arg("--set")
-            .arg(format!("checkpoint.dir={}", ckpt.display()));
-        if resume {
-            cmd.arg("--resume").arg(ckpt);
-        }
-        let out = run(
-            &format!("sinter train (local SGD, top-1%, {epochs} epochs, resume {resume})"),
-            &mut cmd,
-            RUN_TIMEOUT,
-        );
-        out.assert_success().assert_no_panic();
-        out
-    };
-    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-    run_job(2, &a, false);
-    run_job(1, &b, false);
-    let resumed = run_job(2, &b, true);
-    let start = find_event(&resumed.json_lines(), "start").cloned().expect("start line");
-    assert_eq!(start["start_epoch"], 1, "{}", resumed.shown());
-    let (na, nb) = (safetensors(&a), safetensors(&b));
-    assert_eq!(na.file_name(), nb.file_name());
-    for file in ["params.safetensors", "optim.safetensors", "compress.safetensors"] {
-        let read = |p: &Path| std::fs::read(p.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
-        assert!(
-            read(&na) == read(&nb),
-            "{file} differs between the straight run and the resumed one"
-        );
-    }
+            ]);
+        cmd
+    });
     let text = inspect(dir.path(), &a);
     for name in [
         "compress/layers.0.weight.local_sgd_average",

@@ -1,31 +1,13 @@
 //! `sinter data gen|inspect` and training a sparse model on what they make.
 
-use crate::support::{RUN_TIMEOUT, event, run, sinter, temp_dir};
+use crate::support::{RUN_TIMEOUT, event, gen_click, run, sinter, temp_dir};
 
 #[test]
 fn generated_click_data_inspects_and_trains_logreg_towards_the_bayes_auc() {
     let dir = temp_dir();
     let train = dir.path().join("c.svm");
     let test = dir.path().join("c.test.svm");
-    let generated = run(
-        "sinter data gen",
-        sinter(dir.path())
-            .args([
-                "data",
-                "gen",
-                "click",
-                "--rows",
-                "20000",
-                "--test-rows",
-                "5000",
-                "--hash-bits",
-                "16",
-                "--out",
-            ])
-            .arg(&train),
-        RUN_TIMEOUT,
-    );
-    generated.assert_success();
+    let generated = gen_click(dir.path(), &train, 20_000, 5000, 16);
     assert!(
         test.is_file(),
         "no test split beside the training file: {}",

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::support::{Finished, RUN_TIMEOUT, event, example, find_event, run, sinter, temp_dir};
+use crate::support::{Finished, RUN_TIMEOUT, event, example, find_event, gen_click, run, sinter, temp_dir};
 
 /// The `data` lines of a run, by rank.
 fn data_lines(out: &Finished) -> Vec<Value> {
@@ -92,25 +92,7 @@ fn parameter_server_workers_read_only_their_rows_of_a_libsvm_file() {
     let dir = temp_dir();
     let train = dir.path().join("c.svm");
     let test = dir.path().join("c.test.svm");
-    run(
-        "sinter data gen",
-        sinter(dir.path())
-            .args([
-                "data",
-                "gen",
-                "click",
-                "--rows",
-                "20001",
-                "--test-rows",
-                "5000",
-                "--hash-bits",
-                "16",
-                "--out",
-            ])
-            .arg(&train),
-        RUN_TIMEOUT,
-    )
-    .assert_success();
+    gen_click(dir.path(), &train, 20_001, 5000, 16);
     let cfg = dir.path().join("click.toml");
     let text = format!(
         r#"
@@ -169,25 +151,7 @@ servers = 1
 fn a_sparse_file_without_a_fixed_dimension_is_read_whole_and_says_why() {
     let dir = temp_dir();
     let train = dir.path().join("c.svm");
-    run(
-        "sinter data gen",
-        sinter(dir.path())
-            .args([
-                "data",
-                "gen",
-                "click",
-                "--rows",
-                "4000",
-                "--test-rows",
-                "1000",
-                "--hash-bits",
-                "12",
-                "--out",
-            ])
-            .arg(&train),
-        RUN_TIMEOUT,
-    )
-    .assert_success();
+    gen_click(dir.path(), &train, 4000, 1000, 12);
     for meta in ["c.svm.meta.json", "c.test.svm.meta.json"] {
         std::fs::remove_file(dir.path().join(meta)).expect("removing the meta file");
     }

@@ -7,31 +7,15 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{KillOnDrop, Proc, RUN_TIMEOUT, descendants, event, example, find_event, run, sinter, temp_dir};
+use crate::support::{
+    KillOnDrop, Proc, RUN_TIMEOUT, descendants, event, example, find_event, gen_click, run, sinter, temp_dir,
+};
 
 /// Writes click data and a logreg job over it into `dir`; returns the config path.
 fn click_job(dir: &Path) -> std::path::PathBuf {
     let train = dir.join("c.svm");
     let test = dir.join("c.test.svm");
-    run(
-        "sinter data gen",
-        sinter(dir)
-            .args([
-                "data",
-                "gen",
-                "click",
-                "--rows",
-                "40000",
-                "--test-rows",
-                "10000",
-                "--hash-bits",
-                "16",
-                "--out",
-            ])
-            .arg(&train),
-        RUN_TIMEOUT,
-    )
-    .assert_success();
+    gen_click(dir, &train, 40_000, 10_000, 16);
     let cfg = dir.join("click.toml");
     let text = format!(
         r#"

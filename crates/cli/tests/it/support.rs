@@ -346,6 +346,27 @@ pub fn run(name: &str, cmd: &mut Command, timeout: Duration) -> Finished {
     Proc::spawn(name, cmd).wait(timeout)
 }
 
+/// `sinter data gen click` into `train` (the test split beside it, `*.test.svm`),
+/// asserted to succeed.
+pub fn gen_click(dir: &Path, train: &Path, rows: u64, test_rows: u64, hash_bits: u32) -> Finished {
+    let out = run(
+        "sinter data gen",
+        sinter(dir)
+            .args(["data", "gen", "click", "--rows", &rows.to_string()])
+            .args([
+                "--test-rows",
+                &test_rows.to_string(),
+                "--hash-bits",
+                &hash_bits.to_string(),
+            ])
+            .arg("--out")
+            .arg(train),
+        RUN_TIMEOUT,
+    );
+    out.assert_success();
+    out
+}
+
 /// The `event` of a JSON line.
 pub fn event(v: &Value) -> Option<&str> {
     v.get("event").and_then(Value::as_str)
