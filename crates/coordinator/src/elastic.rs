@@ -282,10 +282,11 @@ mod tests {
     use super::super::{Config, Event, Outcome};
     use super::*;
 
-    fn elastic(world: u32, min: u32, max: u32) -> Coordinator {
-        let mut c = Coordinator::new(Config {
+    /// An elastic coordinator's config, with the tests' deadlines.
+    fn elastic_config(world: u32, servers: u32, min: u32, max: u32) -> Config {
+        Config {
             world,
-            servers: 0,
+            servers,
             heartbeat_timeout_ms: 1000,
             rendezvous_timeout_ms: 5000,
             elastic: Some(Elastic {
@@ -294,7 +295,11 @@ mod tests {
                 settle_ms: 100,
                 replace_timeout_ms: 2000,
             }),
-        });
+        }
+    }
+
+    fn elastic(world: u32, min: u32, max: u32) -> Coordinator {
+        let mut c = Coordinator::new(elastic_config(world, 0, min, max));
         for r in 0..world {
             c.on_event(0, join(10 + r as u64, &format!("w{r}:1")));
         }
@@ -304,18 +309,7 @@ mod tests {
 
     /// A running elastic parameter-server job: `world` workers (conns 10..) and 2 servers (conns 50, 51).
     fn elastic_ps(world: u32) -> Coordinator {
-        let mut c = Coordinator::new(Config {
-            world,
-            servers: 2,
-            heartbeat_timeout_ms: 1000,
-            rendezvous_timeout_ms: 5000,
-            elastic: Some(Elastic {
-                min_workers: world,
-                max_workers: world,
-                settle_ms: 100,
-                replace_timeout_ms: 2000,
-            }),
-        });
+        let mut c = Coordinator::new(elastic_config(world, 2, world, world));
         for r in 0..world {
             c.on_event(0, join(10 + r as u64, &format!("w{r}:1")));
         }
