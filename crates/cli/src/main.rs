@@ -198,7 +198,8 @@ enum BenchCommand {
     /// Parameter-server key updates/s, pull/push latency and per-shard load.
     Ps(PsArgs),
     /// Gradient codecs on one core: encode and decode GB/s, compression ratio and
-    /// error, on real gradients (the Fashion-MNIST MLP's first SGD steps).
+    /// error, on real gradients (the Fashion-MNIST MLP's first SGD steps), and
+    /// GB/s of the runtime's whole compressed exchange around each (median step).
     Codec(CodecArgs),
 }
 
