@@ -8,9 +8,13 @@
 #      BSP), each uncompressed and with top-1% compression. Measured: rank 0's step time over STEPS steps
 #      (its epoch line: training seconds / steps); for the compressed ring, whose steps are 1.5-4 ms, the
 #      median of 3 runs of a whole epoch (468 steps). Predicted: `sinter sim --predict` with the same parameter
-#      count, the compute time of one step measured here the way the job computes (W processes with the
-#      same local batch at once), the link rate and tbf burst, the one-way latency measured between two
-#      of the namespaces, and the 2 cores every process of the job shares (--host-cores 2).
+#      count, the compute of one step as the measured run reports it (rank 0's epoch line, `step_time`:
+#      the training thread's CPU per step outside the exchange, as --host-cores takes it), the link rate and tbf
+#      burst, the one-way latency measured between two of the namespaces, and the 2 cores every process
+#      of the job shares (--host-cores 2). So the prediction takes the job's compute as its input, as a
+#      user's would, and models the rest: the exchange's CPU (from `sinter bench codec`), frames, links,
+#      and the sharing of the cores. For scale, one process alone on this machine computes the same
+#      local batch in `alone_step_ms`.
 #      The veths keep their offloads (TSO, GSO, GRO), as a real NIC does: without them this VM spends
 #      ~16 µs of system time per 1,448-byte packet, which made the 4-worker ring 22% slower than its link
 #      (measured 2026-12-06), a cost of the emulation, not of the protocol; tbf still shapes to the rate
@@ -82,34 +86,27 @@ PY
 fi
 
 # --- 2. prediction against reality --------------------------------------------------------------
-step_ms() { # file global-batch -> ms per step over the epoch (the epoch line's rate: steps x batch / training seconds)
+step_ms() { # file global-batch -> "ms per step over the last epoch, compute CPU ms per step" (from the epoch
+  # line: steps x batch / training seconds; step_time's compute_cpu_ms)
   python3 - "$1" "$2" <<'PY'
 import json, sys
-rates = [json.loads(l)["samples_per_s"] for l in open(sys.argv[1]) if l.startswith("{") and json.loads(l).get("event") == "epoch"]
-print(round(int(sys.argv[2]) / rates[-1] * 1e3, 3) if rates else "nan")
+epochs = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{") and json.loads(l).get("event") == "epoch"]
+if not epochs:
+    print("nan nan")
+else:
+    e, t = epochs[-1], epochs[-1]["step_time"]
+    print(round(int(sys.argv[2]) / e["samples_per_s"] * 1e3, 3), round(t["compute_cpu_ms"], 4))
 PY
 }
 
 if has 2; then
   echo -10 > /proc/self/autogroup
-  # Compute per step, measured as the job computes: W single-process trainers with the local batch of one
-  # of W workers, all at once (W workers share this machine's cores while they compute, and synchronous
-  # steps make them compute at the same time). Median over the W processes.
+  # For scale only: one process alone computing a worker's local batch.
   for W in 2 4; do
     lb=$((128 / W))
-    l0=$(load)
-    cpids=()
-    for i in $(seq 0 $((W - 1))); do
-      "$S" train examples/fashion-mlp.toml --workers 1 --json -q --set "train.batch_size=$lb" --set train.epochs=1 \
-        --set "train.max_steps=$((STEPS * 4))" --set optim.momentum=0 > "$tmp/single$W.$i.out" &
-      cpids+=($!)
-    done
-    for p in "${cpids[@]}"; do wait "$p"; done
-    c=$(for i in $(seq 0 $((W - 1))); do step_ms "$tmp/single$W.$i.out" "$lb"; done | sort -g | python3 -c 'import statistics,sys; print(statistics.median(float(x) for x in sys.stdin))')
-    alone=$("$S" train examples/fashion-mlp.toml --workers 1 --json -q --set "train.batch_size=$lb" --set train.epochs=1 \
-        --set "train.max_steps=$((STEPS * 4))" --set optim.momentum=0 > "$tmp/alone$W.out"; step_ms "$tmp/alone$W.out" "$lb")
-    log '{"event":"compute"}' "{\"workers\":$W,\"local_batch\":$lb,\"step_ms\":$c,\"alone_step_ms\":$alone,\"load\":\"$l0\"}"
-    echo "$c" > "$tmp/compute$W"
+    "$S" train examples/fashion-mlp.toml --workers 1 --json -q --set "train.batch_size=$lb" --set train.epochs=1 \
+      --set "train.max_steps=$((STEPS * 4))" --set optim.momentum=0 > "$tmp/alone$W.out"
+    log '{"event":"compute"}' "{\"workers\":$W,\"local_batch\":$lb,\"alone_step_ms\":$(step_ms "$tmp/alone$W.out" "$lb" | cut -d' ' -f1),\"load\":\"$(load)\"}"
   done
 
   shape() { # ns dev rate burst
@@ -169,7 +166,7 @@ for l in open(sys.argv[1]):
     echo "coordinator did not start" >&2; exit 1
   }
 
-  run() { # W strategy codec [steps] -> measured step ms of rank 0
+  run() { # W strategy codec [steps] -> "measured step ms, compute CPU ms" of rank 0
     local W=$1 strat=$2 codec=$3 steps=${4:-$STEPS} cfg sets servers=0
     sets=(--set train.epochs=1 --set "train.max_steps=$steps" --set cluster.transport=tcp --set train.eval_every_steps=0
           --set "compress.codec=$codec" --set cluster.collective_timeout_ms=60000)
@@ -199,7 +196,7 @@ for l in open(sys.argv[1]):
     for p in "${ws[@]}"; do wait "$p" || failed=1; done
     wait "$coord" || failed=1
     PIDS=()
-    if [ $failed -ne 0 ]; then tail -3 "$tmp"/w*.err "$tmp/coord.err" >&2; echo "nan"; return; fi
+    if [ $failed -ne 0 ]; then tail -3 "$tmp"/w*.err "$tmp/coord.err" >&2; echo "nan nan"; return; fi
     step_ms "$tmp/w0.out" 128
   }
 
@@ -207,7 +204,6 @@ for l in open(sys.argv[1]):
     burst=32kb; [ "$rate" = 1gbit ] && burst=256kb
     set_rate "$rate" "$burst"
     for W in 2 4; do
-      c=$(cat "$tmp/compute$W")
       for strat in allreduce ps; do
         for codec in none topk:0.01:f16; do
           echo "+ $rate W=$W $strat $codec" >&2
@@ -215,9 +211,9 @@ for l in open(sys.argv[1]):
           if [ "$strat" = allreduce ] && [ "$codec" != none ]; then
             # Steps of 1.5-4 ms, where a moment of host noise moves a 200-step mean by more
             # than 15%: the median of 3 runs of a whole epoch (468 steps) each.
-            m=$(for _ in 1 2 3; do run "$W" "$strat" "$codec" 468; done | sort -g | sed -n 2p)
+            read -r m c < <(for _ in 1 2 3; do run "$W" "$strat" "$codec" 468; done | sort -g | sed -n 2p)
           else
-            m=$(run "$W" "$strat" "$codec")
+            read -r m c < <(run "$W" "$strat" "$codec")
           fi
           p=$("$S" sim --predict --json --params 269322 --compute-ms "$c" --batch $((128 / W)) --workers "$W" --bandwidth "$rate" \
                 --latency-us "$lat_us" --burst "$burst" --host-cores 2 --strategy "$strat" --servers 1 --consistency bsp --codec "$codec" \

@@ -102,7 +102,8 @@ struct SimArgs {
     /// Model size in f32 parameters (e.g. 100M).
     #[arg(long, default_value = "100M")]
     params: String,
-    /// One worker's compute per step, in ms.
+    /// One worker's compute per step, in ms (a worker's epoch line reports it as
+    /// `step_time`); with --host-cores, its CPU time (`compute_cpu_ms`).
     #[arg(long, default_value_t = 100.0)]
     compute_ms: f64,
     /// Samples per worker per step.
@@ -116,7 +117,8 @@ struct SimArgs {
     /// Token bucket of each NIC, each way, as tbf's `burst` (e.g. 32kb); 0: none, as a real NIC.
     #[arg(long, default_value = "0")]
     burst: String,
-    /// Cores every node shares (all processes on one machine); 0: each node has its own.
+    /// Cores every node's compute and communication share (all processes on one
+    /// machine); 0: each node has its own.
     #[arg(long, default_value_t = 0)]
     host_cores: u32,
     /// Most commands one simulated collective plans before real segments travel

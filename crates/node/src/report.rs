@@ -30,6 +30,36 @@ pub struct EpochReport {
     /// What this worker's exchange moved since the previous report.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub comm: Option<CommReport>,
+    /// Where this worker's training time went this epoch (epoch lines only).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub step_time: Option<StepTime>,
+}
+
+/// One worker's mean step over an epoch, split by what the training thread
+/// was doing: in the exchange (the collective or the servers, with the codec
+/// and the waits for peers), or outside it (batch gather, forward and
+/// backward pass, optimizer step).
+///
+/// A step is communication-bound when `exchange_ms` is well above
+/// `exchange_cpu_ms`, the CPU the exchange itself used on the training thread
+/// (other threads' work, such as a parameter-server client's receives, only
+/// counts in `cpu_ms`). On a machine whose
+/// cores the job's processes share, `cpu_ms` × processes ÷ cores near the
+/// step time says the step is CPU-bound.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepTime {
+    pub steps: u64,
+    /// Wall time in the exchange, per step.
+    pub exchange_ms: f64,
+    /// The training thread's CPU time in the exchange, per step.
+    pub exchange_cpu_ms: f64,
+    /// Wall time outside the exchange, per step.
+    pub compute_ms: f64,
+    /// The training thread's CPU time outside the exchange, per step: the
+    /// compute, as `sinter sim --predict --host-cores` takes it.
+    pub compute_cpu_ms: f64,
+    /// The whole process's CPU time (all threads), per step.
+    pub cpu_ms: f64,
 }
 
 /// Bytes a worker's exchange sent and received, per step and per peer, and

@@ -5,7 +5,7 @@
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use data::{Batch, Dataset, EpochPlan};
 use model::Model;
@@ -15,7 +15,7 @@ use tensor::{Gradient, ParamKind, Rng};
 use crate::config::{JobConfig, SyncMode};
 use crate::error::JobError;
 use crate::ps_client::PsExchange;
-use crate::report::{EpochReport, Observer, Report, StepReport, Traffic};
+use crate::report::{EpochReport, Observer, Report, StepReport, StepTime, Traffic};
 use crate::state;
 
 /// Rows predicted per evaluation batch.
@@ -212,6 +212,9 @@ pub struct Trainer {
     eval_s: f64,
     /// Loss sum and steps since the last evaluation within an epoch.
     eval_window: (f64, u64),
+    /// Time the training thread spent in the exchange this epoch: wall and
+    /// the thread's CPU.
+    exchange_spent: Spent,
 }
 
 /// Indices of [`Trainer::traffic`].
@@ -288,6 +291,7 @@ impl Trainer {
             started: Instant::now(),
             eval_s: 0.0,
             eval_window: (0.0, 0),
+            exchange_spent: Spent::default(),
         })
     }
 
@@ -562,8 +566,22 @@ impl Trainer {
         while self.pos.epoch < epochs {
             let epoch = self.pos.epoch;
             let epoch_started = Instant::now();
+            let cpu_started = (
+                cpu_clock(libc::CLOCK_PROCESS_CPUTIME_ID),
+                cpu_clock(libc::CLOCK_THREAD_CPUTIME_ID),
+            );
+            let steps_started = self.pos.step;
+            self.exchange_spent = Spent::default();
             let (loss, samples) = self.run_epoch(epoch, &mut batch, ex, obs)?;
-            let epoch_train_s = epoch_started.elapsed().as_secs_f64();
+            let epoch_train = epoch_started.elapsed();
+            let epoch_train_s = epoch_train.as_secs_f64();
+            let step_time = step_time(
+                self.pos.step - steps_started,
+                epoch_train,
+                self.exchange_spent,
+                cpu_clock(libc::CLOCK_PROCESS_CPUTIME_ID).saturating_sub(cpu_started.0),
+                cpu_clock(libc::CLOCK_THREAD_CPUTIME_ID).saturating_sub(cpu_started.1),
+            );
             self.plan = None;
             self.steps_before_plan = 0;
             self.pos.epoch += 1;
@@ -585,6 +603,7 @@ impl Trainer {
                     .and_then(|v| v.as_f64()),
                 eval_s: 0.0,
                 comm: self.traffic_report(SINCE_REPORT),
+                step_time,
             };
             let last_epoch = self.pos.epoch == epochs || self.stop_requested();
             if ex.rank() == 0 && (last_epoch || self.pos.epoch.is_multiple_of(self.cfg.train.eval_every_epochs)) {
@@ -714,7 +733,7 @@ impl Trainer {
             };
             self.opt.step(&mut self.params, &self.grad)?;
             if local_sgd && (step + 1).is_multiple_of(self.cfg.cluster.average_every as u64) {
-                ex.average_params(step, &mut self.params)?;
+                timed(&mut self.exchange_spent, || ex.average_params(step, &mut self.params))?;
             }
             if !loss.is_finite() {
                 return Err(JobError::NotFinite { step, loss });
@@ -732,7 +751,8 @@ impl Trainer {
         }
         if local_sgd {
             // The epoch ends on averaged parameters, whatever the phase of the averaging period.
-            ex.average_params(self.pos.step, &mut self.params)?;
+            let step = self.pos.step;
+            timed(&mut self.exchange_spent, || ex.average_params(step, &mut self.params))?;
         }
         Ok((
             loss_sum / (samples / self.local_batch().max(1) as u64).max(1) as f64,
@@ -842,6 +862,7 @@ impl Trainer {
             bayes_auc: None,
             eval_s: self.eval_s,
             comm: self.traffic_report(SINCE_REPORT),
+            step_time: None,
         };
         let train_s = report.wall_s - self.eval_s;
         report.samples_per_s = self.pos.step as f64 * self.cfg.train.batch_size as f64 / train_s.max(1e-9);
@@ -869,20 +890,25 @@ impl Trainer {
             return Ok((0.0, 0));
         }
         self.model.touched_rows(batch, &mut rows);
-        remote.pull_start(self.pos.step, &rows, has_dense, false)?;
+        let step = self.pos.step;
+        timed(&mut self.exchange_spent, || {
+            remote.pull_start(step, &rows, has_dense, false)
+        })?;
         loop {
             let step = self.pos.step;
-            remote.pull_finish(&mut self.params)?;
+            timed(&mut self.exchange_spent, || remote.pull_finish(&mut self.params))?;
             let stop = self.cfg.train.max_steps > 0 && step + 1 >= self.cfg.train.max_steps;
             let last = stop || !self.take_batch(1, &mut next);
             if !last {
                 self.model.touched_rows(&next, &mut rows);
-                remote.pull_start(step + 1, &rows, has_dense, false)?;
+                timed(&mut self.exchange_spent, || {
+                    remote.pull_start(step + 1, &rows, has_dense, false)
+                })?;
             }
             let loss = self
                 .model
                 .forward_backward(&self.params, batch, &mut self.grad, &mut |_, _| {});
-            remote.push(step, &self.grad)?;
+            timed(&mut self.exchange_spent, || remote.push(step, &self.grad))?;
             self.count_traffic(remote.take_traffic());
             std::mem::swap(batch, &mut next);
             if !loss.is_finite() {
@@ -912,12 +938,15 @@ impl Trainer {
             if self.weight != 1.0 {
                 self.grad.dense.iter_mut().for_each(|g| *g *= self.weight);
             }
-            ex.allreduce_gradient(step, &mut self.grad.dense)?;
+            timed(&mut self.exchange_spent, || {
+                ex.allreduce_gradient(step, &mut self.grad.dense)
+            })?;
             return Ok(loss);
         }
         let mut failed = None;
         let weight = self.weight;
         let scaled = &mut self.scaled;
+        let spent = &mut self.exchange_spent;
         let loss = self
             .model
             .forward_backward(&self.params, batch, &mut self.grad, &mut |range, values| {
@@ -931,14 +960,16 @@ impl Trainer {
                     scaled.extend(values.iter().map(|v| v * weight));
                     &scaled[..]
                 };
-                if let Err(e) = ex.gradient_ready(step, range, values) {
+                if let Err(e) = timed(spent, || ex.gradient_ready(step, range, values)) {
                     failed = Some(e);
                 }
             });
         if let Some(e) = failed {
             return Err(e);
         }
-        ex.finish_gradients(step, &mut self.grad.dense)?;
+        timed(&mut self.exchange_spent, || {
+            ex.finish_gradients(step, &mut self.grad.dense)
+        })?;
         Ok(loss)
     }
 
@@ -1076,6 +1107,53 @@ pub fn checksum(params: &[f32]) -> u64 {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     h
+}
+
+/// Time spent in a phase: wall, and the CPU time of the thread that ran it.
+#[derive(Clone, Copy, Debug, Default)]
+struct Spent {
+    wall: Duration,
+    cpu: Duration,
+}
+
+/// Runs `f`, adding its wall and thread CPU time to `spent` (two clock reads
+/// each, about a microsecond a step).
+fn timed<T>(spent: &mut Spent, f: impl FnOnce() -> T) -> T {
+    let (t, c) = (Instant::now(), cpu_clock(libc::CLOCK_THREAD_CPUTIME_ID));
+    let out = f();
+    spent.wall += t.elapsed();
+    spent.cpu += cpu_clock(libc::CLOCK_THREAD_CPUTIME_ID).saturating_sub(c);
+    out
+}
+
+/// CPU time so far of `clock`: this process (`CLOCK_PROCESS_CPUTIME_ID`, all
+/// threads) or this thread. Zero if the clock cannot be read.
+fn cpu_clock(clock: libc::clockid_t) -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec for the call to fill.
+    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec.max(0) as u64, ts.tv_nsec.clamp(0, 999_999_999) as u32)
+}
+
+/// The mean step of an epoch of `steps` steps (`None` without steps), from
+/// its wall time, the exchange's share, and the CPU time of the process and
+/// of the training thread.
+fn step_time(steps: u64, train: Duration, exchange: Spent, cpu: Duration, thread_cpu: Duration) -> Option<StepTime> {
+    if steps == 0 {
+        return None;
+    }
+    let per_step_ms = |d: Duration| d.as_secs_f64() * 1e3 / steps as f64;
+    Some(StepTime {
+        steps,
+        exchange_ms: per_step_ms(exchange.wall),
+        exchange_cpu_ms: per_step_ms(exchange.cpu),
+        compute_ms: per_step_ms(train.saturating_sub(exchange.wall)),
+        compute_cpu_ms: per_step_ms(thread_cpu.saturating_sub(exchange.cpu)),
+        cpu_ms: per_step_ms(cpu),
+    })
 }
 
 #[cfg(test)]

@@ -3,9 +3,10 @@
 //!
 //! # The model
 //!
-//! - **Step.** Every worker computes for `compute_ns` (measured on one real
-//!   worker with its local batch: forward, backward and optimizer; on a
-//!   shared host, measured with the job's processes computing at once), then
+//! - **Step.** Every worker computes for `compute_ns` (forward, backward and
+//!   optimizer of its local batch, as a real step of the job measures it: the
+//!   `step_time` of a worker's epoch line; on a shared host, its CPU time,
+//!   `compute_cpu_ms`), then
 //!   exchanges, as `node` does by default: **no overlap** of communication
 //!   with compute (the inline exchange after the backward pass). Synchronous
 //!   all-reduce steps are identical without faults, so one step is simulated;
@@ -25,8 +26,9 @@
 //!   adds). One thread per node does the communication, and the codec work
 //!   of a compressed exchange: the codec itself (`encode_gbps`,
 //!   `decode_gbps`) and what the runtime does around it (`feedback_gbps`).
-//!   With [`PredictConfig::host_cores`], every node's communication work
-//!   shares that many cores (a job whose processes all run on one machine).
+//!   With [`PredictConfig::host_cores`], every node's compute and
+//!   communication work shares that many cores (a job whose processes all
+//!   run on one machine).
 //! - **All-reduce** uses the algorithm `node` picks (recursive doubling up to
 //!   64 KiB, else the ring with 64 Ki-f32 segments and 4 frames in flight).
 //!   **Compressed** exchanges follow `node::compress`: encode this worker's
@@ -157,7 +159,8 @@ impl Default for CpuModel {
 pub struct PredictConfig {
     /// Parameters (f32s).
     pub params: u64,
-    /// One worker's compute per step.
+    /// One worker's compute per step: wall time, or with `host_cores` its
+    /// CPU time (which then waits for a free core like the rest).
     pub compute_ns: Nanos,
     /// Samples per worker per step (for throughput).
     pub batch: u64,
@@ -169,8 +172,8 @@ pub struct PredictConfig {
     pub codec: CodecSpec,
     pub consistency: ps::Consistency,
     pub cpu: CpuModel,
-    /// Cores all nodes share (every process of the job on one machine); 0:
-    /// each node has its own.
+    /// Cores all nodes share, for their compute and communication (every
+    /// process of the job on one machine); 0: each node has its own.
     pub host_cores: u32,
     /// Most commands one collective's engines plan together before real
     /// segments are coarsened ([`COMMANDS_BUDGET`] unless told).
@@ -256,8 +259,8 @@ fn ns_for(bytes: f64, gbps: f64) -> Nanos {
 }
 
 /// Where the nodes' CPU work runs. Each node's communication thread does one
-/// thing at a time; with `host_cores` > 0 the communication work of every
-/// node (frames, copies, reductions, codecs, the server's optimizer) shares
+/// thing at a time; with `host_cores` > 0 the work of every node (compute,
+/// frames, copies, reductions, codecs, the server's optimizer) shares
 /// that many cores (a job's processes on one machine, as in
 /// `bench/issue7.sh`), each piece taking the core that is free first. With 0,
 /// every node has cores of its own.
@@ -292,12 +295,13 @@ impl Cpus {
         end
     }
 
-    /// Compute (forward, backward, optimizer): when it ends. It leaves the
-    /// communication thread free and takes no core from the pool: the compute
-    /// time is measured the way the job computes (on a shared host, with the
-    /// job's processes computing at once), so it already includes their share.
-    fn compute(&self, ready: Nanos, dur_ns: Nanos) -> Nanos {
-        ready + dur_ns
+    /// Compute (forward, backward, optimizer), ready at `ready`: when it
+    /// ends. It leaves the communication thread free (a parameter server's
+    /// replies are taken while the worker computes). On a shared host it
+    /// takes a core from the pool like any other work, so `dur_ns` is then
+    /// the compute's CPU time; otherwise the node has a core of its own.
+    fn compute(&mut self, ready: Nanos, dur_ns: Nanos) -> Nanos {
+        self.core(ready, dur_ns) + dur_ns
     }
 
     fn free_at(&self, node: u32) -> Nanos {
@@ -1041,5 +1045,20 @@ mod tests {
         shared.host_cores = 1;
         let (own, shared) = (predict(&own).unwrap(), predict(&shared).unwrap());
         assert!(shared.step_ns > own.step_ns, "{} vs {}", shared.step_ns, own.step_ns);
+    }
+
+    #[test]
+    fn compute_on_a_shared_host_waits_for_a_core() {
+        // Four workers' 10 ms of compute CPU on two cores: two after two, so
+        // the last exchange cannot start before 20 ms.
+        for strategy in [Strategy::AllReduce, Strategy::Ps] {
+            let mut c = cfg(4, strategy);
+            c.params = 1024;
+            let own = predict(&c).unwrap();
+            c.host_cores = 2;
+            let shared = predict(&c).unwrap();
+            assert!(own.step_ns < 2 * c.compute_ns, "{strategy}: {}", own.step_ns);
+            assert!(shared.step_ns >= 2 * c.compute_ns, "{strategy}: {}", shared.step_ns);
+        }
     }
 }

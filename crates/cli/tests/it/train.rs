@@ -37,6 +37,14 @@ fn train_json_prints_start_epoch_and_done_lines() {
     }
     let acc = epochs[0]["test_acc"].as_f64().expect("number");
     assert!((0.0..=1.0).contains(&acc), "test_acc {acc}");
+    // One process has no exchange: its whole step is compute.
+    let t = &epochs[0]["step_time"];
+    assert_eq!(t["steps"], 50, "{t}");
+    assert_eq!(t["exchange_ms"], 0.0, "{t}");
+    assert!(t["compute_ms"].as_f64().is_some_and(|v| v > 0.0), "{t}");
+    assert!(t["cpu_ms"].as_f64().is_some_and(|v| v > 0.0), "{t}");
+    let (cpu, wall) = (t["compute_cpu_ms"].as_f64(), t["compute_ms"].as_f64());
+    assert!(cpu.zip(wall).is_some_and(|(c, w)| c > 0.0 && c <= w + 0.01), "{t}");
     let done = lines.last().expect("lines");
     assert_eq!(event(done), Some("done"), "last line: {done}");
     // max_steps stops the run mid-epoch, after exactly that many steps.
@@ -71,6 +79,18 @@ fn train_with_two_workers_reports_world_2_and_finishes() {
     );
     let epoch = find_event(&lines, "epoch").unwrap_or_else(|| panic!("no epoch line: {}", out.shown()));
     assert!(epoch["test_acc"].is_number(), "{epoch}");
+    // The step splits into compute and exchange, which add up to the epoch's
+    // step time; the exchange's own CPU is part of its wall time.
+    let t = &epoch["step_time"];
+    let ms = |k: &str| t[k].as_f64().unwrap_or_else(|| panic!("no `{k}` in {t}"));
+    let step_ms = 128.0 / epoch["samples_per_s"].as_f64().expect("number") * 1e3;
+    assert!(ms("exchange_ms") > 0.0 && ms("compute_ms") > 0.0, "{t}");
+    let sum = ms("exchange_ms") + ms("compute_ms");
+    assert!((sum - step_ms).abs() < 0.02 * step_ms, "{sum} vs {step_ms}: {t}");
+    assert!(
+        ms("exchange_cpu_ms") > 0.0 && ms("exchange_cpu_ms") <= ms("exchange_ms") + 0.01,
+        "{t}"
+    );
     let done = lines.last().expect("lines");
     assert_eq!(event(done), Some("done"), "{}", out.shown());
     assert_eq!(done["steps"], 100, "{done}");
