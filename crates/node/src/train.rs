@@ -215,6 +215,10 @@ pub struct Trainer {
     /// Time the training thread spent in the exchange this epoch: wall and
     /// the thread's CPU.
     exchange_spent: Spent,
+    /// The line of an epoch whose training is done but whose end (the
+    /// parameter check, evaluation, checkpoint) a lost peer interrupted: an
+    /// elastic job's next generation reports it first.
+    unreported: Option<EpochReport>,
 }
 
 /// Indices of [`Trainer::traffic`].
@@ -292,6 +296,7 @@ impl Trainer {
             eval_s: 0.0,
             eval_window: (0.0, 0),
             exchange_spent: Spent::default(),
+            unreported: None,
         })
     }
 
@@ -563,6 +568,14 @@ impl Trainer {
                 nnz_max_over_mean: skew.1,
             });
         }
+        // Only if the state continues right after that epoch (a state synced
+        // from an older step trains it again, and reports it then).
+        if let Some(mut report) = self.unreported.take().filter(|r| r.epoch == self.pos.epoch) {
+            self.evaluate_if_due(&mut report, ex)?;
+            report.wall_s = started.elapsed().as_secs_f64();
+            obs.report(&Report::Epoch(report.clone()));
+            last = Some(report);
+        }
         while self.pos.epoch < epochs {
             let epoch = self.pos.epoch;
             let epoch_started = Instant::now();
@@ -585,7 +598,6 @@ impl Trainer {
             self.plan = None;
             self.steps_before_plan = 0;
             self.pos.epoch += 1;
-            ex.verify_identical(epoch, checksum(&self.params))?;
             let mut report = EpochReport {
                 epoch: epoch + 1,
                 step: self.pos.step,
@@ -605,16 +617,11 @@ impl Trainer {
                 comm: self.traffic_report(SINCE_REPORT),
                 step_time,
             };
+            // Until it is reported, a regroup here must not lose the epoch's line.
+            self.unreported = Some(report.clone());
+            ex.verify_identical(epoch, checksum(&self.params))?;
+            self.evaluate_if_due(&mut report, ex)?;
             let last_epoch = self.pos.epoch == epochs || self.stop_requested();
-            if ex.rank() == 0 && (last_epoch || self.pos.epoch.is_multiple_of(self.cfg.train.eval_every_epochs)) {
-                let eval_started = Instant::now();
-                match ex.remote() {
-                    Some(remote) => self.evaluate_remote(&mut report, remote)?,
-                    None => self.evaluate(&mut report),
-                }
-                self.eval_s += eval_started.elapsed().as_secs_f64();
-            }
-            report.eval_s = self.eval_s;
             let ck = &self.cfg.checkpoint;
             let checkpoint_due = ck.dir.is_some() && (last_epoch || self.pos.epoch.is_multiple_of(ck.every_epochs));
             if checkpoint_due
@@ -662,6 +669,7 @@ impl Trainer {
             }
             report.wall_s = started.elapsed().as_secs_f64();
             self.eval_window = (0.0, 0);
+            self.unreported = None;
             obs.report(&Report::Epoch(report.clone()));
             last = Some(report);
             if self.stop_requested() {
@@ -973,6 +981,22 @@ impl Trainer {
         Ok(loss)
     }
 
+    /// Rank 0, after the last epoch and every `eval_every_epochs`: fills the
+    /// test metrics of the `report` of the epoch just trained, and its `eval_s`.
+    fn evaluate_if_due(&mut self, report: &mut EpochReport, ex: &mut dyn Exchange) -> Result<(), JobError> {
+        let last_epoch = self.pos.epoch == self.cfg.train.epochs || self.stop_requested();
+        if ex.rank() == 0 && (last_epoch || self.pos.epoch.is_multiple_of(self.cfg.train.eval_every_epochs)) {
+            let eval_started = Instant::now();
+            match ex.remote() {
+                Some(remote) => self.evaluate_remote(report, remote)?,
+                None => self.evaluate(report),
+            }
+            self.eval_s += eval_started.elapsed().as_secs_f64();
+        }
+        report.eval_s = self.eval_s;
+        Ok(())
+    }
+
     /// Fills the test metrics of `report`.
     fn evaluate(&mut self, report: &mut EpochReport) {
         // Without servers there is nothing to pull: the closure never fails.
@@ -1169,6 +1193,93 @@ mod tests {
         assert!((rows - 200.0 / 150.0).abs() < 1e-12, "{rows}");
         assert_eq!(nnz, Some(1.5));
         assert_eq!(partition_skew(&parts, None).1, None);
+    }
+
+    /// One rank whose end-of-epoch parameter check fails once, as when a peer
+    /// is lost just as an epoch ends and an elastic job regroups.
+    struct LosesAPeerAtEpochEnd {
+        failed: bool,
+    }
+
+    impl Exchange for LosesAPeerAtEpochEnd {
+        fn rank(&self) -> u32 {
+            0
+        }
+        fn world(&self) -> u32 {
+            1
+        }
+        fn gradient_ready(&mut self, _: u64, _: Range<usize>, _: &[f32]) -> Result<(), JobError> {
+            Ok(())
+        }
+        fn finish_gradients(&mut self, _: u64, _: &mut [f32]) -> Result<(), JobError> {
+            Ok(())
+        }
+        fn allreduce_gradient(&mut self, _: u64, _: &mut [f32]) -> Result<(), JobError> {
+            Ok(())
+        }
+        fn average_params(&mut self, _: u64, _: &mut [f32]) -> Result<(), JobError> {
+            Ok(())
+        }
+        fn verify_identical(&mut self, _: u32, _: u64) -> Result<(), JobError> {
+            if std::mem::replace(&mut self.failed, true) {
+                return Ok(());
+            }
+            Err(JobError::Peer {
+                rank: 1,
+                why: "connection reset".into(),
+            })
+        }
+    }
+
+    struct Lines(Vec<Report>);
+
+    impl crate::report::Observer for Lines {
+        fn report(&mut self, r: &Report) {
+            self.0.push(r.clone());
+        }
+    }
+
+    // issue 6: an epoch whose end coincides with a regroup still gets its line.
+    #[test]
+    fn an_epoch_ended_by_a_regroup_is_reported_by_the_next_generation() {
+        let text = "[data]\ntrain = \"unused\"\n[model]\nkind = \"softmax\"\n[optim]\nkind = \"sgd\"\nlr = 0.1\n\
+                    [train]\nbatch_size = 8\nepochs = 2\n";
+        let cfg = JobConfig::parse(text, Path::new("<test>"), &[]).expect("config");
+        let rows = 64;
+        let values = (0..rows * 2).map(|i| (i % 7) as f32 - 3.0).collect();
+        let train = Dataset {
+            features: data::Features::Dense { dim: 2, values },
+            labels: (0..rows as u32).map(|r| r % 2).collect(),
+            num_classes: 2,
+        };
+        let mut trainer = Trainer::new(cfg, JobData::whole(train, None, None), 0, 1).expect("trainer");
+        let mut ex = LosesAPeerAtEpochEnd { failed: false };
+        let mut lines = Lines(Vec::new());
+        assert!(
+            trainer.run(&mut ex, &mut lines).is_err(),
+            "the first generation ends in a regroup"
+        );
+        assert_eq!(trainer.position().epoch, 1);
+        trainer.run(&mut ex, &mut lines).expect("the next generation finishes");
+        let epochs: Vec<&EpochReport> = lines
+            .0
+            .iter()
+            .filter_map(|r| match r {
+                Report::Epoch(e) => Some(e),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            epochs.iter().map(|e| e.epoch).collect::<Vec<_>>(),
+            vec![1, 2],
+            "{epochs:?}"
+        );
+        assert_eq!(epochs[0].step, 8, "{:?}", epochs[0]);
+        assert!(
+            epochs[0].train_loss.is_finite() && epochs[0].samples_per_s > 0.0,
+            "{:?}",
+            epochs[0]
+        );
     }
 
     #[test]
