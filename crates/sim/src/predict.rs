@@ -12,7 +12,7 @@
 //!   all-reduce steps are identical without faults, so one step is simulated;
 //!   parameter-server jobs run [`PS_STEPS`] steps (the pull of step k+1 is
 //!   sent before step k computes, pushes are pipelined two deep) and report
-//!   the mean of the steps after [`PS_WARMUP_STEPS`].
+//!   the mean of all steps but the first.
 //! - **Network.** [`crate::net`]: one full-duplex NIC per node at the link
 //!   rate, a latency, TCP/IP framing at 1448/1514, a 32-byte frame header per
 //!   message, optionally a token bucket per NIC (`tbf`'s burst); a
@@ -79,10 +79,6 @@ use crate::queue::{Nanos, Queue};
 pub const COMMANDS_BUDGET: u64 = 70_000_000;
 /// Steps a parameter-server prediction runs.
 pub const PS_STEPS: u64 = 4;
-/// Steps a parameter-server prediction leaves out of its mean: step 0's
-/// pulls are answered side by side as they arrive, and the first interval
-/// after it still carries that start (the workers push at staggered times).
-pub const PS_WARMUP_STEPS: usize = 1;
 /// Most workers a prediction takes.
 pub const WORKERS_MAX: u32 = 4096;
 
@@ -950,12 +946,10 @@ fn predict_ps(cfg: &PredictConfig) -> Result<Prediction, String> {
             step_done[wk].len()
         ));
     }
-    // Mean step time over the steps after the warm-up, over workers: the
-    // interval between a worker's pushes of steps PS_WARMUP_STEPS and the last.
-    let first = PS_WARMUP_STEPS;
+    // Mean step time after the first step, over workers.
     let mean = step_done
         .iter()
-        .map(|d| (d[d.len() - 1] - d[first]) as f64 / (d.len() - 1 - first) as f64)
+        .map(|d| (d[d.len() - 1] - d[0]) as f64 / (d.len() - 1) as f64)
         .sum::<f64>()
         / f64::from(w);
     Ok(Prediction {
