@@ -75,39 +75,20 @@ pub fn tune_data_stream(s: &TcpStream) -> Result<(), JobError> {
 }
 
 fn set_buffer(s: &TcpStream, opt: libc::c_int) -> Result<(), JobError> {
-    set_int(
-        s,
-        libc::SOL_SOCKET,
-        opt,
-        DATA_SOCKET_BUFFER_BYTES as libc::c_int,
-        "socket buffer",
-    )
-}
-
-/// Makes a blocking write to `s` return only once at most `bytes` of the
-/// stream are still unsent (`TCP_NOTSENT_LOWAT`), instead of as soon as the
-/// data fits in the (large) send buffer. A thread that writes large messages
-/// to several peers then sends them one after another, each at the full link
-/// rate, not side by side at a share of it.
-pub fn limit_unsent(s: &TcpStream, bytes: u32) -> Result<(), JobError> {
-    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    set_int(s, libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, v, "TCP_NOTSENT_LOWAT")
-}
-
-fn set_int(s: &TcpStream, level: libc::c_int, opt: libc::c_int, v: libc::c_int, what: &str) -> Result<(), JobError> {
     use std::os::fd::AsRawFd;
+    let v = DATA_SOCKET_BUFFER_BYTES as libc::c_int;
     // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a valid pointer to `v`.
     let rc = unsafe {
         libc::setsockopt(
             s.as_raw_fd(),
-            level,
+            libc::SOL_SOCKET,
             opt,
             (&v as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
     if rc != 0 {
-        return Err(JobError::io(format!("setsockopt {what}"), io::Error::last_os_error()));
+        return Err(JobError::io("setsockopt socket buffer", io::Error::last_os_error()));
     }
     Ok(())
 }
@@ -311,29 +292,3 @@ const _: () = assert!(
     cfg!(target_endian = "little"),
     "Sinter's tensor frames assume a little-endian host"
 );
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::fd::AsRawFd;
-
-    #[test]
-    fn limit_unsent_sets_the_socket_option() {
-        let l = listen("127.0.0.1:0").expect("listen");
-        let s = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
-        limit_unsent(&s, 128 * 1024).expect("setsockopt");
-        let mut v: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt writes at most `len` bytes to a valid pointer to `v`.
-        let rc = unsafe {
-            libc::getsockopt(
-                s.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_NOTSENT_LOWAT,
-                (&mut v as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!((rc, v), (0, 128 * 1024));
-    }
-}

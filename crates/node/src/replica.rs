@@ -500,8 +500,6 @@ fn take_worker(shared: &Arc<Shared>, worker: u32, generation: u64, mut s: TcpStr
 fn register(shared: &Arc<Shared>, worker: u32, generation: u64, s: TcpStream, replace: bool) -> Result<u64, JobError> {
     s.set_write_timeout(Some(Duration::from_millis(shared.write_timeout_ms)))
         .map_err(|e| JobError::io("set_write_timeout", e))?;
-    // As an unreplicated shard does: replies leave one after another.
-    net::limit_unsent(&s, crate::server::REPLY_UNSENT_BYTES)?;
     let w = s.try_clone().map_err(|e| JobError::io("cloning a worker stream", e))?;
     let poisoned = || JobError::Server {
         server: shared.shard,

@@ -251,18 +251,10 @@ pub fn run(env: &ClusterEnv, secret: &Secret, opts: &ServerOptions) -> Result<Se
     })
 }
 
-/// Unsent bytes a reply write leaves behind before the connection thread
-/// writes the next reply ([`crate::net::limit_unsent`]).
-pub const REPLY_UNSENT_BYTES: u32 = 128 * 1024;
-
-/// The clone of a worker's stream that replies are written to. The pulls a
-/// BSP step's last push releases are written by that push's connection
-/// thread in rank order; each leaves (nearly) whole before the next starts,
-/// so the first worker computes and pushes while the others still receive.
+/// The clone of a worker's stream that replies are written to.
 fn writer_of(s: &TcpStream, write_timeout_ms: u64) -> Result<TcpStream, JobError> {
     s.set_write_timeout(Some(Duration::from_millis(write_timeout_ms)))
         .map_err(|e| JobError::io("set_write_timeout", e))?;
-    crate::net::limit_unsent(s, REPLY_UNSENT_BYTES)?;
     s.try_clone().map_err(|e| JobError::io("cloning a worker stream", e))
 }
 
