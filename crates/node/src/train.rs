@@ -1141,7 +1141,7 @@ struct Spent {
 }
 
 /// Runs `f`, adding its wall and thread CPU time to `spent` (two clock reads
-/// each, about a microsecond a step).
+/// a call; the thread clock is a system call).
 fn timed<T>(spent: &mut Spent, f: impl FnOnce() -> T) -> T {
     let (t, c) = (Instant::now(), cpu_clock(libc::CLOCK_THREAD_CPUTIME_ID));
     let out = f();
