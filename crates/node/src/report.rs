@@ -43,9 +43,8 @@ pub struct EpochReport {
 /// A step is communication-bound when `exchange_ms` is well above
 /// `exchange_cpu_ms`, the CPU the exchange itself used on the training thread
 /// (other threads' work, such as a parameter-server client's receives, only
-/// counts in `cpu_ms`). On a machine whose
-/// cores the job's processes share, `cpu_ms` × processes ÷ cores near the
-/// step time says the step is CPU-bound.
+/// counts in `cpu_ms`). On a machine whose cores the job's processes share,
+/// `cpu_ms` × processes ÷ cores near the step time says the step is CPU-bound.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct StepTime {
     pub steps: u64,
