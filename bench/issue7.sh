@@ -4,7 +4,7 @@
 #      invariant), and 1,000 seeds with the SSP off-by-one switched back on (it must be found).
 #   2. Prediction against reality: the Fashion-MNIST MLP (784-256-256-10, 269,322 parameters) on 2 and 4
 #      workers, one per network namespace, links shaped with tbf (both directions) to 100 Mbit/s (burst
-#      32 KB) and 1 Gbit/s (256 KB); ring all-reduce and a parameter server (1 shard in its own namespace,
+#      32 KB) and 1 Gbit/s (256 KB), each with a peak rate 0.1% above its rate (see shape() below); ring all-reduce and a parameter server (1 shard in its own namespace,
 #      BSP), each uncompressed and with top-1% compression. Measured: rank 0's step time over STEPS steps
 #      (its epoch line: training seconds / steps); for the compressed ring, whose steps are 1.5-4 ms, the
 #      median of 3 runs of a whole epoch (468 steps). Predicted: `sinter sim --predict` with the same parameter
@@ -109,9 +109,18 @@ if has 2; then
     log '{"event":"compute"}' "{\"workers\":$W,\"local_batch\":$lb,\"alone_step_ms\":$(step_ms "$tmp/alone$W.out" "$lb" | cut -d' ' -f1),\"load\":\"$(load)\"}"
   done
 
-  shape() { # ns dev rate burst
+  # Each link: tbf at the rate, with a bucket (burst) big enough for tbf to reach the rate, and a peak rate
+  # 0.1% above the rate, so that the bucket's saved bytes leave at the link's speed, not at the veth's.
+  # Without a peak rate, a 256 KB bucket leaves at the veth's speed after every pause, and the first TCP
+  # flow after a pause takes that as its bandwidth estimate (BBR: 10.2 Gbit/s on a 1 Gbit/s link, seen
+  # with ss) and the link ahead of the others, which no real 1 Gbit/s NIC does. The peak bucket (tbf's mtu) is 70,000 bytes, just above one
+  # 64 KB GSO segment with its headers (68,440 bytes as tbf counts it), so tbf never splits a segment
+  # (with a 64 KB peak bucket it did, and the 4-worker ring ran 70% slower than its link on the CPU
+  # cost, measured 2026-12-06). So at most min(burst, 70,000) bytes leave at once after a pause; that is
+  # the bucket the predictor is given (--burst).
+  shape() { # ns dev rate burst peakrate
     ip netns exec "$1" ethtool -K "$2" tso on gso on gro on >/dev/null 2>&1 || true
-    ip netns exec "$1" tc qdisc replace dev "$2" root tbf rate "$3" burst "$4" latency 100ms
+    ip netns exec "$1" tc qdisc replace dev "$2" root tbf rate "$3" burst "$4" latency 100ms peakrate "$5" mtu 70000
   }
   ip netns add "$HUB"
   ip -n "$HUB" link add br7 type bridge
@@ -126,7 +135,7 @@ if has 2; then
     ip -n "$HUB" link set "p7h$i" master br7
     ip -n "$HUB" link set "p7h$i" up
   done
-  set_rate() { for i in 0 1 2 3 4; do shape "${HOSTS[$i]}" "v7h$i" "$1" "$2"; shape "$HUB" "p7h$i" "$1" "$2"; done; }
+  set_rate() { for i in 0 1 2 3 4; do shape "${HOSTS[$i]}" "v7h$i" "$@"; shape "$HUB" "p7h$i" "$@"; done; }
 
   # One-way latency between two namespaces, unshaped: half the median round trip of 1-byte TCP messages
   # (an upper bound: it includes Python's own time per message).
@@ -201,8 +210,10 @@ for l in open(sys.argv[1]):
   }
 
   for rate in 100mbit 1gbit; do
-    burst=32kb; [ "$rate" = 1gbit ] && burst=256kb
-    set_rate "$rate" "$burst"
+    # tbf's bucket and peak rate; the bytes that leave at once after a pause: min(bucket, 70,000).
+    burst=32kb peak=100100kbit at_once=32kb
+    [ "$rate" = 1gbit ] && burst=256kb peak=1001mbit at_once=70000
+    set_rate "$rate" "$burst" "$peak"
     for W in 2 4; do
       for strat in allreduce ps; do
         for codec in none topk:0.01:f16; do
@@ -216,9 +227,9 @@ for l in open(sys.argv[1]):
             read -r m c < <(run "$W" "$strat" "$codec")
           fi
           p=$("$S" sim --predict --json --params 269322 --compute-ms "$c" --batch $((128 / W)) --workers "$W" --bandwidth "$rate" \
-                --latency-us "$lat_us" --burst "$burst" --host-cores 2 --strategy "$strat" --servers 1 --consistency bsp --codec "$codec" \
+                --latency-us "$lat_us" --burst "$at_once" --host-cores 2 --strategy "$strat" --servers 1 --consistency bsp --codec "$codec" \
                 | python3 -c 'import json,sys; print(json.loads(sys.stdin.readline())["step_ms"])')
-          log '{"event":"check"}' "{\"rate\":\"$rate\",\"workers\":$W,\"strategy\":\"$strat\",\"codec\":\"$codec\",\"burst\":\"$burst\",\"compute_ms\":$c,\"latency_us\":$lat_us,\"measured_ms\":$m,\"predicted_ms\":$p,\"load\":\"$l0\"}"
+          log '{"event":"check"}' "{\"rate\":\"$rate\",\"workers\":$W,\"strategy\":\"$strat\",\"codec\":\"$codec\",\"burst\":\"$burst\",\"peakrate\":\"$peak\",\"burst_predicted\":\"$at_once\",\"compute_ms\":$c,\"latency_us\":$lat_us,\"measured_ms\":$m,\"predicted_ms\":$p,\"load\":\"$l0\"}"
         done
       done
     done
