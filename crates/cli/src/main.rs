@@ -114,7 +114,7 @@ struct SimArgs {
     bandwidth: String,
     #[arg(long, default_value_t = 10.0)]
     latency_us: f64,
-    /// Token bucket of each NIC, each way, as tbf's `burst` (e.g. 32kb); 0: none, as a real NIC.
+    /// Bytes each NIC sends at once after a pause, each way: tbf's `burst`, or with a peak rate the smaller of `burst` and its `mtu` (e.g. 32kb); 0: none, as a real NIC.
     #[arg(long, default_value = "0")]
     burst: String,
     /// Cores every node's compute and communication share (all processes on one

@@ -14,6 +14,9 @@
 //! bytes, which leave at once; only the rest waits for the rate. A 1 MB
 //! message after a pause on a 1 Gbit/s link with a 256 KB bucket takes 7 ms,
 //! not 9 (measured with TCP ping-pong between network namespaces, 2026-12-06).
+//! With a peak rate (`tbf ... peakrate P mtu M`), only the smaller of `burst`
+//! and `M` leaves at once, and the rest of the bucket at about the rate: that
+//! smaller figure is the bucket to give here.
 //! A real NIC has no bucket (`burst_bytes = 0`).
 //!
 //! Two ways to share a NIC between streams:
@@ -55,7 +58,8 @@ pub struct LinkSpec {
     pub wire_efficiency: f64,
     /// Bytes of framing added to every message (the wire crate's frame header).
     pub header_bytes: u64,
-    /// Token-bucket size of each NIC, each way (`tbf`'s `burst`); 0: none.
+    /// Bytes each NIC sends at once after a pause, each way (`tbf`'s `burst`,
+    /// or with a peak rate the smaller of `burst` and its `mtu`); 0: none.
     pub burst_bytes: u64,
 }
 
