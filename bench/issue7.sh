@@ -13,8 +13,9 @@
 #      burst, the one-way latency measured between two of the namespaces, and the 2 cores every process
 #      of the job shares (--host-cores 2). So the prediction takes the job's compute as its input, as a
 #      user's would, and models the rest: the exchange's CPU (from `sinter bench codec`), frames, links,
-#      and the sharing of the cores. For scale, one process alone on this machine computes the same
-#      local batch in `alone_step_ms`.
+#      and the sharing of the cores. One process alone on this machine computes the same local batch in
+#      `alone_step_ms`; the job's compute CPU against that is how much slower the shared cores ran the job,
+#      and the predictor slows the exchange's CPU costs by the same factor (--cpu-scale).
 #      The veths keep their offloads (TSO, GSO, GRO), as a real NIC does: without them this VM spends
 #      ~16 µs of system time per 1,448-byte packet, which made the 4-worker ring 22% slower than its link
 #      (measured 2026-12-06), a cost of the emulation, not of the protocol; tbf still shapes to the rate
@@ -101,12 +102,14 @@ PY
 
 if has 2; then
   echo -10 > /proc/self/autogroup
-  # For scale only: one process alone computing a worker's local batch.
+  # One process alone computing a worker's local batch: the baseline of each row's --cpu-scale.
+  declare -A alone_ms
   for W in 2 4; do
     lb=$((128 / W))
     "$S" train examples/fashion-mlp.toml --workers 1 --json -q --set "train.batch_size=$lb" --set train.epochs=1 \
       --set "train.max_steps=$((STEPS * 4))" --set optim.momentum=0 > "$tmp/alone$W.out"
-    log '{"event":"compute"}' "{\"workers\":$W,\"local_batch\":$lb,\"alone_step_ms\":$(step_ms "$tmp/alone$W.out" "$lb" | cut -d' ' -f1),\"load\":\"$(load)\"}"
+    alone_ms[$W]=$(step_ms "$tmp/alone$W.out" "$lb" | cut -d' ' -f1)
+    log '{"event":"compute"}' "{\"workers\":$W,\"local_batch\":$lb,\"alone_step_ms\":${alone_ms[$W]},\"load\":\"$(load)\"}"
   done
 
   # Each link: tbf at the rate, with a bucket (burst) big enough for tbf to reach the rate, and a peak rate
@@ -226,10 +229,12 @@ for l in open(sys.argv[1]):
           else
             read -r m c < <(run "$W" "$strat" "$codec")
           fi
+          # How much slower the cores ran this job than a process alone: the same factor slows the exchange's CPU.
+          scale=$(python3 -c "print(round($c / ${alone_ms[$W]}, 4))")
           p=$("$S" sim --predict --json --params 269322 --compute-ms "$c" --batch $((128 / W)) --workers "$W" --bandwidth "$rate" \
-                --latency-us "$lat_us" --burst "$at_once" --host-cores 2 --strategy "$strat" --servers 1 --consistency bsp --codec "$codec" \
+                --latency-us "$lat_us" --burst "$at_once" --host-cores 2 --cpu-scale "$scale" --strategy "$strat" --servers 1 --consistency bsp --codec "$codec" \
                 | python3 -c 'import json,sys; print(json.loads(sys.stdin.readline())["step_ms"])')
-          log '{"event":"check"}' "{\"rate\":\"$rate\",\"workers\":$W,\"strategy\":\"$strat\",\"codec\":\"$codec\",\"burst\":\"$burst\",\"peakrate\":\"$peak\",\"burst_predicted\":\"$at_once\",\"compute_ms\":$c,\"latency_us\":$lat_us,\"measured_ms\":$m,\"predicted_ms\":$p,\"load\":\"$l0\"}"
+          log '{"event":"check"}' "{\"rate\":\"$rate\",\"workers\":$W,\"strategy\":\"$strat\",\"codec\":\"$codec\",\"burst\":\"$burst\",\"peakrate\":\"$peak\",\"burst_predicted\":\"$at_once\",\"compute_ms\":$c,\"cpu_scale\":$scale,\"latency_us\":$lat_us,\"measured_ms\":$m,\"predicted_ms\":$p,\"load\":\"$l0\"}"
         done
       done
     done

@@ -134,6 +134,12 @@ struct SimArgs {
     /// Codec encode and decode GB/s (default: this machine's `sinter bench codec` figures).
     #[arg(long, num_args = 2, value_names = ["ENCODE", "DECODE"])]
     codec_gbps: Vec<f64>,
+    /// How many times slower this host's cores are than when the default CPU
+    /// costs were measured (`sinter bench codec`); every CPU cost of the
+    /// exchange is scaled by it. A job's own `compute_cpu_ms` against the same
+    /// compute alone measures it on a shared host.
+    #[arg(long, default_value_t = 1.0)]
+    cpu_scale: f64,
     /// One JSON object per prediction.
     #[arg(long)]
     json: bool,
@@ -695,12 +701,16 @@ fn sim_command(a: SimArgs) -> Result<()> {
             host_cores: a.host_cores,
             commands_budget: a.commands_budget.max(1),
         };
+        if !(a.cpu_scale.is_finite() && a.cpu_scale > 0.0) {
+            anyhow::bail!("--cpu-scale {} is not a positive factor", a.cpu_scale);
+        }
         let run = cmd::PredictRun {
             base,
             workers,
             strategies,
             codecs: cmd::parse_codecs(&a.codec).map_err(e)?,
             codec_gbps: (a.codec_gbps.len() == 2).then(|| (a.codec_gbps[0], a.codec_gbps[1])),
+            cpu_scale: a.cpu_scale,
             json: a.json,
         };
         let svg = cmd::predict_table(&run, &mut stdout).map_err(e)?;

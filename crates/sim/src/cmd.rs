@@ -180,6 +180,8 @@ pub struct PredictRun {
     pub codecs: Vec<codec::CodecSpec>,
     /// Encode and decode GB/s for every codec; default [`cpu_for`] each.
     pub codec_gbps: Option<(f64, f64)>,
+    /// How many times slower the cores are than the defaults' (see [`CpuModel::slower`]); 1: as measured.
+    pub cpu_scale: f64,
     pub json: bool,
 }
 
@@ -217,7 +219,8 @@ pub fn predict_table(p: &PredictRun, out: &mut dyn Write) -> Result<String, Stri
                         decode_gbps,
                         feedback_gbps: measured.feedback_gbps,
                         ..b.cpu.clone()
-                    },
+                    }
+                    .slower(p.cpu_scale),
                     ..b.clone()
                 };
                 let r: Prediction = predict(&cfg)?;

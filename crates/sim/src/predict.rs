@@ -139,6 +139,22 @@ impl CpuModel {
             ..self
         }
     }
+
+    /// This model on cores `factor` times slower: every cost times `factor`.
+    /// For a host other than the one whose `sinter bench codec` figures the
+    /// defaults are, or this one when its cores are shared and slowed (a
+    /// job's own `compute_cpu_ms` against the same compute alone measures it).
+    pub fn slower(self, factor: f64) -> CpuModel {
+        CpuModel {
+            frame_overhead_ns: (self.frame_overhead_ns as f64 * factor).round() as Nanos,
+            copy_gbps: self.copy_gbps / factor,
+            reduce_gbps: self.reduce_gbps / factor,
+            apply_gbps: self.apply_gbps / factor,
+            encode_gbps: self.encode_gbps / factor,
+            decode_gbps: self.decode_gbps / factor,
+            feedback_gbps: self.feedback_gbps / factor,
+        }
+    }
 }
 
 impl Default for CpuModel {
@@ -1060,5 +1076,22 @@ mod tests {
             assert!(own.step_ns < 2 * c.compute_ns, "{strategy}: {}", own.step_ns);
             assert!(shared.step_ns >= 2 * c.compute_ns, "{strategy}: {}", shared.step_ns);
         }
+    }
+
+    #[test]
+    fn slower_cores_slow_the_exchange_not_the_given_compute() {
+        let cpu = CpuModel::default().slower(2.0);
+        assert_eq!(cpu.frame_overhead_ns, 2 * CpuModel::default().frame_overhead_ns);
+        assert_eq!(cpu.encode_gbps, CpuModel::default().encode_gbps / 2.0);
+        assert_eq!(CpuModel::default().slower(1.0), CpuModel::default());
+        // A compressed exchange is CPU work: twice as slow cores, about twice its time.
+        let mut c = cfg(4, Strategy::AllReduce);
+        c.codec = "topk:0.01:f16".parse().unwrap();
+        let base = predict(&c).unwrap();
+        c.cpu = c.cpu.slower(2.0);
+        let slow = predict(&c).unwrap();
+        let (comm, slow_comm) = (base.step_ns - base.compute_ns, slow.step_ns - slow.compute_ns);
+        assert_eq!(slow.compute_ns, base.compute_ns, "the compute is an input, not scaled");
+        assert!(slow_comm > 3 * comm / 2, "{slow_comm} vs {comm}");
     }
 }

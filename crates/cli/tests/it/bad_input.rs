@@ -124,6 +124,21 @@ fn set_without_equals_is_a_usage_error_naming_it() {
 }
 
 #[test]
+fn a_prediction_with_a_bad_value_is_refused_naming_it() {
+    let dir = temp_dir();
+    for (flag, value) in [("--cpu-scale", "0"), ("--cpu-scale", "NaN"), ("--burst", "lots")] {
+        let out = run(
+            "sinter sim --predict",
+            sinter(dir.path()).args(["sim", "--predict", "--workers", "2", flag, value]),
+            RUN_TIMEOUT,
+        );
+        out.assert_no_panic();
+        assert_refused(&out, EXIT_FAILURE, &[value]);
+        assert!(out.stdout.is_empty(), "{flag} {value} printed a prediction: {}", out.shown());
+    }
+}
+
+#[test]
 fn missing_config_file_is_a_usage_error_naming_it() {
     let dir = temp_dir();
     let out = train(dir.path(), &dir.path().join("nowhere.toml"), &[]);
