@@ -87,16 +87,16 @@ PY
 fi
 
 # --- 2. prediction against reality --------------------------------------------------------------
-step_ms() { # file global-batch -> "ms per step over the last epoch, compute CPU ms per step" (from the epoch
-  # line: steps x batch / training seconds; step_time's compute_cpu_ms)
+step_ms() { # file global-batch -> "ms per step over the last epoch, compute and exchange CPU ms per step" (from the epoch
+  # line: steps x batch / training seconds; step_time's compute_cpu_ms and exchange_cpu_ms)
   python3 - "$1" "$2" <<'PY'
 import json, sys
 epochs = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{") and json.loads(l).get("event") == "epoch"]
 if not epochs:
-    print("nan nan")
+    print("nan nan nan")
 else:
     e, t = epochs[-1], epochs[-1]["step_time"]
-    print(round(int(sys.argv[2]) / e["samples_per_s"] * 1e3, 3), round(t["compute_cpu_ms"], 4))
+    print(round(int(sys.argv[2]) / e["samples_per_s"] * 1e3, 3), round(t["compute_cpu_ms"], 4), round(t["exchange_cpu_ms"], 4))
 PY
 }
 
@@ -178,7 +178,7 @@ for l in open(sys.argv[1]):
     echo "coordinator did not start" >&2; exit 1
   }
 
-  run() { # W strategy codec [steps] -> "measured step ms, compute CPU ms" of rank 0
+  run() { # W strategy codec [steps] -> "measured step ms, compute and exchange CPU ms" of rank 0
     local W=$1 strat=$2 codec=$3 steps=${4:-$STEPS} cfg sets servers=0
     sets=(--set train.epochs=1 --set "train.max_steps=$steps" --set cluster.transport=tcp --set train.eval_every_steps=0
           --set "compress.codec=$codec" --set cluster.collective_timeout_ms=60000)
@@ -208,7 +208,7 @@ for l in open(sys.argv[1]):
     for p in "${ws[@]}"; do wait "$p" || failed=1; done
     wait "$coord" || failed=1
     PIDS=()
-    if [ $failed -ne 0 ]; then tail -3 "$tmp"/w*.err "$tmp/coord.err" >&2; echo "nan nan"; return; fi
+    if [ $failed -ne 0 ]; then tail -3 "$tmp"/w*.err "$tmp/coord.err" >&2; echo "nan nan nan"; return; fi
     step_ms "$tmp/w0.out" 128
   }
 
@@ -225,16 +225,16 @@ for l in open(sys.argv[1]):
           if [ "$strat" = allreduce ] && [ "$codec" != none ]; then
             # Steps of 1.5-4 ms, where a moment of host noise moves a 200-step mean by more
             # than 15%: the median of 3 runs of a whole epoch (468 steps) each.
-            read -r m c < <(for _ in 1 2 3; do run "$W" "$strat" "$codec" 468; done | sort -g | sed -n 2p)
+            read -r m c x < <(for _ in 1 2 3; do run "$W" "$strat" "$codec" 468; done | sort -g | sed -n 2p)
           else
-            read -r m c < <(run "$W" "$strat" "$codec")
+            read -r m c x < <(run "$W" "$strat" "$codec")
           fi
           # How much slower the cores ran this job than a process alone: the same factor slows the exchange's CPU.
           scale=$(python3 -c "print(round($c / ${alone_ms[$W]}, 4))")
           p=$("$S" sim --predict --json --params 269322 --compute-ms "$c" --batch $((128 / W)) --workers "$W" --bandwidth "$rate" \
                 --latency-us "$lat_us" --burst "$at_once" --host-cores 2 --cpu-scale "$scale" --strategy "$strat" --servers 1 --consistency bsp --codec "$codec" \
                 | python3 -c 'import json,sys; print(json.loads(sys.stdin.readline())["step_ms"])')
-          log '{"event":"check"}' "{\"rate\":\"$rate\",\"workers\":$W,\"strategy\":\"$strat\",\"codec\":\"$codec\",\"burst\":\"$burst\",\"peakrate\":\"$peak\",\"burst_predicted\":\"$at_once\",\"compute_ms\":$c,\"cpu_scale\":$scale,\"latency_us\":$lat_us,\"measured_ms\":$m,\"predicted_ms\":$p,\"load\":\"$l0\"}"
+          log '{"event":"check"}' "{\"rate\":\"$rate\",\"workers\":$W,\"strategy\":\"$strat\",\"codec\":\"$codec\",\"burst\":\"$burst\",\"peakrate\":\"$peak\",\"burst_predicted\":\"$at_once\",\"compute_ms\":$c,\"cpu_scale\":$scale,\"exchange_cpu_ms\":$x,\"latency_us\":$lat_us,\"measured_ms\":$m,\"predicted_ms\":$p,\"load\":\"$l0\"}"
         done
       done
     done
