@@ -134,7 +134,11 @@ fn a_prediction_with_a_bad_value_is_refused_naming_it() {
         );
         out.assert_no_panic();
         assert_refused(&out, EXIT_FAILURE, &[value]);
-        assert!(out.stdout.is_empty(), "{flag} {value} printed a prediction: {}", out.shown());
+        assert!(
+            out.stdout.is_empty(),
+            "{flag} {value} printed a prediction: {}",
+            out.shown()
+        );
     }
 }
 
