@@ -1152,12 +1152,7 @@ mod tests {
             let mut buf = vec![1.0f32; len];
             c1.all_reduce(&mut buf, 0, "test").expect("rank 1");
         });
-        let cpu = || {
-            let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-            // SAFETY: `ts` is a valid timespec for the call to write.
-            unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-            Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-        };
+        let cpu = || crate::train::cpu_clock(libc::CLOCK_THREAD_CPUTIME_ID);
         let mut buf = vec![1.0f32; len];
         let before = cpu();
         c0.all_reduce(&mut buf, 0, "test").expect("rank 0");

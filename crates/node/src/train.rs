@@ -621,7 +621,7 @@ impl Trainer {
             self.unreported = Some(report.clone());
             ex.verify_identical(epoch, checksum(&self.params))?;
             self.evaluate_if_due(&mut report, ex)?;
-            let last_epoch = self.pos.epoch == epochs || self.stop_requested();
+            let last_epoch = self.training_over();
             let ck = &self.cfg.checkpoint;
             let checkpoint_due = ck.dir.is_some() && (last_epoch || self.pos.epoch.is_multiple_of(ck.every_epochs));
             if checkpoint_due
@@ -709,6 +709,11 @@ impl Trainer {
 
     fn stop_requested(&self) -> bool {
         self.cfg.train.max_steps > 0 && self.pos.step >= self.cfg.train.max_steps
+    }
+
+    /// The epoch just ended is the job's last: all epochs done, or `max_steps` reached.
+    fn training_over(&self) -> bool {
+        self.pos.epoch == self.cfg.train.epochs || self.stop_requested()
     }
 
     /// One epoch over this worker's partition; returns (mean loss, samples seen by this worker).
@@ -984,7 +989,7 @@ impl Trainer {
     /// Rank 0, after the last epoch and every `eval_every_epochs`: fills the
     /// test metrics of the `report` of the epoch just trained, and its `eval_s`.
     fn evaluate_if_due(&mut self, report: &mut EpochReport, ex: &mut dyn Exchange) -> Result<(), JobError> {
-        let last_epoch = self.pos.epoch == self.cfg.train.epochs || self.stop_requested();
+        let last_epoch = self.training_over();
         if ex.rank() == 0 && (last_epoch || self.pos.epoch.is_multiple_of(self.cfg.train.eval_every_epochs)) {
             let eval_started = Instant::now();
             match ex.remote() {
@@ -1152,7 +1157,7 @@ fn timed<T>(spent: &mut Spent, f: impl FnOnce() -> T) -> T {
 
 /// CPU time so far of `clock`: this process (`CLOCK_PROCESS_CPUTIME_ID`, all
 /// threads) or this thread. Zero if the clock cannot be read.
-fn cpu_clock(clock: libc::clockid_t) -> Duration {
+pub(crate) fn cpu_clock(clock: libc::clockid_t) -> Duration {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `ts` is a valid timespec for the call to fill.
     let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
