@@ -49,11 +49,36 @@ pub enum JobError {
         "training diverged: the loss became {loss} at step {step}; lower optim.lr (or the momentum, with asynchronous servers)"
     )]
     NotFinite { step: u64, loss: f32 },
+    /// A child process of a local cluster refused the config or its data
+    /// (it exited with [`exit::USAGE`] and printed why on stderr).
+    #[error("{who} refused the job's config or data (its error is above)")]
+    Refused { who: String },
     #[error("interrupted")]
     Interrupted,
 }
 
+/// The process exit codes of every role (documented in the README).
+pub mod exit {
+    /// A failure of the data, a checkpoint, or IO.
+    pub const FAILURE: u8 = 1;
+    /// Bad usage or config, including a model that cannot read the data.
+    pub const USAGE: u8 = 2;
+    /// A peer failed or stalled (the message names the rank or shard).
+    pub const PEER: u8 = 3;
+    pub const INTERRUPTED: u8 = 130;
+}
+
 impl JobError {
+    /// The exit code a process ends with on this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Config { .. } | Self::Model(_) | Self::Refused { .. } => exit::USAGE,
+            Self::Peer { .. } | Self::Stalled { .. } | Self::Server { .. } => exit::PEER,
+            Self::Interrupted => exit::INTERRUPTED,
+            _ => exit::FAILURE,
+        }
+    }
+
     pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
         Self::Io {
             what: what.into(),

@@ -67,12 +67,37 @@ pub fn read_options(cfg: &JobConfig, split: data::Split) -> data::ReadOptions {
 /// Reads the training and test data a config names, every row.
 pub fn load_data(cfg: &JobConfig) -> Result<JobData, JobError> {
     let train = data::read_auto(&cfg.data.train, &read_options(cfg, data::Split::Train))?;
+    check_model_input(cfg, matches!(train.features, data::Features::Sparse { .. }))?;
     let test = read_test(cfg, &train)?;
     Ok(JobData::whole(train, test, read_meta(cfg)?))
 }
 
 fn read_meta(cfg: &JobConfig) -> Result<Option<serde_json::Value>, JobError> {
     Ok(data::read_meta(&cfg.data.train)?.and_then(|m| serde_json::to_value(m).ok()))
+}
+
+/// Refuses a model that reads sparse (hashed) features on dense data, or the
+/// other way round, as a config error naming the file: the models assert
+/// their input kind, so this must hold before the first batch.
+fn check_model_input(cfg: &JobConfig, data_sparse: bool) -> Result<(), JobError> {
+    let model_sparse = cfg.model.sparse_input();
+    if model_sparse == data_sparse {
+        return Ok(());
+    }
+    let kind = cfg.model.kind();
+    let why = if model_sparse {
+        format!(
+            "model.kind = \"{kind}\" reads sparse (hashed) features, but the training data is dense; use kind = \"mlp\" or \"softmax\", or a LIBSVM file"
+        )
+    } else {
+        format!(
+            "model.kind = \"{kind}\" reads dense features, but the training data is sparse (index:value); use kind = \"logreg\" or \"fm\""
+        )
+    };
+    Err(JobError::Config {
+        path: cfg.data.train.clone(),
+        why,
+    })
 }
 
 /// The test set's path: `data.test`, or the test split of an IDX directory.
@@ -141,6 +166,7 @@ pub fn load_early(cfg: &JobConfig) -> Result<EarlyData, JobError> {
         });
     }
     let train = data::survey(&cfg.data.train, &read_options(cfg, data::Split::Train))?;
+    check_model_input(cfg, train.is_sparse())?;
     let test = match test_path(cfg) {
         Some(path) => {
             let opts = test_options(cfg, train.is_sparse(), train.dim(), train.num_classes());

@@ -63,8 +63,54 @@ enum Msg {
 
 /// The processes this launcher started. Each has a thread that relays its
 /// stdout lines and then reaps it, so its `Exited` comes after all its lines.
+///
+/// **Invariant:** a signal reaches only the process the launcher started.
+/// Each child is signalled through a pidfd opened before its reaper thread
+/// exists; once the child is reaped the pidfd refers to no process
+/// (`ESRCH`), so a recycled PID is never signalled, however the reaper and
+/// a stop interleave.
 struct Children {
-    procs: Vec<(Who, u32, Arc<AtomicBool>)>,
+    procs: Vec<(Who, ChildHandle, Arc<AtomicBool>)>,
+}
+
+/// A child process as a pidfd (Linux 5.3+): signals sent through it reach
+/// that process or none.
+struct ChildHandle(std::os::fd::OwnedFd);
+
+impl ChildHandle {
+    /// Opens a pidfd for `pid`, which must be a child of ours not yet reaped.
+    fn open(pid: u32) -> std::io::Result<Self> {
+        // SAFETY: pidfd_open(2) takes a pid and flags and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: the fd was just returned to us by the kernel and is owned by nobody else.
+        Ok(Self(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as libc::c_int) }))
+    }
+
+    /// Sends `sig`; `Ok(false)` when the process is already gone (reaped).
+    fn signal(&self, sig: libc::c_int) -> std::io::Result<bool> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: pidfd_send_signal(2) on an fd we own, with no siginfo.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.0.as_raw_fd(),
+                sig,
+                std::ptr::null::<libc::siginfo_t>(),
+                0u32,
+            )
+        };
+        if r == 0 {
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ESRCH) {
+            return Ok(false);
+        }
+        Err(e)
+    }
 }
 
 impl Children {
@@ -82,9 +128,18 @@ impl Children {
             .stdout(Stdio::piped())
             .spawn()
             .map_err(|e| JobError::io(format!("starting {who}"), e))?;
+        // Before the reaper thread exists: the child cannot have been reaped yet.
+        let handle = match ChildHandle::open(child.id()) {
+            Ok(h) => h,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(JobError::io(format!("opening a pidfd for {who}"), e));
+            }
+        };
         let out = child.stdout.take().expect("stdout is piped");
         let exited = Arc::new(AtomicBool::new(false));
-        self.procs.push((who, child.id(), exited.clone()));
+        self.procs.push((who, handle, exited.clone()));
         let tx = tx.clone();
         thread::spawn(move || {
             for line in BufReader::new(out).lines() {
@@ -101,10 +156,11 @@ impl Children {
     }
 
     fn signal_all(&self, sig: libc::c_int) {
-        for (_, pid, exited) in &self.procs {
-            if !exited.load(Ordering::SeqCst) {
-                // SAFETY: kill(2) on a child of ours that has not been reaped yet.
-                unsafe { libc::kill(*pid as libc::pid_t, sig) };
+        for (who, handle, exited) in &self.procs {
+            if !exited.load(Ordering::SeqCst)
+                && let Err(e) = handle.signal(sig)
+            {
+                tracing::warn!(child = %who, signal = sig, error = %e, "cannot signal a child");
             }
         }
     }
@@ -479,6 +535,9 @@ impl LocalCluster {
         if status.signal().is_some() {
             return own();
         }
+        if status.code() == Some(i32::from(crate::error::exit::USAGE)) {
+            return JobError::Refused { who: who.to_string() };
+        }
         let deadline = Instant::now() + Duration::from_millis(VERDICT_WAIT_MS);
         while let Ok(msg) = self.rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             match msg {
@@ -649,5 +708,24 @@ struct RemoveOnDrop(PathBuf);
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 16: the launcher signalled a child's PID after `wait()` had
+    /// reaped it, so a recycled PID could be killed. Through the pidfd, a
+    /// reaped child is gone (`Ok(false)`), whatever process holds its PID now.
+    #[test]
+    fn a_reaped_child_is_never_signalled() {
+        let mut child = Command::new("sleep").arg("30").spawn().expect("starting sleep");
+        let handle = ChildHandle::open(child.id()).expect("pidfd_open");
+        assert!(handle.signal(libc::SIGKILL).expect("signal a live child"));
+        let status = child.wait().expect("reaping");
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+        // Reaped: its PID is free for the system to hand out again.
+        assert!(!handle.signal(libc::SIGKILL).expect("signal a reaped child"));
     }
 }

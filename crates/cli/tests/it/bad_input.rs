@@ -148,3 +148,33 @@ fn missing_config_file_is_a_usage_error_naming_it() {
     let out = train(dir.path(), &dir.path().join("nowhere.toml"), &[]);
     assert_refused(&out, EXIT_USAGE, &["nowhere.toml"]);
 }
+
+/// Issue 16: a sparse model on dense data (and a dense model on sparse data)
+/// ended in a panic with exit 101; it is a config error naming the data file
+/// and the model, in one process and in a cluster.
+#[test]
+fn a_model_that_cannot_read_the_data_is_a_usage_error() {
+    let dir = temp_dir();
+    let csv = dir.path().join("dense.csv");
+    let rows: String = (0..64).map(|i| format!("{},{}.5,{}\n", i % 2, i, 64 - i)).collect();
+    write(&csv, format!("label,a,b\n{rows}").as_bytes());
+    let svm = dir.path().join("sparse.svm");
+    let rows: String = (0..64).map(|i| format!("{} {}:1 {}:0.5\n", i % 2, 1 + i % 7, 9 + i % 5)).collect();
+    write(&svm, rows.as_bytes());
+    let cases = [
+        (&csv, "[model]\nkind = \"logreg\"\nhash_bits = 10\n[optim]\nkind = \"adagrad\"\nlr = 0.1\n", "logreg"),
+        (&svm, "[model]\nkind = \"mlp\"\nhidden = [8]\n[optim]\nkind = \"sgd\"\nlr = 0.1\n", "mlp"),
+    ];
+    for (data, model, kind) in cases {
+        let cfg = dir.path().join(format!("{kind}.toml"));
+        let text = format!(
+            "[data]\ntrain = {:?}\n{model}[train]\nbatch_size = 8\n",
+            data.display().to_string()
+        );
+        write(&cfg, text.as_bytes());
+        for workers in ["1", "2"] {
+            let out = train(dir.path(), &cfg, &["--workers", workers]);
+            assert_refused(&out, EXIT_USAGE, &[&data.display().to_string(), kind]);
+        }
+    }
+}
