@@ -97,6 +97,11 @@ pub struct Position {
     pub epoch: u32,
     /// Optimizer steps taken so far.
     pub step: u64,
+    /// Steps of `epoch` already taken: non-zero only when `train.max_steps`
+    /// stopped the job inside an epoch, so that a resume continues that
+    /// epoch's plan after them instead of starting the next epoch.
+    #[serde(default)]
+    pub epoch_step: u64,
     /// The cluster's membership generation (the coordinator's state that a
     /// checkpoint keeps: a restarted coordinator continues after it).
     #[serde(default)]
@@ -399,6 +404,16 @@ impl Trainer {
         let generation = self.pos.generation;
         self.pos = restored.position;
         self.pos.generation = generation;
+        self.plan = None;
+        self.steps_before_plan = 0;
+        if self.pos.epoch_step > 0 {
+            // Stopped by `train.max_steps` inside this epoch: its plan, past the steps taken.
+            let mut plan = self.fresh_plan(self.pos.epoch);
+            for _ in 0..self.pos.epoch_step.min(plan.steps()) {
+                plan.advance();
+            }
+            self.plan = Some(plan);
+        }
         Ok(restored)
     }
 
@@ -595,9 +610,19 @@ impl Trainer {
                 cpu_clock(libc::CLOCK_PROCESS_CPUTIME_ID).saturating_sub(cpu_started.0),
                 cpu_clock(libc::CLOCK_THREAD_CPUTIME_ID).saturating_sub(cpu_started.1),
             );
+            let epoch_steps_done = self.steps_before_plan + self.plan.as_ref().map_or(0, EpochPlan::done);
+            let epoch_complete = self.plan.as_ref().is_none_or(|p| p.left() == 0);
             self.plan = None;
             self.steps_before_plan = 0;
-            self.pos.epoch += 1;
+            if epoch_complete {
+                self.pos.epoch += 1;
+                self.pos.epoch_step = 0;
+            } else {
+                // `train.max_steps` stopped the epoch: it stays the next one to run, with
+                // the steps taken recorded, so a resume continues it (see `resume`).
+                debug_assert!(self.stop_requested());
+                self.pos.epoch_step = epoch_steps_done;
+            }
             let mut report = EpochReport {
                 epoch: epoch + 1,
                 step: self.pos.step,

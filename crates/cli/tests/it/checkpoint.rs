@@ -267,3 +267,30 @@ fn damaged_checkpoint_is_reported_and_resume_falls_back_to_the_previous_one() {
         "the rewritten checkpoint differs from the original"
     );
 }
+
+/// Issue 16: a run stopped by `train.max_steps` inside an epoch checkpointed
+/// the next epoch as its position, so `--resume` skipped the rest of the
+/// epoch. Now 200 steps, then a resume to the epoch's end, give the bytes of
+/// one uninterrupted epoch (468 steps), in one process and in a cluster.
+#[test]
+fn a_resume_after_max_steps_finishes_the_epoch_exactly() {
+    for workers in [1, 2] {
+        let dir = temp_dir();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        train_small(dir.path(), workers, 1, &a, false);
+        let stopped = train_small_with(dir.path(), workers, 1, &b, false, &["--set", "train.max_steps=200"]);
+        assert_eq!(event(stopped.json_lines().last().expect("lines")), Some("done"));
+        assert!(newest(&b).ends_with("step-000000000200"), "{}", newest(&b).display());
+        let resumed = train_small(dir.path(), workers, 1, &b, true);
+        assert_eq!(start_epoch(&resumed), 0, "the resume skipped the stopped epoch: {}", resumed.shown());
+        let (na, nb) = (newest(&a), newest(&b));
+        assert!(na.ends_with(EPOCH_1_CHECKPOINT), "{}", na.display());
+        assert!(nb.ends_with(EPOCH_1_CHECKPOINT), "{workers} workers: {}", nb.display());
+        for file in ["params.safetensors", "optim.safetensors"] {
+            assert!(
+                read(&na.join(file)) == read(&nb.join(file)),
+                "{workers} workers: {file} differs between the straight epoch and 200 steps plus a resume"
+            );
+        }
+    }
+}
