@@ -214,7 +214,7 @@ for l in open(sys.argv[1]):
 
   for rate in 100mbit 1gbit; do
     # tbf's bucket and peak rate; the bytes that leave at once after a pause: min(bucket, 70,000).
-    burst=32kb peak=100100kbit at_once=32kb
+    burst=32kb peak=100100kbit at_once=32KiB
     [ "$rate" = 1gbit ] && burst=256kb peak=1001mbit at_once=70000
     set_rate "$rate" "$burst" "$peak"
     for W in 2 4; do

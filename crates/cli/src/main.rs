@@ -3,6 +3,7 @@
 //! No training, networking or file-format logic lives here.
 
 mod progress;
+mod units;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,12 +22,7 @@ macro_rules! out {
 }
 
 /// Exit codes (documented in the README).
-mod exit {
-    pub const FAILURE: u8 = 1;
-    pub const USAGE: u8 = 2;
-    pub const PEER: u8 = 3;
-    pub const INTERRUPTED: u8 = 130;
-}
+use node::error::exit;
 
 #[derive(Parser)]
 #[command(name = "sinter", version, about = "Distributed machine-learning training")]
@@ -114,7 +110,7 @@ struct SimArgs {
     bandwidth: String,
     #[arg(long, default_value_t = 10.0)]
     latency_us: f64,
-    /// Bytes each NIC sends at once after a pause, each way: tbf's `burst`, or with a peak rate the smaller of `burst` and its `mtu` (e.g. 32kb); 0: none, as a real NIC.
+    /// Bytes each NIC sends at once after a pause, each way: tbf's `burst`, or with a peak rate the smaller of `burst` and its `mtu` (e.g. 32KiB, tc's 32kb); 0: none, as a real NIC.
     #[arg(long, default_value = "0")]
     burst: String,
     /// Cores every node's compute and communication share (all processes on one
@@ -192,12 +188,15 @@ struct CoordinatorArgs {
     replace_timeout_ms: u64,
     #[arg(long, default_value_t = 5_000)]
     heartbeat_timeout_ms: u64,
-    #[arg(long, default_value_t = 120_000)]
+    #[arg(long, default_value_t = COORDINATOR_RENDEZVOUS_TIMEOUT_MS)]
     rendezvous_timeout_ms: u64,
     /// File holding the shared secret (default: the SINTER_SECRET variable).
     #[arg(long)]
     secret_file: Option<PathBuf>,
 }
+
+/// How long `sinter coordinator` waits for every worker to join, by default.
+const COORDINATOR_RENDEZVOUS_TIMEOUT_MS: u64 = 120_000;
 
 #[derive(Subcommand)]
 enum BenchCommand {
@@ -454,14 +453,8 @@ fn init_logging() {
 }
 
 fn exit_code(e: &anyhow::Error) -> u8 {
-    match e.downcast_ref::<node::JobError>() {
-        Some(node::JobError::Config { .. }) => exit::USAGE,
-        Some(node::JobError::Peer { .. } | node::JobError::Stalled { .. } | node::JobError::Server { .. }) => {
-            exit::PEER
-        }
-        Some(node::JobError::Interrupted) => exit::INTERRUPTED,
-        _ => exit::FAILURE,
-    }
+    e.downcast_ref::<node::JobError>()
+        .map_or(exit::FAILURE, node::JobError::exit_code)
 }
 
 fn train(a: TrainArgs) -> Result<()> {
@@ -500,14 +493,15 @@ fn coordinator(a: CoordinatorArgs) -> Result<()> {
         Some(l) => l,
         None => {
             let port = env
-                .coordinator
-                .as_deref()
-                .and_then(|c| c.rsplit_once(':'))
-                .map(|(_, p)| p.to_string());
-            format!(
-                "0.0.0.0:{}",
-                port.context("no --listen and no MASTER_PORT / DMLC_PS_ROOT_PORT")?
-            )
+                .coordinator_port
+                .context("no --listen and no MASTER_PORT / DMLC_PS_ROOT_PORT")?;
+            // Every address of the coordinator's family: `[::]` for an IPv6 MASTER_ADDR.
+            let any = if env.coordinator.as_deref().is_some_and(|c| c.starts_with('[')) {
+                "::"
+            } else {
+                "0.0.0.0"
+            };
+            node::env::host_port(any, port)
         }
     };
     let world = a
@@ -583,16 +577,35 @@ fn server(a: ServerArgs) -> Result<()> {
 fn worker(a: WorkerArgs) -> Result<()> {
     // ps-lite's convention: one command line for every role, DMLC_ROLE picks it.
     let cfg = JobConfig::load(&a.config, &a.overrides)?;
-    if std::env::var("DMLC_ROLE").is_ok_and(|r| r == "server") {
-        return server(ServerArgs {
-            heartbeat_timeout_ms: cfg.cluster.heartbeat_timeout_ms,
-            write_timeout_ms: cfg.cluster.collective_timeout_ms.max(30_000),
-            replicas: cfg.cluster.replicas,
-            secret_file: cfg.cluster.secret_file.clone(),
-        });
+    let env = node::env::ClusterEnv::from_process()?;
+    let c = &cfg.cluster;
+    match env.role {
+        Some(node::env::Role::Server) => {
+            return server(ServerArgs {
+                heartbeat_timeout_ms: c.heartbeat_timeout_ms,
+                write_timeout_ms: c.collective_timeout_ms.max(30_000),
+                replicas: c.replicas,
+                secret_file: c.secret_file.clone(),
+            });
+        }
+        Some(node::env::Role::Scheduler) => {
+            // World and servers come from DMLC_NUM_WORKER and DMLC_NUM_SERVER, the rest from the config.
+            return coordinator(CoordinatorArgs {
+                listen: None,
+                world: None,
+                servers: None,
+                replicas: c.replicas,
+                checkpoint_dir: cfg.checkpoint.dir.clone(),
+                elastic: c.elastic.then(|| (c.min_workers, c.max_workers_or_workers())),
+                replace_timeout_ms: c.replace_timeout_ms,
+                heartbeat_timeout_ms: c.heartbeat_timeout_ms,
+                rendezvous_timeout_ms: COORDINATOR_RENDEZVOUS_TIMEOUT_MS,
+                secret_file: c.secret_file.clone(),
+            });
+        }
+        Some(node::env::Role::Worker) | None => {}
     }
     let secret = load_secret(cfg.cluster.secret_file.as_deref())?;
-    let env = node::env::ClusterEnv::from_process()?;
     let mut console = progress::Console::new(a.json, true);
     let summary = node::worker::run(cfg, &env, &secret, a.resume.as_deref(), &mut console)?;
     let mut done = serde_json::to_value(&summary).context("summary to JSON")?;
@@ -602,7 +615,7 @@ fn worker(a: WorkerArgs) -> Result<()> {
 }
 
 fn bench_allreduce(a: AllreduceArgs) -> Result<()> {
-    let sizes = node::bench::parse_sizes(&a.sizes).map_err(|e| anyhow::anyhow!("--sizes: {e}"))?;
+    let sizes = units::f32_sizes(&a.sizes).map_err(|e| anyhow::anyhow!("--sizes: {e}"))?;
     let print = |r: &node::bench::AllreduceResult, json: bool| {
         if json {
             out!("{}", serde_json::to_string(r).unwrap_or_default());
@@ -682,15 +695,15 @@ fn sim_command(a: SimArgs) -> Result<()> {
             .collect::<Result<Vec<_>, _>>()
             .map_err(e)?;
         let base = sim::predict::PredictConfig {
-            params: cmd::parse_count(&a.params).map_err(e)?,
+            params: units::count(&a.params).map_err(e)?,
             compute_ns: (a.compute_ms * 1e6).round() as u64,
             batch: a.batch,
             workers: 1,
             servers: a.servers.max(1),
             link: sim::net::LinkSpec {
-                burst_bytes: cmd::parse_bytes(&a.burst).map_err(e)?,
+                burst_bytes: units::bytes(&a.burst).map_err(e)?,
                 ..sim::net::LinkSpec::new(
-                    cmd::parse_rate(&a.bandwidth).map_err(e)?,
+                    units::rate(&a.bandwidth).map_err(e)?,
                     (a.latency_us * 1e3).round() as u64,
                 )
             },
@@ -750,7 +763,7 @@ fn codec_none() -> sim::predict::CodecSpec {
 }
 
 fn bench_codec(a: CodecArgs) -> Result<()> {
-    let bytes = match node::bench::parse_sizes(&a.size).map_err(|e| anyhow::anyhow!("--size: {e}"))?[..] {
+    let bytes = match units::f32_sizes(&a.size).map_err(|e| anyhow::anyhow!("--size: {e}"))?[..] {
         [b] => b,
         _ => anyhow::bail!("--size takes one size, e.g. 25MiB"),
     };

@@ -39,33 +39,6 @@ pub struct AllreduceResult {
     pub transport: String,
 }
 
-/// Parses sizes like `4KiB,1MiB,25MiB,100MiB` (also KB/MB/GB, decimal) into bytes.
-pub fn parse_sizes(s: &str) -> Result<Vec<usize>, String> {
-    s.split(',')
-        .map(|part| {
-            let p = part.trim();
-            let split = p.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(p.len());
-            let (num, unit) = p.split_at(split);
-            let n: f64 = num.parse().map_err(|_| format!("`{p}` is not a size"))?;
-            let mult = match unit.trim() {
-                "" | "B" => 1.0,
-                "KiB" => 1024.0,
-                "MiB" => 1024.0 * 1024.0,
-                "GiB" => 1024.0 * 1024.0 * 1024.0,
-                "KB" | "kB" => 1e3,
-                "MB" => 1e6,
-                "GB" => 1e9,
-                u => return Err(format!("unknown unit `{u}` in `{p}`")),
-            };
-            let bytes = (n * mult) as usize;
-            if !bytes.is_multiple_of(4) {
-                return Err(format!("`{p}` is not a whole number of f32 values"));
-            }
-            Ok(bytes)
-        })
-        .collect()
-}
-
 /// The value rank `r` contributes at index `i`: small integers, so the sum is exact in f32.
 fn contribution(rank: u32, i: usize) -> f32 {
     ((i % 7) as u32 + rank + 1) as f32

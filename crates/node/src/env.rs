@@ -8,14 +8,37 @@ use crate::error::JobError;
 /// What the environment says about this process's place in the cluster.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ClusterEnv {
-    /// `host:port` of the coordinator.
+    /// `host:port` of the coordinator (an IPv6 host in brackets, `[::1]:29500`).
     pub coordinator: Option<String>,
+    /// The coordinator's port alone, for a coordinator that listens on it.
+    pub coordinator_port: Option<u16>,
     pub rank: Option<u32>,
     pub world: Option<u32>,
     pub local_rank: Option<u32>,
-    /// `DMLC_ROLE`: `scheduler` (our coordinator), `worker` or `server`.
-    pub role: Option<String>,
+    /// `DMLC_ROLE`: which role one command line for every process takes.
+    pub role: Option<Role>,
     pub servers: Option<u32>,
+}
+
+/// ps-lite's `DMLC_ROLE`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The coordinator (ps-lite's scheduler).
+    Scheduler,
+    Worker,
+    /// A parameter-server shard.
+    Server,
+}
+
+/// `host:port`, with an IPv6 literal host in brackets (`[fe80::1]:29500`),
+/// the form `SocketAddr` and `ToSocketAddrs` read.
+pub fn host_port(host: &str, port: u16) -> String {
+    let host = host.trim();
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
 }
 
 impl ClusterEnv {
@@ -37,19 +60,42 @@ impl ClusterEnv {
                 })
                 .transpose()
         };
+        let port = |k: &str| -> Result<Option<u16>, JobError> {
+            num(k)?
+                .map(|p| {
+                    u16::try_from(p).map_err(|_| JobError::Config {
+                        path: format!("${k}").into(),
+                        why: format!("{p} is not a port (0..=65535)"),
+                    })
+                })
+                .transpose()
+        };
         let host = get("MASTER_ADDR").or_else(|| get("DMLC_PS_ROOT_URI"));
-        let port = num("MASTER_PORT")?.or(num("DMLC_PS_ROOT_PORT")?);
-        let coordinator = match (host, port) {
-            (Some(h), Some(p)) => Some(format!("{h}:{p}")),
-            (None, Some(p)) => Some(format!("127.0.0.1:{p}")),
+        let coordinator_port = port("MASTER_PORT")?.or(port("DMLC_PS_ROOT_PORT")?);
+        let coordinator = match (host, coordinator_port) {
+            (Some(h), Some(p)) => Some(host_port(&h, p)),
+            (None, Some(p)) => Some(host_port("127.0.0.1", p)),
             _ => None,
+        };
+        let role = match get("DMLC_ROLE").as_deref().map(str::trim) {
+            None => None,
+            Some("scheduler") => Some(Role::Scheduler),
+            Some("worker") => Some(Role::Worker),
+            Some("server") => Some(Role::Server),
+            Some(other) => {
+                return Err(JobError::Config {
+                    path: "$DMLC_ROLE".into(),
+                    why: format!("`{other}` is not a role (scheduler, worker or server)"),
+                });
+            }
         };
         Ok(Self {
             coordinator,
+            coordinator_port,
             rank: num("RANK")?.or(num("DMLC_WORKER_ID")?),
             world: num("WORLD_SIZE")?.or(num("DMLC_NUM_WORKER")?),
             local_rank: num("LOCAL_RANK")?,
-            role: get("DMLC_ROLE"),
+            role,
             servers: num("DMLC_NUM_SERVER")?,
         })
     }
@@ -90,10 +136,32 @@ mod tests {
         ])
         .expect("valid");
         assert_eq!(e.coordinator.as_deref(), Some("sched:9000"));
-        assert_eq!(
-            (e.world, e.role.as_deref(), e.servers),
-            (Some(4), Some("worker"), Some(2))
-        );
+        assert_eq!((e.world, e.role, e.servers), (Some(4), Some(Role::Worker), Some(2)));
+    }
+
+    /// Issue 16: an IPv6 `MASTER_ADDR` gave `fd00::1:29500`, which no resolver reads.
+    #[test]
+    fn an_ipv6_master_addr_is_bracketed() {
+        let e = env(&[("MASTER_ADDR", "fd00::1"), ("MASTER_PORT", "29500")]).expect("valid");
+        assert_eq!(e.coordinator.as_deref(), Some("[fd00::1]:29500"));
+        let addr: std::net::SocketAddr = e.coordinator.as_deref().expect("set").parse().expect("a socket address");
+        assert_eq!(addr.port(), 29500);
+        let e = env(&[("MASTER_ADDR", "[::1]"), ("MASTER_PORT", "7")]).expect("valid");
+        assert_eq!(e.coordinator.as_deref(), Some("[::1]:7"));
+        assert_eq!(e.coordinator_port, Some(7));
+    }
+
+    /// Issue 16: `DMLC_ROLE=scheduler` started a worker; every role is now
+    /// read, and an unknown one is refused naming the variable.
+    #[test]
+    fn every_dmlc_role_is_read_and_an_unknown_one_refused() {
+        for (v, role) in [("scheduler", Role::Scheduler), ("worker", Role::Worker), ("server", Role::Server)] {
+            assert_eq!(env(&[("DMLC_ROLE", v)]).expect("valid").role, Some(role));
+        }
+        let e = env(&[("DMLC_ROLE", "sheduler")]).unwrap_err();
+        assert!(e.to_string().contains("$DMLC_ROLE") && e.to_string().contains("sheduler"), "{e}");
+        let e = env(&[("MASTER_PORT", "70000")]).unwrap_err();
+        assert!(e.to_string().contains("$MASTER_PORT"), "{e}");
     }
 
     #[test]

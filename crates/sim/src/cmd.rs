@@ -285,78 +285,6 @@ pub fn parse_codecs(s: &str) -> Result<Vec<codec::CodecSpec>, String> {
         .collect()
 }
 
-/// `100M`, `4Ki`, `1.5G`, `269322`: a count.
-pub fn parse_count(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
-        Some((i, _)) => {
-            let m = match &s[i..] {
-                "K" | "k" => 1e3,
-                "M" => 1e6,
-                "G" => 1e9,
-                "Ki" => 1024.0,
-                "Mi" => 1048576.0,
-                "Gi" => 1073741824.0,
-                other => return Err(format!("unknown suffix `{other}` in `{s}` (K, M, G, Ki, Mi, Gi)")),
-            };
-            (&s[..i], m)
-        }
-        None => (s, 1.0),
-    };
-    let v: f64 = num.parse().map_err(|_| format!("`{s}` is not a number"))?;
-    if !(v.is_finite() && v >= 0.0) {
-        return Err(format!("`{s}` is not a count"));
-    }
-    Ok((v * mult).round() as u64)
-}
-
-/// `32kb`, `256k`, `1mb`, `65536`: bytes, with `tc`'s units (k = 1024).
-pub fn parse_bytes(s: &str) -> Result<u64, String> {
-    let lower = s.trim().to_ascii_lowercase();
-    let (num, mult) = [
-        ("gb", 1u64 << 30),
-        ("g", 1 << 30),
-        ("mb", 1 << 20),
-        ("m", 1 << 20),
-        ("kb", 1 << 10),
-        ("k", 1 << 10),
-        ("b", 1),
-    ]
-    .iter()
-    .find_map(|&(suffix, mult)| lower.strip_suffix(suffix).map(|n| (n.to_string(), mult)))
-    .unwrap_or((lower.clone(), 1));
-    let v: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size (e.g. 32kb, 256kb, 0)"))?;
-    if !(v.is_finite() && v >= 0.0) {
-        return Err(format!("`{s}` is not a size"));
-    }
-    Ok((v * mult as f64).round() as u64)
-}
-
-/// `25gbit`, `100mbit`, `1e9`: bits per second.
-pub fn parse_rate(s: &str) -> Result<f64, String> {
-    let lower = s.trim().to_ascii_lowercase();
-    let (num, mult) = if let Some(n) = lower.strip_suffix("gbit") {
-        (n, 1e9)
-    } else if let Some(n) = lower.strip_suffix("mbit") {
-        (n, 1e6)
-    } else if let Some(n) = lower.strip_suffix("kbit") {
-        (n, 1e3)
-    } else {
-        (lower.as_str(), 1.0)
-    };
-    let v: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{s}` is not a rate (e.g. 25gbit, 100mbit)"))?;
-    if !(v.is_finite() && v > 0.0) {
-        return Err(format!("`{s}` is not a positive rate"));
-    }
-    Ok(v * mult)
-}
-
 /// The default CPU model with the speeds of `codec` and of the runtime's
 /// exchange around it: this machine's `sinter bench codec` (encode, decode,
 /// exchange GB/s, the exchange's median step), 2026-12-06,
@@ -376,25 +304,4 @@ pub fn cpu_for(codec: &codec::CodecSpec) -> CpuModel {
         C::PowerSgd { .. } => (3.3, 7.3, 1.65),
     };
     CpuModel::default().with_exchange(encode_gbps, decode_gbps, exchange_gbps)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn counts_and_rates_parse_and_bad_ones_say_why() {
-        assert_eq!(parse_count("100M"), Ok(100_000_000));
-        assert_eq!(parse_count("269322"), Ok(269_322));
-        assert_eq!(parse_count("4Ki"), Ok(4096));
-        assert!(parse_count("12X").unwrap_err().contains("unknown suffix"));
-        assert_eq!(parse_rate("25gbit"), Ok(25e9));
-        assert_eq!(parse_rate("100mbit"), Ok(1e8));
-        assert!(parse_rate("fast").is_err());
-        assert!(parse_rate("0gbit").is_err());
-        assert_eq!(parse_bytes("32kb"), Ok(32 * 1024));
-        assert_eq!(parse_bytes("256k"), Ok(256 * 1024));
-        assert_eq!(parse_bytes("0"), Ok(0));
-        assert!(parse_bytes("lots").is_err());
-    }
 }

@@ -324,3 +324,42 @@ fn workers_started_dmlc_style_get_ranks_by_arrival_and_all_reduce_correctly() {
     );
     assert_bench_results(printed[0], &[4096, 1 << 20], 2);
 }
+
+/// Issue 16: ps-lite starts every process with one command line and lets
+/// `DMLC_ROLE` pick the role; `DMLC_ROLE=scheduler` on `sinter worker` used
+/// to start a worker. Here the scheduler is the coordinator, the two
+/// workers train the default job's model for a few steps, and all succeed.
+#[test]
+fn one_worker_command_line_takes_each_dmlc_role() {
+    let dir = temp_dir();
+    let config = example("fashion-mlp.toml");
+    let dmlc = |role: &str, port: &str| {
+        let mut c = sinter(dir.path());
+        c.args(["worker", "--config"])
+            .arg(&config)
+            .args(["--json", "--set", "train.epochs=1", "--set", "train.max_steps=20"])
+            .envs([
+                ("DMLC_ROLE", role),
+                ("DMLC_PS_ROOT_URI", "127.0.0.1"),
+                ("DMLC_PS_ROOT_PORT", port),
+                ("DMLC_NUM_WORKER", "2"),
+                ("SINTER_SECRET", SECRET),
+            ]);
+        c
+    };
+    // Port 0: the scheduler says where it listens, as `sinter coordinator` does.
+    let mut scheduler = Proc::spawn("DMLC_ROLE=scheduler", &mut dmlc("scheduler", "0"));
+    let line = scheduler.wait_json("its address", LISTEN_TIMEOUT, |v| v.get("listening").is_some());
+    assert_eq!(line["world"], 2, "{line}");
+    let addr = line["listening"].as_str().unwrap_or_else(|| panic!("listening is not a string: {line}"));
+    let (_, port) = addr.rsplit_once(':').unwrap_or_else(|| panic!("not host:port: {addr}"));
+    let workers: Vec<Proc> = (0..2)
+        .map(|i| Proc::spawn(&format!("DMLC_ROLE=worker {i}"), &mut dmlc("worker", port)))
+        .collect();
+    let done: Vec<Finished> = workers.into_iter().map(|w| w.wait(RUN_TIMEOUT)).collect();
+    for w in &done {
+        w.assert_success().assert_no_panic();
+        assert!(find_event(&w.json_lines(), "done").is_some(), "no done line: {}", w.shown());
+    }
+    scheduler.wait(RUN_TIMEOUT).assert_success().assert_no_panic();
+}
