@@ -4,6 +4,8 @@
 
 use std::collections::HashMap;
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -14,10 +16,13 @@ use wire::msg::ToCoordinator;
 use wire::{PeerInfo, Role, Secret};
 
 use crate::error::JobError;
+use crate::gate::{Admitted, Gate};
 use crate::net::{self, ControlReader};
 
 /// Connections the coordinator holds at once; more are refused.
 pub const CONNECTIONS_MAX: usize = 4 * crate::WORKERS_MAX as usize + 16;
+/// How often the accept thread looks up from the gate.
+const ACCEPT_TICK_MS: u64 = 1_000;
 /// Ticks per heartbeat timeout: how finely failure detection sees time.
 const TICKS_PER_TIMEOUT: u64 = 10;
 
@@ -63,10 +68,15 @@ enum Input {
 /// Runs the coordinator on `listener` until the job ends; returns how it ended.
 pub fn run(listener: TcpListener, cfg: CoordinatorConfig, secret: Secret) -> Result<Outcome, JobError> {
     let (tx, rx) = mpsc::channel::<Input>();
+    let own = PeerInfo {
+        role: Role::Coordinator,
+        rank: 0,
+    };
+    let gate = Gate::open(listener, secret, own, "coordinator")?;
     let accept_tx = tx.clone();
     thread::Builder::new()
         .name("accept".into())
-        .spawn(move || accept_loop(listener, secret, accept_tx))
+        .spawn(move || accept_loop(gate, accept_tx))
         .map_err(|e| JobError::io("spawning the accept thread", e))?;
     drop(tx);
     let mut engine = Coordinator::new(coordinator::Config {
@@ -139,43 +149,40 @@ pub fn run(listener: TcpListener, cfg: CoordinatorConfig, secret: Secret) -> Res
     }
 }
 
-fn accept_loop(listener: TcpListener, secret: Secret, tx: Sender<Input>) {
+/// Takes the gate's authenticated connections for the coordinator's life,
+/// each read on a thread of its own, at most [`CONNECTIONS_MAX`] at once.
+fn accept_loop(gate: Gate, tx: Sender<Input>) {
     let mut next: ConnId = 0;
-    let live = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    for stream in listener.incoming() {
-        let Ok(mut stream) = stream else { continue };
-        let peer_addr = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-        if live.load(std::sync::atomic::Ordering::Relaxed) >= CONNECTIONS_MAX {
-            tracing::warn!(peer = %peer_addr, limit = CONNECTIONS_MAX, "refusing connection: too many");
+    let live = Arc::new(AtomicUsize::new(0));
+    loop {
+        let admitted = match gate.next(Duration::from_millis(ACCEPT_TICK_MS)) {
+            Ok(a) => a,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        let Admitted { stream, peer, addr } = admitted;
+        if live.load(Ordering::SeqCst) >= CONNECTIONS_MAX {
+            tracing::warn!(peer = %peer, addr = %addr, limit = CONNECTIONS_MAX, "refusing connection: too many");
             continue;
         }
         let conn = next;
         next += 1;
-        let tx = tx.clone();
-        let secret = secret.clone();
-        let live = live.clone();
-        live.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _ = stream.set_nodelay(true);
+        let Ok(writer) = stream.try_clone() else { continue };
+        if tx.send(Input::Joined { conn, stream: writer }).is_err() {
+            return;
+        }
+        live.fetch_add(1, Ordering::SeqCst);
+        let (conn_tx, held) = (tx.clone(), live.clone());
         let spawned = thread::Builder::new().name(format!("conn-{conn}")).spawn(move || {
-            let own = PeerInfo {
-                role: Role::Coordinator,
-                rank: 0,
-            };
-            match net::accept_handshake(&mut stream, &secret, own) {
-                Ok(peer) => {
-                    tracing::info!(conn, peer = %peer, addr = %peer_addr, "authenticated");
-                    let _ = stream.set_nodelay(true);
-                    if let Ok(w) = stream.try_clone()
-                        && tx.send(Input::Joined { conn, stream: w }).is_ok()
-                    {
-                        read_loop(conn, stream, &tx);
-                    }
-                }
-                Err(e) => tracing::warn!(peer = %peer_addr, error = %e, "refused an unauthenticated connection"),
-            }
-            live.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            read_loop(conn, stream, &conn_tx);
+            held.fetch_sub(1, Ordering::SeqCst);
         });
-        if spawned.is_err() {
-            tracing::error!("cannot spawn a connection thread");
+        if let Err(e) = spawned {
+            // The slot is given back and the engine told the connection is gone.
+            live.fetch_sub(1, Ordering::SeqCst);
+            tracing::error!(conn, error = %e, "cannot spawn a connection thread");
+            let _ = tx.send(Input::Gone { conn });
         }
     }
 }

@@ -25,7 +25,7 @@
 
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -36,8 +36,12 @@ use wire::{PeerInfo, Role, Secret};
 use crate::comm::{Comm, Connection};
 use crate::config::Transport;
 use crate::error::JobError;
+use crate::gate::Gate;
 use crate::net::{self, ControlReader};
 use crate::train::Trainer;
+
+/// How often the peer acceptor looks up from its gate.
+const ACCEPT_TICK_MS: u64 = 1_000;
 
 /// A peer's connection after authentication and hello, or word that the
 /// generation the mesh is forming has been replaced.
@@ -91,7 +95,8 @@ impl Shared {
 }
 
 /// Takes every peer connection for the life of the process: authenticates
-/// it, reads its hello and hands both to the mesh being formed. A connection
+/// it behind a [`Gate`] (so a stranger neither stops nor delays the mesh),
+/// reads its hello and hands both to the mesh being formed. A connection
 /// that fails on the way is logged and dropped.
 pub(crate) fn spawn_acceptor(
     listener: TcpListener,
@@ -99,24 +104,29 @@ pub(crate) fn spawn_acceptor(
     shared: Shared,
     tx: Sender<Inbound>,
 ) -> Result<(), JobError> {
+    // Peers check the rank the handshake names: this worker's rank of the moment.
+    let rank = shared.rank.clone();
+    let own = move || PeerInfo {
+        role: Role::Worker,
+        rank: rank.load(Ordering::SeqCst),
+    };
+    let gate = Gate::open_as(listener, secret, own, "peers")?;
     thread::Builder::new()
         .name("peer-accept".into())
         .spawn(move || {
-            for s in listener.incoming() {
-                let Ok(mut s) = s else { continue };
-                let own = PeerInfo {
-                    role: Role::Worker,
-                    rank: shared.rank.load(Ordering::SeqCst),
+            loop {
+                let mut a = match gate.next(Duration::from_millis(ACCEPT_TICK_MS)) {
+                    Ok(a) => a,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => return,
                 };
-                let r = net::accept_handshake(&mut s, &secret, own)
-                    .and_then(|_| net::recv_control_exact::<PeerHello>(&mut s, net::HANDSHAKE_TIMEOUT_MS));
-                match r {
+                match net::recv_control_exact::<PeerHello>(&mut a.stream, net::HANDSHAKE_TIMEOUT_MS) {
                     Ok(hello) => {
-                        if tx.send(Inbound::Peer { hello, stream: s }).is_err() {
+                        if tx.send(Inbound::Peer { hello, stream: a.stream }).is_err() {
                             return;
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "dropped a peer connection during its handshake"),
+                    Err(e) => tracing::warn!(peer = %a.peer, error = %e, "dropped a peer connection during its hello"),
                 }
             }
         })

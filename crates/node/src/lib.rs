@@ -21,6 +21,7 @@ pub mod elastic;
 pub mod env;
 pub mod error;
 pub mod exchange;
+pub mod gate;
 pub mod job;
 pub mod launcher;
 pub mod net;

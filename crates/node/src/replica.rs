@@ -31,7 +31,7 @@
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::AtomicU64;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -47,6 +47,7 @@ use wire::{FrameHeader, HEADER_BYTES, MessageType, PeerInfo, Role, Secret};
 
 use crate::env::ClusterEnv;
 use crate::error::JobError;
+use crate::gate::{Admitted, Gate};
 use crate::net::{self, ControlReader};
 use crate::server::{INIT_CHUNK_VALUES, PsInit, PsReady, ServerOptions, ServerReport, accept_workers, take_init};
 use crate::worker::{EXIT_ABORTED, RENDEZVOUS_TIMEOUT_MS, Welcomed, rendezvous, spawn_heartbeats};
@@ -258,8 +259,9 @@ pub fn run(env: &ClusterEnv, secret: &Secret, opts: &ServerOptions) -> Result<Se
         events: tx.clone(),
         write_timeout_ms: opts.write_timeout_ms,
     });
+    let gate = Gate::open(listener, secret.clone(), crate::server::own(shard), &format!("server-{shard}-{role}"))?;
     if primary {
-        let mut streams = accept_workers(&listener, workers, generation, shard, secret)?;
+        let mut streams = accept_workers(&gate, workers, generation, shard)?;
         let (init, engine) = take_init(&mut streams[0], shard, workers)?;
         let ready = PsReady {
             shard,
@@ -276,10 +278,10 @@ pub fn run(env: &ClusterEnv, secret: &Secret, opts: &ServerOptions) -> Result<Se
         }
         if init.elastic {
             // Lost workers' replacements connect here.
-            spawn_accept(listener, shard, generation, workers, secret.clone(), tx.clone())?;
+            spawn_accept(gate, shard, generation, workers, tx.clone())?;
         }
     } else {
-        spawn_accept(listener, shard, generation, workers, secret.clone(), tx.clone())?;
+        spawn_accept(gate, shard, generation, workers, tx.clone())?;
     }
     drop(tx);
     let mut waiting_workers: Vec<(u32, u64, TcpStream)> = Vec::new();
@@ -918,30 +920,23 @@ fn follow(shared: &Shared, mut s: TcpStream, coord: &Mutex<TcpStream>) -> Result
 }
 
 /// Backup: accepts its primary's stream and, once promoted, the workers.
-fn spawn_accept(
-    listener: TcpListener,
-    shard: u32,
-    generation: u64,
-    workers: u32,
-    secret: Secret,
-    tx: Sender<Ev>,
-) -> Result<(), JobError> {
-    let own = PeerInfo {
-        role: Role::Server,
-        rank: shard,
-    };
+/// Only authenticated connections count towards [`ACCEPTS_MAX`].
+fn spawn_accept(gate: Gate, shard: u32, generation: u64, workers: u32, tx: Sender<Ev>) -> Result<(), JobError> {
     thread::Builder::new()
         .name("ps-accept".into())
         .spawn(move || {
-            for _ in 0..ACCEPTS_MAX {
-                let Ok((mut s, from)) = listener.accept() else { continue };
-                let r = net::accept_handshake(&mut s, &secret, own).and_then(|peer| match peer.role {
-                    Role::Server => {
-                        net::tune_data_stream(&s)?;
-                        Ok(Ev::Primary(s))
-                    }
-                    Role::Worker => {
-                        let hello: PeerHello = net::recv_control_exact(&mut s, net::HANDSHAKE_TIMEOUT_MS)?;
+            let mut taken = 0;
+            while taken < ACCEPTS_MAX {
+                let Admitted { mut stream, peer, addr: from } = match gate.next(Duration::from_millis(IDLE_TICK_MS)) {
+                    Ok(a) => a,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                };
+                taken += 1;
+                let r = match peer.role {
+                    Role::Server => net::tune_data_stream(&stream).map(|()| Ev::Primary(stream)),
+                    Role::Worker => (|| {
+                        let hello: PeerHello = net::recv_control_exact(&mut stream, net::HANDSHAKE_TIMEOUT_MS)?;
                         // A newer generation is a lost worker's replacement (elastic jobs).
                         if hello.generation < generation || hello.rank >= workers {
                             return Err(JobError::Peer {
@@ -949,13 +944,13 @@ fn spawn_accept(
                                 why: format!("server {shard} got an unexpected hello {hello:?}"),
                             });
                         }
-                        net::tune_data_stream(&s)?;
-                        Ok(Ev::Worker(hello.rank, hello.generation, s))
-                    }
+                        net::tune_data_stream(&stream)?;
+                        Ok(Ev::Worker(hello.rank, hello.generation, stream))
+                    })(),
                     other => Err(JobError::Coordinator(format!(
                         "a {other:?} connected to server {shard}"
                     ))),
-                });
+                };
                 match r {
                     Ok(ev) => {
                         if tx.send(ev).is_err() {

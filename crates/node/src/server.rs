@@ -29,7 +29,7 @@
 //! rank's new stream (each writer carries the epoch of its connection).
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::sync::atomic::AtomicU64;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -44,6 +44,7 @@ use wire::{FrameHeader, HEADER_BYTES, MessageType, PeerInfo, Role, Secret};
 
 use crate::env::ClusterEnv;
 use crate::error::JobError;
+use crate::gate::{Admitted, Gate};
 use crate::net;
 use crate::worker::{RENDEZVOUS_TIMEOUT_MS, Welcomed, rendezvous, spawn_abort_watch, spawn_heartbeats};
 
@@ -196,7 +197,8 @@ pub fn run(env: &ClusterEnv, secret: &Secret, opts: &ServerOptions) -> Result<Se
     let (shutdown_tx, shutdown) = mpsc::channel();
     spawn_abort_watch(reader, format!("server {shard}"), None, shutdown_tx, None)?;
 
-    let mut streams = accept_workers(&listener, workers, generation, shard, secret)?;
+    let gate = Gate::open(listener, secret.clone(), own(shard), &format!("server-{shard}"))?;
+    let mut streams = accept_workers(&gate, workers, generation, shard)?;
     let (init, engine) = take_init(&mut streams[0], shard, workers)?;
     let ready = PsReady {
         shard,
@@ -229,9 +231,8 @@ pub fn run(env: &ClusterEnv, secret: &Secret, opts: &ServerOptions) -> Result<Se
     }
     if init.elastic {
         spawn_replacements(
-            listener,
+            gate,
             shared.clone(),
-            secret.clone(),
             ready,
             opts.write_timeout_ms,
             tx.clone(),
@@ -276,11 +277,11 @@ fn spawn_connection(
         .map_err(|e| JobError::io("spawning a connection thread", e))
 }
 
-/// Elastic jobs: accepts lost workers' replacements for as long as the shard runs.
+/// Elastic jobs: accepts lost workers' replacements for as long as the shard
+/// runs. Only authenticated connections count towards [`REPLACEMENTS_MAX`].
 fn spawn_replacements(
-    listener: TcpListener,
+    gate: Gate,
     shared: Arc<Shared>,
-    secret: Secret,
     ready: PsReady,
     write_timeout_ms: u64,
     tx: mpsc::Sender<Ended>,
@@ -289,9 +290,16 @@ fn spawn_replacements(
     thread::Builder::new()
         .name("ps-replacements".into())
         .spawn(move || {
-            for _ in 0..REPLACEMENTS_MAX {
-                let Ok((s, from)) = listener.accept() else { continue };
-                match take_replacement(&shared, s, &secret, &ready, write_timeout_ms, &tx) {
+            let mut taken = 0;
+            while taken < REPLACEMENTS_MAX {
+                let a = match gate.next(Duration::from_millis(IDLE_TICK_MS)) {
+                    Ok(a) => a,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                };
+                taken += 1;
+                let (from, peer) = (a.addr, a.peer);
+                match take_replacement(&shared, a.stream, peer, &ready, write_timeout_ms, &tx) {
                     Ok(worker) => {
                         tracing::info!(shard, worker, peer = %from, "a replacement took over a worker's rank")
                     }
@@ -308,22 +316,25 @@ fn spawn_replacements(
         .map_err(|e| JobError::io("spawning the replacement acceptor", e))
 }
 
-/// Authenticates a replacement worker and makes its connection its rank's
+/// Who a shard says it is in handshakes.
+pub(crate) fn own(shard: u32) -> PeerInfo {
+    PeerInfo {
+        role: Role::Server,
+        rank: shard,
+    }
+}
+
+/// Makes an authenticated replacement worker's connection its rank's
 /// current one (see the module docs for the order of the steps); returns its rank.
 fn take_replacement(
     shared: &Arc<Shared>,
     mut s: TcpStream,
-    secret: &Secret,
+    peer: PeerInfo,
     ready: &PsReady,
     write_timeout_ms: u64,
     tx: &mpsc::Sender<Ended>,
 ) -> Result<u32, JobError> {
     let shard = shared.shard;
-    let own = PeerInfo {
-        role: Role::Server,
-        rank: shard,
-    };
-    let peer = net::accept_handshake(&mut s, secret, own)?;
     let hello: PeerHello = net::recv_control_exact(&mut s, net::HANDSHAKE_TIMEOUT_MS)?;
     let poisoned = || JobError::Server {
         server: shard,
@@ -359,41 +370,19 @@ fn take_replacement(
     Ok(hello.rank)
 }
 
-/// Accepts one authenticated connection from every worker; returns them by worker rank.
-pub(crate) fn accept_workers(
-    listener: &TcpListener,
-    workers: u32,
-    generation: u64,
-    shard: u32,
-    secret: &Secret,
-) -> Result<Vec<TcpStream>, JobError> {
-    let own = PeerInfo {
-        role: Role::Server,
-        rank: shard,
-    };
+/// Takes one authenticated connection from every worker through `gate`;
+/// returns them by worker rank. A connection that authenticates but then
+/// says nothing sensible (no hello, another job's generation, a rank out of
+/// range or taken) is logged and dropped: only the deadline, which names
+/// the workers still missing, ends the wait.
+pub(crate) fn accept_workers(gate: &Gate, workers: u32, generation: u64, shard: u32) -> Result<Vec<TcpStream>, JobError> {
     let deadline = Instant::now() + Duration::from_millis(RENDEZVOUS_TIMEOUT_MS);
-    // Blocking accepts on a thread; this one waits on the channel with the deadline.
-    let (tx, rx) = mpsc::channel();
-    let accept = listener
-        .try_clone()
-        .map_err(|e| JobError::io("cloning the listener", e))?;
-    thread::Builder::new()
-        .name("ps-accept".into())
-        .spawn(move || {
-            for _ in 0..workers {
-                if tx.send(accept.accept()).is_err() {
-                    return;
-                }
-            }
-        })
-        .map_err(|e| JobError::io("spawning the accept thread", e))?;
     let mut streams: Vec<Option<TcpStream>> = (0..workers).map(|_| None).collect();
     while streams.iter().any(Option::is_none) {
         let left = deadline.saturating_duration_since(Instant::now());
-        let mut s = match rx.recv_timeout(left) {
-            Ok(Ok((s, _))) => s,
-            Ok(Err(e)) => return Err(JobError::io("accepting a worker", e)),
-            Err(_) => {
+        let Admitted { mut stream, peer, addr } = match gate.next(left) {
+            Ok(a) => a,
+            Err(RecvTimeoutError::Timeout) => {
                 let missing: Vec<usize> = (0..workers as usize).filter(|w| streams[*w].is_none()).collect();
                 return Err(JobError::Stalled {
                     op: format!("server {shard} waiting for workers {missing:?} to connect"),
@@ -402,26 +391,27 @@ pub(crate) fn accept_workers(
                     waited_ms: RENDEZVOUS_TIMEOUT_MS,
                 });
             }
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(JobError::Server {
+                    server: shard,
+                    why: "its listener failed while workers were connecting".into(),
+                });
+            }
         };
-        let peer = net::accept_handshake(&mut s, secret, own)?;
-        let hello: PeerHello = net::recv_control_exact(&mut s, net::HANDSHAKE_TIMEOUT_MS)?;
-        if peer.role != Role::Worker || hello.generation != generation || hello.rank >= workers {
-            return Err(JobError::Peer {
-                rank: hello.rank,
-                why: format!(
-                    "server {shard} got an unexpected hello {hello:?} from a {:?}",
-                    peer.role
-                ),
-            });
+        let hello = match net::recv_control_exact::<PeerHello>(&mut stream, net::HANDSHAKE_TIMEOUT_MS) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(shard, peer = %peer, addr = %addr, error = %e, "dropped a connection without a hello");
+                continue;
+            }
+        };
+        let w = hello.rank as usize;
+        if peer.role != Role::Worker || hello.generation != generation || w >= streams.len() || streams[w].is_some() {
+            tracing::warn!(shard, peer = %peer, addr = %addr, hello = ?hello, "dropped a connection: not a missing worker of this generation");
+            continue;
         }
-        if streams[hello.rank as usize].is_some() {
-            return Err(JobError::Peer {
-                rank: hello.rank,
-                why: format!("connected to server {shard} twice"),
-            });
-        }
-        net::tune_data_stream(&s)?;
-        streams[hello.rank as usize] = Some(s);
+        net::tune_data_stream(&stream)?;
+        streams[w] = Some(stream);
     }
     Ok(streams.into_iter().map(|s| s.expect("all connected")).collect())
 }
