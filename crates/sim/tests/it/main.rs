@@ -90,6 +90,48 @@ fn the_reintroduced_ssp_bug_is_found_and_replays() {
     );
 }
 
+/// `sinter sim --seed 1 --workers 8 --servers 2 --faults none --steps 200`,
+/// as the CLI builds it.
+fn issue_16_job(seed: u64, faults: FaultMix) -> SimConfig {
+    let one = sim::cmd::OneRun {
+        seed,
+        workers: 8,
+        servers: 2,
+        faults,
+        steps: 200,
+        consistency: ps::Consistency::Ssp { staleness: 2 },
+        bug: None,
+    };
+    one.config()
+}
+
+// Issue 16: "Reliability": a parameter-server job longer than the heartbeat
+// timeout failed every attempt without a single fault, because the simulated
+// shards never heartbeat to the coordinator.
+#[test]
+fn issue_16_a_long_parameter_server_job_without_faults_finishes_in_one_attempt() {
+    let r = run(&issue_16_job(1, FaultMix::NONE));
+    assert_eq!(r.violation, None);
+    assert!(r.finished);
+    assert_eq!(r.attempts, 1, "no fault, no restart");
+    assert!(
+        r.virtual_ns > 2_000_000_000,
+        "the job outlasts the 1,000 ms heartbeat timeout: {} ns",
+        r.virtual_ns
+    );
+}
+
+// Issue 16: "Reliability": every seed tried at 200 steps with all faults broke
+// the liveness invariant, for the same reason.
+#[test]
+fn issue_16_long_parameter_server_jobs_under_every_fault_finish() {
+    for seed in 1..=4 {
+        let r = run(&issue_16_job(seed, FaultMix::ALL));
+        assert_eq!(r.violation, None, "seed {seed}");
+        assert!(r.finished, "seed {seed}");
+    }
+}
+
 #[test]
 fn bad_configs_are_errors_not_panics() {
     let mut cfg = SimConfig::new(0, 0, 0, 5, FaultMix::NONE);
