@@ -61,10 +61,14 @@ pub const EVENTS_MAX: u64 = 20_000_000;
 /// Most job attempts before a run counts as a livelock.
 pub const ATTEMPTS_MAX: u32 = 1_000;
 
-/// A protocol bug the simulator can switch back on to show that it finds it.
+/// A protocol bug the simulator can inject to show that it finds it. The
+/// injection is the simulator's own: the production engines carry no switch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Bug {
-    /// The SSP rule answers a pull `staleness + 1` steps ahead of the slowest worker.
+    /// The off-by-one the SSP rule once had: a pull is answered
+    /// `staleness + 1` steps ahead of the slowest worker. The simulator
+    /// builds each shard with a bound one higher than the job's, and its
+    /// `ssp-bound` invariant checks the job's.
     SspOffByOne,
 }
 
@@ -141,7 +145,7 @@ impl SimConfig {
             return Err("segment_elems and checkpoint_every must be positive".into());
         }
         if self.bug.is_some() && self.servers == 0 {
-            return Err("the ssp-off-by-one bug lives in the parameter server: give --servers".into());
+            return Err("the ssp-off-by-one bug is injected into the parameter server: give --servers".into());
         }
         Ok(())
     }
@@ -864,19 +868,22 @@ impl Sim {
             lr: 1.0,
             ..optim::SgdConfig::default()
         });
-        let mut engine = ps::Shard::new(
+        let consistency = match (self.cfg.bug, self.cfg.consistency) {
+            (Some(Bug::SspOffByOne), ps::Consistency::Ssp { staleness }) => ps::Consistency::Ssp {
+                staleness: staleness + 1,
+            },
+            (_, consistency) => consistency,
+        };
+        let engine = ps::Shard::new(
             shard,
             self.cfg.workers,
-            self.cfg.consistency,
+            consistency,
             &sgd,
             &self.layout,
             placement,
             init.clone(),
         )
         .expect("a valid shard");
-        if self.cfg.bug == Some(Bug::SspOffByOne) {
-            engine.sim_bug_ssp_off_by_one(true);
-        }
         Proc::Server(Box::new(ServerProc {
             shard: engine,
             delivered: vec![0; self.cfg.workers as usize],
