@@ -4,7 +4,7 @@
 
 use sim::{Bug, FaultMix, SimConfig, fuzz, run};
 
-/// Seeds CI runs on every push: a few seconds in release.
+/// Seeds CI runs on every push: about 8 s on one core in release.
 const CI_SEEDS: u64 = 1_500;
 
 #[test]
@@ -73,9 +73,39 @@ fn the_ci_seed_set_holds_every_invariant() {
     );
 }
 
-/// The SSP rule once answered a pull `staleness + 1` steps ahead; switched
-/// back on, the simulator must find it within the first 1,000 seeds, and the
-/// seed must replay to the same violation.
+/// The fuzzer once drew only jobs of at most 30 steps and 6 workers, none
+/// longer than the coordinator's heartbeat timeout, and missed issue 16.
+#[test]
+fn the_ci_seed_set_covers_long_jobs_many_workers_and_every_shard_count() {
+    let cases: Vec<SimConfig> = (0..CI_SEEDS).map(|seed| fuzz::case(seed, None)).collect();
+    let count = |f: &dyn Fn(&SimConfig) -> bool| cases.iter().filter(|c| f(c)).count() as u64;
+    assert_eq!(cases.iter().map(|c| c.workers).max(), Some(fuzz::WORKERS_MAX));
+    assert_eq!(cases.iter().map(|c| c.servers).max(), Some(fuzz::SHARDS_MAX));
+    assert!(
+        cases
+            .iter()
+            .all(|c| c.steps <= fuzz::STEPS_MAX && c.workers <= fuzz::WORKERS_MAX)
+    );
+    assert!(
+        cases.iter().any(|c| c.steps > fuzz::STEPS_MAX - 50),
+        "some jobs near the longest"
+    );
+    // 200 steps of at least 2 ms outlast a 1,000 ms heartbeat timeout.
+    let long_ps = count(&|c| c.servers > 0 && c.steps >= 200);
+    let long_all_reduce = count(&|c| c.servers == 0 && c.steps >= 200);
+    assert!(long_ps >= CI_SEEDS / 50, "{long_ps} long parameter-server jobs");
+    assert!(
+        long_all_reduce >= CI_SEEDS / 50,
+        "{long_all_reduce} long all-reduce jobs"
+    );
+    let short = count(&|c| c.steps <= 30);
+    assert!(short >= CI_SEEDS * 6 / 10, "most cases stay short: {short}");
+}
+
+/// The SSP rule once answered a pull `staleness + 1` steps ahead; injected by
+/// the simulator (each shard built with a bound one higher than the one the
+/// `ssp-bound` invariant checks), it must be found within the first 1,000
+/// seeds, and the seed must replay to the same violation.
 #[test]
 fn the_reintroduced_ssp_bug_is_found_and_replays() {
     let s = fuzz::fuzz(0..1_000, Some(Bug::SspOffByOne), true, |_, _| {});
