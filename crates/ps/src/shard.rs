@@ -168,8 +168,6 @@ pub struct Shard {
     stats: ShardStats,
     /// Scratch for building the optimizer's sparse rows.
     scratch: Vec<SparseRows>,
-    /// Test-only (`sim`): see [`Shard::sim_bug_ssp_off_by_one`].
-    bug_ssp_off_by_one: bool,
     /// Per worker: its state for the next checkpoint (error-feedback residual
     /// over the dense part; empty when it keeps none) and the pushes it had
     /// made. Kept for the checkpoint's writer, never applied.
@@ -230,7 +228,6 @@ impl Shard {
                 ..ShardStats::default()
             },
             scratch,
-            bug_ssp_off_by_one: false,
             worker_states: vec![None; workers as usize],
         })
     }
@@ -358,14 +355,6 @@ impl Shard {
         Ok(())
     }
 
-    /// Test-only: re-introduces an off-by-one in the SSP rule (a pull is
-    /// answered `staleness + 1` steps ahead of the slowest worker), so that
-    /// the simulator's tests can show they find it. Nothing else calls it.
-    #[doc(hidden)]
-    pub fn sim_bug_ssp_off_by_one(&mut self, on: bool) {
-        self.bug_ssp_off_by_one = on;
-    }
-
     /// A new process takes the place of lost `worker`: its pulls waiting here
     /// are dropped (they would be answered to the replacement, which never
     /// asked), and pushes of steps this shard already has are acknowledged
@@ -403,9 +392,7 @@ impl Shard {
         let visible = self.visible();
         match (p.wait_all, self.consistency) {
             (true, _) | (false, Consistency::Bsp) => visible >= p.clock,
-            (false, Consistency::Ssp { staleness }) => {
-                visible + staleness as u64 + u64::from(self.bug_ssp_off_by_one) >= p.clock
-            }
+            (false, Consistency::Ssp { staleness }) => visible + staleness as u64 >= p.clock,
             (false, Consistency::Async) => true,
         }
     }

@@ -12,12 +12,17 @@
 //!   `Finished` after the last step;
 //! - a parameter-server worker pulls step k+1 before computing step k and
 //!   keeps at most two pushes per shard unacknowledged (`node::ps_client`);
+//! - a parameter-server shard heartbeats to the coordinator from its welcome
+//!   until the job ends (`node::server`): the coordinator fails a job whose
+//!   member, worker or shard, is silent for a heartbeat timeout;
 //! - every wait has a deadline (collective, pull, push acknowledgement); a
 //!   broken connection or a deadline makes the worker report `Failed`;
 //! - when the coordinator ends a job attempt with a failure, the launcher
 //!   (the simulator) restarts every process once all nodes are up: all-reduce
 //!   jobs from the newest complete checkpoint, parameter-server jobs from the
-//!   start (their checkpoints are not modelled).
+//!   start (their checkpoints are not modelled). An attempt launched in the
+//!   liveness phase, with every node up and no fault to come, must finish:
+//!   its failure breaks the `liveness` invariant at once.
 //!
 //! Gradients are small integers that depend on the parameters, with learning
 //! rate 1, so every sum is exact in f32 in any order: a synchronous run has
@@ -56,10 +61,14 @@ pub const EVENTS_MAX: u64 = 20_000_000;
 /// Most job attempts before a run counts as a livelock.
 pub const ATTEMPTS_MAX: u32 = 1_000;
 
-/// A protocol bug the simulator can switch back on to show that it finds it.
+/// A protocol bug the simulator can inject to show that it finds it. The
+/// injection is the simulator's own: the production engines carry no switch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Bug {
-    /// The SSP rule answers a pull `staleness + 1` steps ahead of the slowest worker.
+    /// The off-by-one the SSP rule once had: a pull is answered
+    /// `staleness + 1` steps ahead of the slowest worker. The simulator
+    /// builds each shard with a bound one higher than the job's, and its
+    /// `ssp-bound` invariant checks the job's.
     SspOffByOne,
 }
 
@@ -136,7 +145,7 @@ impl SimConfig {
             return Err("segment_elems and checkpoint_every must be positive".into());
         }
         if self.bug.is_some() && self.servers == 0 {
-            return Err("the ssp-off-by-one bug lives in the parameter server: give --servers".into());
+            return Err("the ssp-off-by-one bug is injected into the parameter server: give --servers".into());
         }
         Ok(())
     }
@@ -343,6 +352,8 @@ struct ServerProc {
     /// BSP: sums of steps not complete yet.
     bsp: BTreeMap<u64, (u32, Vec<f32>)>,
     bsp_applied: u64,
+    /// The coordinator's welcome came: the shard heartbeats.
+    welcomed: bool,
 }
 
 enum Proc {
@@ -386,6 +397,9 @@ struct Sim {
     attempts: u32,
     launch_pending: bool,
     liveness: bool,
+    /// The current attempt was launched in the liveness phase, with every
+    /// node up and no fault to come: it must finish.
+    attempt_fault_free: bool,
     procs: Vec<Proc>,
     up: Vec<bool>,
     slow: Vec<u32>,
@@ -437,6 +451,7 @@ impl Sim {
             attempts: 0,
             launch_pending: false,
             liveness: false,
+            attempt_fault_free: false,
             procs: (0..nodes).map(|_| Proc::Idle).collect(),
             up: vec![true; nodes as usize],
             slow: vec![1; nodes as usize],
@@ -639,11 +654,13 @@ impl Sim {
                 if inc != self.inc {
                     return;
                 }
-                let Some(w) = self.worker(node) else { return };
-                if matches!(w.phase, Phase::Joining | Phase::Failed | Phase::Finished) {
-                    return;
-                }
-                let step = w.step;
+                let step = match &self.procs[node as usize] {
+                    Proc::Worker(w) if !matches!(w.phase, Phase::Joining | Phase::Failed | Phase::Finished) => w.step,
+                    // A shard heartbeats from its welcome until the job ends, with
+                    // step 0, as `node::server` does.
+                    Proc::Server(_) => 0,
+                    _ => return,
+                };
                 self.send(node, self.coord_node(), Msg::ToCoord(ToCoordinator::Heartbeat { step }));
                 self.q
                     .push(self.now() + HEARTBEAT_INTERVAL_NS, Ev::Heartbeat { inc, node });
@@ -779,6 +796,7 @@ impl Sim {
         }
         self.launch_pending = false;
         self.attempts += 1;
+        self.attempt_fault_free = self.liveness;
         self.finished_sent.iter_mut().for_each(|f| *f = false);
         self.coord_over = false;
         let (start, params) = self.resume_point();
@@ -850,25 +868,29 @@ impl Sim {
             lr: 1.0,
             ..optim::SgdConfig::default()
         });
-        let mut engine = ps::Shard::new(
+        let consistency = match (self.cfg.bug, self.cfg.consistency) {
+            (Some(Bug::SspOffByOne), ps::Consistency::Ssp { staleness }) => ps::Consistency::Ssp {
+                staleness: staleness + 1,
+            },
+            (_, consistency) => consistency,
+        };
+        let engine = ps::Shard::new(
             shard,
             self.cfg.workers,
-            self.cfg.consistency,
+            consistency,
             &sgd,
             &self.layout,
             placement,
             init.clone(),
         )
         .expect("a valid shard");
-        if self.cfg.bug == Some(Bug::SspOffByOne) {
-            engine.sim_bug_ssp_off_by_one(true);
-        }
         Proc::Server(Box::new(ServerProc {
             shard: engine,
             delivered: vec![0; self.cfg.workers as usize],
             expected: init,
             bsp: BTreeMap::new(),
             bsp_applied: 0,
+            welcomed: false,
         }))
     }
 
@@ -902,6 +924,10 @@ impl Sim {
             Outcome::Finished => {
                 self.check_final();
                 self.finished = true;
+            }
+            Outcome::Failed { reason, .. } if self.attempt_fault_free => {
+                let detail = format!("attempt {attempt} was launched after the faults stopped and failed: {reason}");
+                self.violate("liveness", detail);
             }
             Outcome::Failed { .. } => {
                 self.inc += 1;
@@ -972,6 +998,9 @@ impl Sim {
 
     fn on_coordinator_msg(&mut self, node: u32, msg: FromCoordinator) {
         match msg {
+            FromCoordinator::Welcome { rank, .. } if node >= self.cfg.workers => {
+                self.server_welcomed(node, rank);
+            }
             FromCoordinator::Welcome { rank, world, .. } => {
                 let inc = self.inc;
                 let servers = self.cfg.servers;
@@ -1007,6 +1036,25 @@ impl Sim {
             FromCoordinator::Abort { .. } | FromCoordinator::Shutdown => {}
             _ => {}
         }
+    }
+
+    /// A shard's welcome starts its heartbeats, as a worker's does: the
+    /// coordinator fails a job whose member, worker or server, is silent for
+    /// longer than the heartbeat timeout.
+    fn server_welcomed(&mut self, node: u32, rank: u32) {
+        let inc = self.inc;
+        let shard = node - self.cfg.workers;
+        let Some(s) = self.server(node) else { return };
+        if s.welcomed {
+            return;
+        }
+        s.welcomed = true;
+        if rank != shard {
+            self.violate("one-outcome", format!("shard {shard} was welcomed as shard {rank}"));
+            return;
+        }
+        self.q
+            .push(self.now() + HEARTBEAT_INTERVAL_NS, Ev::Heartbeat { inc, node });
     }
 
     fn report_finished(&mut self, node: u32) {

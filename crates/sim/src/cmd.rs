@@ -127,9 +127,11 @@ pub fn fuzz_seeds(
     let total = to.saturating_sub(from);
     let every = (total / 10).max(1);
     let mut n = 0u64;
+    let mut found = 0u64;
     let s = fuzz::fuzz(from..to, bug, stop_at_first, |cfg, r| {
         n += 1;
         if let Some(v) = &r.violation {
+            found += 1;
             let _ = writeln!(
                 out,
                 "{v}\nreplay: sinter sim --reproduce {}{}",
@@ -137,7 +139,7 @@ pub fn fuzz_seeds(
                 bug.map(|_| " --bug ssp-off-by-one").unwrap_or_default()
             );
         } else if n.is_multiple_of(every) {
-            let _ = writeln!(out, "{n}/{total} seeds, no violation so far");
+            let _ = writeln!(out, "{n}/{total} seeds, {found} violation(s) so far");
         }
     });
     let f = s.with_fault;

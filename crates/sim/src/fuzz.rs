@@ -12,13 +12,35 @@ use crate::net::LinkSpec;
 
 const MS: u64 = 1_000_000;
 
+/// Most workers of a case.
+pub const WORKERS_MAX: u32 = 16;
+/// Most parameter-server shards of a case.
+pub const SHARDS_MAX: u32 = 4;
+/// Most steps of a case.
+pub const STEPS_MAX: u64 = 500;
+
 /// The job and faults of fuzz seed `seed` (with `bug` switched on when the
 /// job has parameter servers, where it lives).
+///
+/// Most cases are small and short, so that many seeds run in little time;
+/// a quarter have up to [`WORKERS_MAX`] workers, and three in ten outlast
+/// the coordinator's heartbeat timeout and the wait deadlines several times
+/// over (a tenth up to [`STEPS_MAX`] steps).
 pub fn case(seed: u64, bug: Option<Bug>) -> SimConfig {
     let mut rng = Rng::derive(seed, 0xF022);
-    let workers = 1 + rng.below(6) as u32;
-    let servers = if rng.below(2) == 0 { 0 } else { 1 + rng.below(3) as u32 };
-    let steps = 5 + rng.below(26);
+    let workers = match rng.below(4) {
+        0 => 1 + rng.below(u64::from(WORKERS_MAX)) as u32,
+        _ => 1 + rng.below(6) as u32,
+    };
+    let servers = match rng.below(2) {
+        0 => 0,
+        _ => 1 + rng.below(u64::from(SHARDS_MAX)) as u32,
+    };
+    let steps = match rng.below(10) {
+        0 => 151 + rng.below(STEPS_MAX - 150),
+        1 | 2 => 31 + rng.below(120),
+        _ => 5 + rng.below(26),
+    };
     let faults = FaultMix::random(&mut rng);
     let mut cfg = SimConfig::new(seed, workers, servers, steps, faults);
     cfg.consistency = match rng.below(4) {

@@ -10,7 +10,8 @@
 //!   event; the same seed and commit give the same trace, byte for byte.
 //! - [`fuzz`]: many seeds with random fault mixes and job shapes, each a
 //!   safety phase (faults on) then a liveness phase (faults off: the job
-//!   must finish).
+//!   must finish, and an attempt launched in it must finish without a
+//!   restart).
 //! - [`predict`]: step time, throughput and scaling efficiency of a model
 //!   on a cluster that does not exist, from the same engines.
 //!

@@ -4,7 +4,7 @@
 
 use sim::{Bug, FaultMix, SimConfig, fuzz, run};
 
-/// Seeds CI runs on every push: a few seconds in release.
+/// Seeds CI runs on every push: about 8 s on one core in release.
 const CI_SEEDS: u64 = 1_500;
 
 #[test]
@@ -73,9 +73,39 @@ fn the_ci_seed_set_holds_every_invariant() {
     );
 }
 
-/// The SSP rule once answered a pull `staleness + 1` steps ahead; switched
-/// back on, the simulator must find it within the first 1,000 seeds, and the
-/// seed must replay to the same violation.
+/// The fuzzer once drew only jobs of at most 30 steps and 6 workers, none
+/// longer than the coordinator's heartbeat timeout, and missed issue 16.
+#[test]
+fn the_ci_seed_set_covers_long_jobs_many_workers_and_every_shard_count() {
+    let cases: Vec<SimConfig> = (0..CI_SEEDS).map(|seed| fuzz::case(seed, None)).collect();
+    let count = |f: &dyn Fn(&SimConfig) -> bool| cases.iter().filter(|c| f(c)).count() as u64;
+    assert_eq!(cases.iter().map(|c| c.workers).max(), Some(fuzz::WORKERS_MAX));
+    assert_eq!(cases.iter().map(|c| c.servers).max(), Some(fuzz::SHARDS_MAX));
+    assert!(
+        cases
+            .iter()
+            .all(|c| c.steps <= fuzz::STEPS_MAX && c.workers <= fuzz::WORKERS_MAX)
+    );
+    assert!(
+        cases.iter().any(|c| c.steps > fuzz::STEPS_MAX - 50),
+        "some jobs near the longest"
+    );
+    // 200 steps of at least 2 ms outlast a 1,000 ms heartbeat timeout.
+    let long_ps = count(&|c| c.servers > 0 && c.steps >= 200);
+    let long_all_reduce = count(&|c| c.servers == 0 && c.steps >= 200);
+    assert!(long_ps >= CI_SEEDS / 50, "{long_ps} long parameter-server jobs");
+    assert!(
+        long_all_reduce >= CI_SEEDS / 50,
+        "{long_all_reduce} long all-reduce jobs"
+    );
+    let short = count(&|c| c.steps <= 30);
+    assert!(short >= CI_SEEDS * 6 / 10, "most cases stay short: {short}");
+}
+
+/// The SSP rule once answered a pull `staleness + 1` steps ahead; injected by
+/// the simulator (each shard built with a bound one higher than the one the
+/// `ssp-bound` invariant checks), it must be found within the first 1,000
+/// seeds, and the seed must replay to the same violation.
 #[test]
 fn the_reintroduced_ssp_bug_is_found_and_replays() {
     let s = fuzz::fuzz(0..1_000, Some(Bug::SspOffByOne), true, |_, _| {});
@@ -88,6 +118,48 @@ fn the_reintroduced_ssp_bug_is_found_and_replays() {
         None,
         "without the bug the seed passes"
     );
+}
+
+/// `sinter sim --seed 1 --workers 8 --servers 2 --faults none --steps 200`,
+/// as the CLI builds it.
+fn issue_16_job(seed: u64, faults: FaultMix) -> SimConfig {
+    let one = sim::cmd::OneRun {
+        seed,
+        workers: 8,
+        servers: 2,
+        faults,
+        steps: 200,
+        consistency: ps::Consistency::Ssp { staleness: 2 },
+        bug: None,
+    };
+    one.config()
+}
+
+// Issue 16: "Reliability": a parameter-server job longer than the heartbeat
+// timeout failed every attempt without a single fault, because the simulated
+// shards never heartbeat to the coordinator.
+#[test]
+fn issue_16_a_long_parameter_server_job_without_faults_finishes_in_one_attempt() {
+    let r = run(&issue_16_job(1, FaultMix::NONE));
+    assert_eq!(r.violation, None);
+    assert!(r.finished);
+    assert_eq!(r.attempts, 1, "no fault, no restart");
+    assert!(
+        r.virtual_ns > 2_000_000_000,
+        "the job outlasts the 1,000 ms heartbeat timeout: {} ns",
+        r.virtual_ns
+    );
+}
+
+// Issue 16: "Reliability": every seed tried at 200 steps with all faults broke
+// the liveness invariant, for the same reason.
+#[test]
+fn issue_16_long_parameter_server_jobs_under_every_fault_finish() {
+    for seed in 1..=4 {
+        let r = run(&issue_16_job(seed, FaultMix::ALL));
+        assert_eq!(r.violation, None, "seed {seed}");
+        assert!(r.finished, "seed {seed}");
+    }
 }
 
 #[test]
