@@ -410,7 +410,7 @@ fn is_transient(e: &io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use wire::{Connector, Role};
+    use wire::Role;
 
     fn secret(s: &str) -> Secret {
         Secret::new(s.as_bytes().to_vec()).expect("secret")

@@ -275,6 +275,48 @@ pub fn read_header(s: &mut TcpStream) -> Result<FrameHeader, io::Error> {
     FrameHeader::decode(&h).map_err(io::Error::other)
 }
 
+/// Reads one `Ps` frame from a stream whose read timeout is `stall_ms`
+/// (set by the caller once): a stream may stay idle between frames for as
+/// long as it likes (a silent peer is the coordinator's to judge, by its
+/// heartbeats), but once a frame has begun, every `stall_ms` must bring more
+/// of it. `None` at a clean end of the stream, between frames.
+pub fn read_ps_frame(s: &mut TcpStream, payload: &mut Vec<u8>, stall_ms: u64) -> Result<Option<FrameHeader>, String> {
+    let mut h = [0u8; HEADER_BYTES];
+    let mut got = 0;
+    while got < HEADER_BYTES {
+        match s.read(&mut h[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err("the connection closed inside a frame".into()),
+            Ok(n) => got += n,
+            Err(e) if is_timeout(&e) && got == 0 => {}
+            Err(e) if is_timeout(&e) => return Err(format!("a frame stalled for {stall_ms} ms after {got} bytes")),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    let h = FrameHeader::decode(&h).map_err(|e| e.to_string())?;
+    if h.kind != MessageType::Ps {
+        return Err(format!("expected a parameter-server frame, got {}", h.kind));
+    }
+    payload.resize(h.payload_bytes as usize, 0);
+    s.read_exact(payload).map_err(|e| match is_timeout(&e) {
+        true => format!("a frame's payload stalled for {stall_ms} ms"),
+        false => e.to_string(),
+    })?;
+    h.check_payload(payload).map_err(|e| e.to_string())?;
+    Ok(Some(h))
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+}
+
+/// Sets the read timeout [`read_ps_frame`] counts a stall by.
+pub fn set_stall_timeout(s: &TcpStream, stall_ms: u64) -> Result<(), JobError> {
+    s.set_read_timeout(Some(Duration::from_millis(stall_ms.max(1))))
+        .map_err(|e| JobError::io("set_read_timeout", e))
+}
+
 /// The bytes of an f32 slice (little-endian hosts only; see the assertion below).
 pub fn as_bytes(v: &[f32]) -> &[u8] {
     // SAFETY: f32 has no padding and every bit pattern is a valid u8; the length is exact.

@@ -5,10 +5,13 @@
 //! (`ServerRole`). A primary starts like an unreplicated server (workers
 //! connect, worker 0 sends the shard), then, told where its backup waits
 //! (`BuildBackup`), connects to it, sends a [`ReplicaInit`] with the shard's
-//! snapshot and forwards every push it applies, as received, in one ordered
-//! stream (`Ps` frames: tag = entry seq, sender = worker). The backup answers
-//! each entry with a `Pushed` frame carrying its seq once applied; the
-//! primary's engine then releases the worker's acknowledgement.
+//! snapshot and forwards every push and worker state it applies, as
+//! received, in one ordered stream (`Ps` frames: tag = entry seq, sender =
+//! worker). The backup answers the snapshot, and then each entry, with a
+//! `Pushed` frame carrying the seq below which it holds every entry; the
+//! primary's engine then releases the workers' acknowledgements. Without a
+//! backup that holds its state, the primary applies pushes and holds their
+//! acknowledgements (see `ps::replica`).
 //!
 //! A backup accepts its primary's stream, tells the coordinator
 //! `BackupReady` once the snapshot is in, and applies entries until the
@@ -38,8 +41,8 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ps::replica::{Command as Rc, Role as ReplicaRole};
-use ps::{Message, Output, Placement, PlacementSpec, Replica, Shard, Snapshot};
+use ps::replica::{Command as Rc, Entry, Role as ReplicaRole};
+use ps::{Message, Output, Placement, PlacementSpec, Replica, Request, Shard, Snapshot};
 use serde::{Deserialize, Serialize};
 use tensor::Layout;
 use wire::msg::{FromCoordinator, PeerHello, ToCoordinator};
@@ -73,8 +76,10 @@ pub struct Setup {
 }
 
 /// Primary → new backup, first on the replication stream: the shard, then
-/// `image_frames` tensor frames (the image) and `pending` push frames (the
-/// open BSP steps, sender = worker).
+/// `image_frames` tensor frames (the image), `pending` push frames (the
+/// open BSP steps, sender = worker) and `states` worker-state frames (the
+/// workers' states for the next checkpoint, sender = worker). The backup
+/// answers with a `Pushed` frame carrying `next_seq` once it holds all of it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ReplicaInit {
     pub setup: Setup,
@@ -84,10 +89,11 @@ pub struct ReplicaInit {
     pub next_seq: u64,
     pub image_frames: u32,
     pub pending: u32,
+    pub states: u32,
 }
 
-/// One entry for the backup: the push as received.
-struct Entry {
+/// One entry for the backup: the push or worker state as received.
+struct Forwarded {
     seq: u64,
     worker: u32,
     payload: Vec<u8>,
@@ -96,7 +102,7 @@ struct Entry {
 struct Core {
     replica: Option<Replica>,
     /// The current backup link: its id and the queue to its writer thread.
-    to_backup: Option<(u64, Sender<Entry>)>,
+    to_backup: Option<(u64, Sender<Forwarded>)>,
     /// Per worker: the epoch of its current connection (bumped by each new one).
     epochs: Vec<u64>,
     /// Per worker: the membership generation its current connection came with.
@@ -202,7 +208,7 @@ impl Shared {
                 Rc::Forward { seq, worker } => {
                     if let Some((_, tx)) = &core.to_backup {
                         // A closed queue means the link broke; its reader reports that.
-                        let _ = tx.send(Entry {
+                        let _ = tx.send(Forwarded {
                             seq,
                             worker,
                             payload: payload.to_vec(),
@@ -401,23 +407,18 @@ pub fn run(env: &ClusterEnv, secret: &Secret, opts: &ServerOptions) -> Result<Se
                 let mut core = shared.core()?;
                 if core.to_backup.as_ref().is_some_and(|(l, _)| *l == link) {
                     core.to_backup = None;
-                    let released = core.replica.as_mut().map(|r| r.backup_lost()).unwrap_or_default();
+                    let held = core.replica.as_mut().map_or(0, |r| {
+                        r.backup_lost();
+                        r.held()
+                    });
                     drop(core);
                     tracing::warn!(
                         shard,
                         role = "primary",
                         why,
-                        released = released.len(),
-                        "backup lost; continuing alone until a new one is built"
+                        held,
+                        "backup lost; pushes are applied and their acknowledgements held until a new backup holds them"
                     );
-                    let mut outputs = Vec::new();
-                    for c in released {
-                        if let Rc::Reply(o) = c {
-                            outputs.push(o);
-                        }
-                    }
-                    let outputs = shared.core()?.stamp(outputs);
-                    shared.reply(outputs)?;
                 }
             }
         }
@@ -579,20 +580,6 @@ fn write_ps(s: &mut TcpStream, tag: u64, sender: u32, payload: &[u8]) -> Result<
     Ok(())
 }
 
-/// A push as the engine takes it: a coded dense part is decoded here.
-fn decode_push(msg: Message, dense_len: usize) -> Result<Option<ps::Push>, String> {
-    match msg {
-        Message::Push(p) => Ok(Some(p)),
-        Message::PushCoded { mut push, dense_coded } => {
-            push.dense = vec![0.0; dense_len];
-            codec::decode(&dense_coded, &mut push.dense)
-                .map_err(|e| format!("a compressed push it cannot decode: {e}"))?;
-            Ok(Some(push))
-        }
-        _ => Ok(None),
-    }
-}
-
 /// Serves one connection of `worker` until it closes, or until a newer
 /// connection of the worker takes over (`epoch` is no longer current).
 fn serve_worker(shared: &Shared, worker: u32, epoch: u64, mut s: TcpStream) -> Result<(), JobError> {
@@ -604,15 +591,31 @@ fn serve_worker(shared: &Shared, worker: u32, epoch: u64, mut s: TcpStream) -> R
     let layout = shared
         .layout()
         .ok_or_else(|| broke("the shard has no layout yet".into()))?;
+    let dense_len = {
+        let core = shared.core()?;
+        let r = core
+            .replica
+            .as_ref()
+            .ok_or_else(|| broke("the shard has no state yet".into()))?;
+        r.shard().layout().dense_len
+    };
     let mut payload = Vec::new();
+    net::set_stall_timeout(&s, shared.write_timeout_ms)?;
     loop {
-        if read_ps(&mut s, &mut payload).map_err(broke)?.is_none() {
+        if net::read_ps_frame(&mut s, &mut payload, shared.write_timeout_ms)
+            .map_err(broke)?
+            .is_none()
+        {
             return Ok(());
         }
-        let msg = ps::msg::decode(&payload, Some(layout)).map_err(|e| JobError::Peer {
-            rank: worker,
-            why: format!("sent server {shard} {e}"),
-        })?;
+        // Decoded (a compressed dense gradient too) before the shard's lock,
+        // so that the workers' decodes run in parallel.
+        let request = ps::msg::decode(&payload, Some(layout))
+            .and_then(|m| m.into_request(dense_len))
+            .map_err(|e| JobError::Peer {
+                rank: worker,
+                why: format!("sent server {shard} {e}"),
+            })?;
         let mut outputs = Vec::new();
         let stamped = {
             let mut core = shared.core()?;
@@ -625,20 +628,10 @@ fn serve_worker(shared: &Shared, worker: u32, epoch: u64, mut s: TcpStream) -> R
                 .replica
                 .as_mut()
                 .ok_or_else(|| broke("the shard has no state yet".into()))?;
-            let dense_len = r.shard().layout().dense_len;
-            let cmds = match msg {
-                Message::Pull(p) => r.on_pull(worker, p),
-                Message::WorkerState { clock, state } => r.on_worker_state(worker, clock, state),
-                other => match decode_push(other, dense_len) {
-                    Ok(Some(p)) => r.on_push(worker, p),
-                    Ok(None) => return Err(broke("sent a reply to a server".into())),
-                    Err(why) => {
-                        return Err(JobError::Peer {
-                            rank: worker,
-                            why: format!("sent server {shard} {why}"),
-                        });
-                    }
-                },
+            let cmds = match request {
+                Request::Pull(p) => r.on_pull(worker, p),
+                Request::WorkerState { clock, state } => r.on_worker_state(worker, clock, state),
+                Request::Push(p) => r.on_push(worker, p),
             }
             .map_err(|e| JobError::Peer {
                 rank: worker,
@@ -678,21 +671,16 @@ fn build_backup(shared: &Arc<Shared>, addr: &str, secret: &Secret, link: u64) ->
         .try_clone()
         .map_err(|e| JobError::io("cloning the backup stream", e))?;
     let (tx, rx) = mpsc::channel();
-    let (released, snap) = {
+    let snap = {
         let mut core = shared.core()?;
         let r = core.replica.as_mut().ok_or_else(|| JobError::Server {
             server: shard,
             why: "asked to build a backup before it held the shard".into(),
         })?;
-        let (released, snap) = r.attach_backup()?;
+        let snap = r.attach_backup()?;
         core.to_backup = Some((link, tx));
-        let outputs = released
-            .into_iter()
-            .filter_map(|c| if let Rc::Reply(o) = c { Some(o) } else { None })
-            .collect();
-        (core.stamp(outputs), snap)
+        snap
     };
-    shared.reply(released)?;
     tracing::info!(
         shard,
         role = "primary",
@@ -726,7 +714,7 @@ fn feed_backup(
     mut s: TcpStream,
     setup: Setup,
     snap: Snapshot,
-    rx: Receiver<Entry>,
+    rx: Receiver<Forwarded>,
 ) -> Result<(), String> {
     let chunks: Vec<&[f32]> = snap.image.chunks(INIT_CHUNK_VALUES).collect();
     let init = ReplicaInit {
@@ -737,6 +725,7 @@ fn feed_backup(
         next_seq: snap.next_seq,
         image_frames: chunks.len() as u32,
         pending: snap.pending.len() as u32,
+        states: snap.states.len() as u32,
     };
     net::send_control(&mut s, shared.shard, &init).map_err(|e| e.to_string())?;
     for c in chunks {
@@ -746,6 +735,10 @@ fn feed_backup(
     for (w, p) in &snap.pending {
         ps::msg::encode_push(p.clock, &p.dense, &p.keys, &p.values, &mut buf);
         write_ps(&mut s, 0, *w, &buf).map_err(|e| format!("sending an open step: {e}"))?;
+    }
+    for (w, clock, state) in &snap.states {
+        ps::msg::encode_worker_state(*clock, state, &mut buf);
+        write_ps(&mut s, 0, *w, &buf).map_err(|e| format!("sending a worker's state: {e}"))?;
     }
     // Ends when the link is replaced or dropped (the queue closes).
     for e in rx {
@@ -763,7 +756,8 @@ fn take_acks(shared: &Shared, mut s: TcpStream, link: u64) -> String {
             Ok(None) => return "the backup closed its stream".into(),
             Err(e) => return e,
         }
-        let seq = match ps::msg::decode(&payload, None) {
+        // Every entry below `next` is in the backup (after its snapshot: the snapshot's next_seq).
+        let next = match ps::msg::decode(&payload, None) {
             Ok(Message::Pushed { clock }) => clock,
             Ok(other) => return format!("the backup sent {other:?}"),
             Err(e) => return format!("the backup sent {e}"),
@@ -779,7 +773,7 @@ fn take_acks(shared: &Shared, mut s: TcpStream, link: u64) -> String {
             let Some(r) = core.replica.as_mut() else {
                 return "no shard".into();
             };
-            match r.on_applied(seq) {
+            match r.on_applied(next) {
                 Ok(cmds) => {
                     for c in cmds {
                         if let Rc::Reply(o) = c {
@@ -809,12 +803,14 @@ fn follow(shared: &Shared, mut s: TcpStream, coord: &Mutex<TcpStream>) -> Result
     if init.workers != shared.workers
         || init.clocks.len() != shared.workers as usize
         || init.pending > shared.workers.saturating_mul(PENDING_PER_WORKER_MAX)
+        || init.states > shared.workers
     {
         return Err(bad(format!(
-            "a snapshot for {} workers with {} clocks and {} open pushes; this job has {} workers",
+            "a snapshot for {} workers with {} clocks, {} open pushes and {} worker states; this job has {} workers",
             init.workers,
             init.clocks.len(),
             init.pending,
+            init.states,
             shared.workers
         )));
     }
@@ -862,10 +858,21 @@ fn follow(shared: &Shared, mut s: TcpStream, coord: &Mutex<TcpStream>) -> Result
             .map_err(&bad)?
             .ok_or_else(|| bad("ended inside the snapshot".into()))?;
         let msg = ps::msg::decode(&payload, Some(&init.setup.layout)).map_err(|e| bad(e.to_string()))?;
-        let p = decode_push(msg, dense_len)
-            .map_err(&bad)?
+        let p = msg
+            .into_push(dense_len)
+            .map_err(|e| bad(e.to_string()))?
             .ok_or_else(|| bad("an open step that is not a push".into()))?;
         pending.push((h.sender, p));
+    }
+    let mut states = Vec::with_capacity(init.states as usize);
+    for _ in 0..init.states {
+        let h = read_ps(&mut s, &mut payload)
+            .map_err(&bad)?
+            .ok_or_else(|| bad("ended inside the snapshot".into()))?;
+        match ps::msg::decode(&payload, Some(&init.setup.layout)).map_err(|e| bad(e.to_string()))? {
+            Message::WorkerState { clock, state } => states.push((h.sender, clock, state)),
+            other => return Err(bad(format!("a worker state that is {other:?}"))),
+        }
     }
     s.set_read_timeout(None)
         .map_err(|e| JobError::io("set_read_timeout", e))?;
@@ -874,11 +881,19 @@ fn follow(shared: &Shared, mut s: TcpStream, coord: &Mutex<TcpStream>) -> Result
         clocks: init.clocks,
         applied: init.applied,
         pending,
+        states,
         next_seq: init.next_seq,
     };
     let replica = Replica::backup(engine, &snap)?;
+    let loaded = replica.loaded();
     let _ = shared.setup.set(init.setup.clone());
     shared.core()?.replica = Some(replica);
+    let mut ack = Vec::new();
+    // The primary releases the acknowledgements the snapshot holds.
+    if let Rc::Applied { next } = loaded {
+        ps::msg::encode_pushed(next, &mut ack);
+        write_ps(&mut s, 0, shard, &ack).map_err(|e| bad(format!("acknowledging the snapshot: {e}")))?;
+    }
     {
         let mut c = coord
             .lock()
@@ -892,15 +907,20 @@ fn follow(shared: &Shared, mut s: TcpStream, coord: &Mutex<TcpStream>) -> Result
         "holds the primary's state"
     );
     let layout = &init.setup.layout;
-    let mut ack = Vec::new();
     loop {
         let Some(h) = read_ps(&mut s, &mut payload).map_err(&bad)? else {
             return Ok(());
         };
         let msg = ps::msg::decode(&payload, Some(layout)).map_err(|e| bad(e.to_string()))?;
-        let push = decode_push(msg, dense_len)
-            .map_err(&bad)?
-            .ok_or_else(|| bad("an entry that is not a push".into()))?;
+        let entry = match msg {
+            Message::WorkerState { clock, state } => Entry::State { clock, state },
+            other => Entry::Push(
+                other
+                    .into_push(dense_len)
+                    .map_err(|e| bad(e.to_string()))?
+                    .ok_or_else(|| bad("an entry that is neither a push nor a worker state".into()))?,
+            ),
+        };
         let applied = {
             let mut core = shared.core()?;
             let r = core.replica.as_mut().ok_or_else(|| bad("no shard".into()))?;
@@ -908,11 +928,11 @@ fn follow(shared: &Shared, mut s: TcpStream, coord: &Mutex<TcpStream>) -> Result
                 // Promoted (the drain wait ran out): the rest is the workers' to resend.
                 return Ok(());
             }
-            r.on_forward(h.tag, h.sender, push)?
+            r.on_forward(h.tag, h.sender, entry)?
         };
         for c in applied {
-            if let Rc::Applied { seq } = c {
-                ps::msg::encode_pushed(seq, &mut ack);
+            if let Rc::Applied { next } = c {
+                ps::msg::encode_pushed(next, &mut ack);
                 write_ps(&mut s, 0, shard, &ack).map_err(|e| bad(format!("acknowledging: {e}")))?;
             }
         }

@@ -36,11 +36,11 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ps::{Message, Output, Placement, PlacementSpec, Shard, ShardStats};
+use ps::{Output, Placement, PlacementSpec, Request, Shard, ShardStats};
 use serde::{Deserialize, Serialize};
 use tensor::Layout;
 use wire::msg::PeerHello;
-use wire::{FrameHeader, HEADER_BYTES, MessageType, PeerInfo, Role, Secret};
+use wire::{FrameHeader, MessageType, PeerInfo, Role, Secret};
 
 use crate::env::ClusterEnv;
 use crate::error::JobError;
@@ -148,6 +148,10 @@ const REPLACEMENTS_MAX: usize = 4096;
 struct Shared {
     shard: u32,
     layout: Layout,
+    /// Dense values this shard holds (a compressed push decodes to this many).
+    dense_len: usize,
+    /// Once a worker's frame has begun, the longest a read may wait for more of it.
+    stall_ms: u64,
     engine: Mutex<Core>,
     writers: Vec<Mutex<Writer>>,
 }
@@ -218,6 +222,8 @@ pub fn run(env: &ClusterEnv, secret: &Secret, opts: &ServerOptions) -> Result<Se
     let shared = Arc::new(Shared {
         shard,
         layout: init.layout,
+        dense_len: engine.layout().dense_len,
+        stall_ms: opts.write_timeout_ms,
         engine: Mutex::new(Core {
             shard: engine,
             epochs: vec![0; workers as usize],
@@ -483,21 +489,21 @@ fn serve_connection(shared: &Shared, worker: u32, epoch: u64, mut s: TcpStream) 
     };
     let mut payload = Vec::new();
     let mut out = Vec::new();
+    net::set_stall_timeout(&s, shared.stall_ms)?;
     loop {
-        let mut h = [0u8; HEADER_BYTES];
-        match s.read_exact(&mut h) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(broke(e.to_string())),
+        if net::read_ps_frame(&mut s, &mut payload, shared.stall_ms)
+            .map_err(broke)?
+            .is_none()
+        {
+            return Ok(());
         }
-        let h = FrameHeader::decode(&h).map_err(|e| broke(e.to_string()))?;
-        if h.kind != MessageType::Ps {
-            return Err(broke(format!("expected a parameter-server frame, got {}", h.kind)));
-        }
-        payload.resize(h.payload_bytes as usize, 0);
-        s.read_exact(&mut payload).map_err(|e| broke(e.to_string()))?;
-        h.check_payload(&payload).map_err(|e| broke(e.to_string()))?;
         let msg = ps::msg::decode(&payload, Some(&shared.layout)).map_err(|e| JobError::Peer {
+            rank: worker,
+            why: format!("sent server {shard} {e}"),
+        })?;
+        // Decoded (a compressed dense gradient too) before the shard's lock,
+        // so that the workers' decodes run in parallel.
+        let request = msg.into_request(shared.dense_len).map_err(|e| JobError::Peer {
             rank: worker,
             why: format!("sent server {shard} {e}"),
         })?;
@@ -511,28 +517,11 @@ fn serve_connection(shared: &Shared, worker: u32, epoch: u64, mut s: TcpStream) 
                 return Ok(());
             }
             let engine = &mut core.shard;
-            match msg {
-                Message::Pull(p) => engine.on_pull(worker, p),
-                Message::Push(p) => engine.on_push(worker, p),
+            match request {
+                Request::Pull(p) => engine.on_pull(worker, p),
+                Request::Push(p) => engine.on_push(worker, p),
                 // Error-feedback residuals for a checkpoint (`ps_client::PsExchange::checkpoint_residuals`).
-                Message::WorkerState { clock, state } => engine.on_worker_state(worker, clock, state),
-                Message::PushCoded { mut push, dense_coded } => {
-                    // A compressed dense gradient (`compress.codec`): decoded before the optimizer sees it.
-                    push.dense = vec![0.0; engine.layout().dense_len];
-                    if let Err(e) = codec::decode(&dense_coded, &mut push.dense) {
-                        return Err(JobError::Peer {
-                            rank: worker,
-                            why: format!("sent server {shard} a compressed push it cannot decode: {e}"),
-                        });
-                    }
-                    engine.on_push(worker, push)
-                }
-                other => {
-                    return Err(JobError::Peer {
-                        rank: worker,
-                        why: format!("sent server {shard} a reply ({other:?})"),
-                    });
-                }
+                Request::WorkerState { clock, state } => engine.on_worker_state(worker, clock, state),
             }
         }
         .map_err(|e| JobError::Peer {

@@ -24,7 +24,7 @@ pub mod sketch;
 
 pub use error::PsError;
 pub use local::LocalLayout;
-pub use msg::{Message, Pull, Push};
+pub use msg::{Message, Pull, Push, Request};
 pub use placement::{Placement, PlacementSpec, balance_hot_keys, key, split_key};
 pub use replica::{Replica, Snapshot};
 pub use shard::{CUT_BARRIER, Consistency, Output, Shard, ShardStats, staleness_bucket, staleness_bucket_floor};

@@ -212,6 +212,48 @@ fn f32s(b: &[u8]) -> Vec<f32> {
         .collect()
 }
 
+/// A message a worker sends a shard, decoded to what the shard engine takes.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Request {
+    Pull(Pull),
+    Push(Push),
+    /// A worker's state for the next checkpoint, as of `clock` pushes.
+    WorkerState { clock: u64, state: Vec<f32> },
+}
+
+impl Message {
+    /// What a worker asks of a shard: a compressed push's dense part is
+    /// decoded into `dense_len` values (see [`Message::into_push`]); a reply
+    /// is refused. The runtime calls this before it takes the shard's lock.
+    pub fn into_request(self, dense_len: usize) -> Result<Request, PsError> {
+        match self {
+            Message::Pull(p) => Ok(Request::Pull(p)),
+            Message::WorkerState { clock, state } => Ok(Request::WorkerState { clock, state }),
+            other => match other.into_push(dense_len)? {
+                Some(p) => Ok(Request::Push(p)),
+                None => Err(PsError::Message("a reply sent to a server".into())),
+            },
+        }
+    }
+
+    /// The push this message carries, as a shard applies it: a compressed
+    /// dense part (`PushCoded`) is decoded into `dense_len` values. `None`
+    /// for a message that is not a push. The runtime calls this before it
+    /// takes the shard's lock, so decoding runs in parallel across workers.
+    pub fn into_push(self, dense_len: usize) -> Result<Option<Push>, PsError> {
+        match self {
+            Message::Push(p) => Ok(Some(p)),
+            Message::PushCoded { mut push, dense_coded } => {
+                push.dense = vec![0.0; dense_len];
+                codec::decode(&dense_coded, &mut push.dense)
+                    .map_err(|e| PsError::Message(format!("a compressed push that does not decode: {e}")))?;
+                Ok(Some(push))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
 /// Decodes one message. With `layout` (on a server), keys must name rows of
 /// its `Table` tensors and a push's values must match the keys' row lengths.
 pub fn decode(bytes: &[u8], layout: Option<&Layout>) -> Result<Message, PsError> {

@@ -442,6 +442,36 @@ impl Shard {
         Ok(out)
     }
 
+    /// Every worker state held for the next checkpoint: (worker, clock, state),
+    /// for a new backup's snapshot.
+    pub fn worker_states(&self) -> Vec<(u32, u64, Vec<f32>)> {
+        self.worker_states
+            .iter()
+            .enumerate()
+            .filter_map(|(w, s)| s.as_ref().map(|(c, v)| (w as u32, *c, v.clone())))
+            .collect()
+    }
+
+    /// A backup takes a worker's state from its primary's snapshot: as
+    /// [`Shard::on_worker_state`] checks it, except for the clock, which is
+    /// the step the state was handed over at, not this shard's clock now.
+    pub fn restore_worker_state(&mut self, worker: u32, clock: u64, state: Vec<f32>) -> Result<(), PsError> {
+        self.check_worker(worker)?;
+        if !state.is_empty() && state.len() != self.map.dense_len {
+            return Err(PsError::Protocol {
+                worker,
+                why: format!(
+                    "a snapshot state of {} values; shard {} holds {} dense values",
+                    state.len(),
+                    self.index,
+                    self.map.dense_len
+                ),
+            });
+        }
+        self.worker_states[worker as usize] = Some((clock, state));
+        Ok(())
+    }
+
     /// Every worker's state as of `clock` pushes, for a checkpoint: one value
     /// per worker first, 1 when its state is here and 0 when not (it sent
     /// none, an empty one, or one of another step), then the states that are
@@ -555,33 +585,36 @@ impl Shard {
             });
         }
         if let Some((offset, len)) = pull.snapshot {
-            let (image, offset) = match offset.checked_sub(WORKER_STATE_OFFSET) {
-                Some(at) => (self.worker_state_image(pull.clock), at),
+            // Each part copies only its own values: a snapshot read in parts
+            // costs the image once, not once per part.
+            let values = match offset.checked_sub(WORKER_STATE_OFFSET) {
+                Some(at) => part_of(&[&self.worker_state_image(pull.clock)], at, len),
                 None => match &self.cut {
                     // The cut of this step, when the workers made one (SSP and async).
-                    Some((c, image)) if *c == pull.clock => (image.clone(), offset),
-                    _ => (self.image(), offset),
+                    Some((c, image)) if *c == pull.clock => part_of(&[image], offset, len),
+                    _ => {
+                        let state = self.opt.state_tensors();
+                        let parts: Vec<&[f32]> = std::iter::once(&self.values[..])
+                            .chain(state.iter().map(|(_, t)| *t))
+                            .collect();
+                        part_of(&parts, offset, len)
+                    }
                 },
             };
-            let range = usize::try_from(offset)
-                .ok()
-                .zip(usize::try_from(len).ok())
-                .and_then(|(o, l)| Some(o..o.checked_add(l)?))
-                .filter(|r| r.end <= image.len())
-                .ok_or_else(|| PsError::Protocol {
-                    worker,
-                    why: format!(
-                        "snapshot part {offset}+{len} outside the {} values of shard {}",
-                        image.len(),
-                        self.index
-                    ),
-                })?;
+            let values = values.ok_or_else(|| PsError::Protocol {
+                worker,
+                why: format!(
+                    "snapshot part {offset}+{len} outside the {} values of shard {}",
+                    self.image_len(),
+                    self.index
+                ),
+            })?;
             return Ok(Output::Pulled {
                 worker,
                 req: pull.req,
                 clock: pull.clock,
                 dense: Vec::new(),
-                values: image[range].to_vec(),
+                values,
             });
         }
         let dense = if pull.dense {
@@ -716,6 +749,26 @@ impl Shard {
         self.stats.steps_applied += 1;
         Ok(())
     }
+}
+
+/// Values `offset .. offset + len` of the concatenation of `parts`, or
+/// `None` when the range is not inside it.
+fn part_of(parts: &[&[f32]], offset: u64, len: u64) -> Option<Vec<f32>> {
+    let start = usize::try_from(offset).ok()?;
+    let end = start.checked_add(usize::try_from(len).ok()?)?;
+    if end > parts.iter().map(|p| p.len()).sum::<usize>() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(end - start);
+    let mut at = 0;
+    for p in parts {
+        let (lo, hi) = (start.max(at), end.min(at + p.len()));
+        if lo < hi {
+            out.extend_from_slice(&p[lo - at..hi - at]);
+        }
+        at += p.len();
+    }
+    Some(out)
 }
 
 #[cfg(test)]
@@ -988,6 +1041,37 @@ mod tests {
         read.wait_all = true;
         read.snapshot = Some((0, 3));
         assert_eq!(snapshot_values(&s.on_pull(0, read).unwrap()), s.image()[..3]);
+    }
+
+    /// Issue 16: every snapshot part copied the whole image first, so a
+    /// snapshot read in k parts cost k images. Parts are now cut from the
+    /// values and optimizer state in place; every part of every size is
+    /// still the image's slice, and a part past the end is refused.
+    #[test]
+    fn snapshot_parts_are_slices_of_the_image() {
+        let (_, _, mut s) = setup(2, Consistency::Async);
+        s.on_push(0, push(0, 1.0)).unwrap();
+        s.on_push(1, push(0, 2.0)).unwrap();
+        let image = s.image();
+        assert!(image.len() > s.values().len(), "the image holds optimizer state too");
+        for len in 1..=image.len() {
+            for offset in 0..=image.len() - len {
+                let mut read = pull(1);
+                read.wait_all = true;
+                read.snapshot = Some((offset as u64, len as u64));
+                assert_eq!(
+                    snapshot_values(&s.on_pull(0, read).unwrap()),
+                    image[offset..offset + len],
+                    "part {offset}+{len}"
+                );
+            }
+        }
+        let mut read = pull(1);
+        read.wait_all = true;
+        read.snapshot = Some((image.len() as u64 - 1, 2));
+        assert!(s.on_pull(0, read).is_err(), "a part past the end");
+        assert_eq!(part_of(&[&[1.0, 2.0], &[], &[3.0]], 1, 2), Some(vec![2.0, 3.0]));
+        assert_eq!(part_of(&[&[1.0]], u64::MAX, 2), None);
     }
 
     #[test]
