@@ -1,3 +1,6 @@
+//! `PsError`: every way a placement, a push/pull message, a worker's request or
+//! the shard's optimizer can fail in the parameter-server engines.
+
 use thiserror::Error;
 
 /// What went wrong in the parameter-server engine or its messages. Every
