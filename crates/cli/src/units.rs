@@ -36,11 +36,16 @@ fn is_exponent(s: &str, i: usize) -> bool {
     matches!(b[i], b'e' | b'E')
         && i > 0
         && b[i - 1].is_ascii_digit()
-        && b.get(i + 1).is_some_and(|c| c.is_ascii_digit() || *c == b'-' || *c == b'+')
+        && b.get(i + 1)
+            .is_some_and(|c| c.is_ascii_digit() || *c == b'-' || *c == b'+')
 }
 
 fn multiplier(prefix: &str) -> Option<f64> {
-    PREFIXES.iter().chain([&GIBI]).find(|(p, _)| *p == prefix).map(|&(_, m)| m)
+    PREFIXES
+        .iter()
+        .chain([&GIBI])
+        .find(|(p, _)| *p == prefix)
+        .map(|&(_, m)| m)
 }
 
 fn number(num: &str, whole: &str, what: &str) -> Result<f64, String> {
@@ -72,8 +77,9 @@ pub fn bytes(s: &str) -> Result<u64, String> {
         ));
     }
     let prefix = suffix.strip_suffix('B').unwrap_or(suffix);
-    let mult = multiplier(prefix)
-        .ok_or_else(|| format!("unknown unit `{suffix}` in `{s}` (B, KB, MB, GB for 1000s; KiB, MiB, GiB for 1024s)"))?;
+    let mult = multiplier(prefix).ok_or_else(|| {
+        format!("unknown unit `{suffix}` in `{s}` (B, KB, MB, GB for 1000s; KiB, MiB, GiB for 1024s)")
+    })?;
     Ok((number(num, s, "a size")? * mult).round() as u64)
 }
 
@@ -136,7 +142,10 @@ mod tests {
     #[test]
     fn bad_and_ambiguous_units_say_why() {
         let e = bytes("32kb").unwrap_err();
-        assert!(e.contains("32KiB (32768 bytes") && e.contains("32KB (32000 bytes)"), "{e}");
+        assert!(
+            e.contains("32KiB (32768 bytes") && e.contains("32KB (32000 bytes)"),
+            "{e}"
+        );
         assert!(bytes("lots").unwrap_err().contains("`lots`"));
         assert!(bytes("-4KiB").is_err());
         assert!(count("12X").unwrap_err().contains("unknown suffix `X`"));

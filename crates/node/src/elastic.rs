@@ -122,7 +122,13 @@ pub(crate) fn spawn_acceptor(
                 };
                 match net::recv_control_exact::<PeerHello>(&mut a.stream, net::HANDSHAKE_TIMEOUT_MS) {
                     Ok(hello) => {
-                        if tx.send(Inbound::Peer { hello, stream: a.stream }).is_err() {
+                        if tx
+                            .send(Inbound::Peer {
+                                hello,
+                                stream: a.stream,
+                            })
+                            .is_err()
+                        {
                             return;
                         }
                     }

@@ -144,7 +144,12 @@ mod tests {
     fn an_ipv6_master_addr_is_bracketed() {
         let e = env(&[("MASTER_ADDR", "fd00::1"), ("MASTER_PORT", "29500")]).expect("valid");
         assert_eq!(e.coordinator.as_deref(), Some("[fd00::1]:29500"));
-        let addr: std::net::SocketAddr = e.coordinator.as_deref().expect("set").parse().expect("a socket address");
+        let addr: std::net::SocketAddr = e
+            .coordinator
+            .as_deref()
+            .expect("set")
+            .parse()
+            .expect("a socket address");
         assert_eq!(addr.port(), 29500);
         let e = env(&[("MASTER_ADDR", "[::1]"), ("MASTER_PORT", "7")]).expect("valid");
         assert_eq!(e.coordinator.as_deref(), Some("[::1]:7"));
@@ -155,11 +160,18 @@ mod tests {
     /// read, and an unknown one is refused naming the variable.
     #[test]
     fn every_dmlc_role_is_read_and_an_unknown_one_refused() {
-        for (v, role) in [("scheduler", Role::Scheduler), ("worker", Role::Worker), ("server", Role::Server)] {
+        for (v, role) in [
+            ("scheduler", Role::Scheduler),
+            ("worker", Role::Worker),
+            ("server", Role::Server),
+        ] {
             assert_eq!(env(&[("DMLC_ROLE", v)]).expect("valid").role, Some(role));
         }
         let e = env(&[("DMLC_ROLE", "sheduler")]).unwrap_err();
-        assert!(e.to_string().contains("$DMLC_ROLE") && e.to_string().contains("sheduler"), "{e}");
+        assert!(
+            e.to_string().contains("$DMLC_ROLE") && e.to_string().contains("sheduler"),
+            "{e}"
+        );
         let e = env(&[("MASTER_PORT", "70000")]).unwrap_err();
         assert!(e.to_string().contains("$MASTER_PORT"), "{e}");
     }

@@ -157,7 +157,10 @@ impl Pending {
         h.copy_from_slice(&self.frame[..HEADER_BYTES]);
         let header = FrameHeader::decode(&h).map_err(|e| Refusal::Auth(e.to_string()))?;
         if header.kind != MessageType::Auth {
-            return Err(Refusal::Auth(format!("sent a {} frame before authenticating", header.kind)));
+            return Err(Refusal::Auth(format!(
+                "sent a {} frame before authenticating",
+                header.kind
+            )));
         }
         Ok(HEADER_BYTES + header.payload_bytes as usize - self.frame.len())
     }
@@ -172,7 +175,10 @@ impl Pending {
             let want = self.wanted()?;
             if want == 0 {
                 let mut input = &self.frame[..];
-                let step = self.acceptor.on_bytes(&mut input).map_err(|e| Refusal::Auth(e.to_string()))?;
+                let step = self
+                    .acceptor
+                    .on_bytes(&mut input)
+                    .map_err(|e| Refusal::Auth(e.to_string()))?;
                 self.frame.clear();
                 match step {
                     None => return Err(Refusal::Auth("an incomplete handshake frame".into())),
@@ -403,7 +409,15 @@ impl Door {
 fn is_transient(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
-        Some(libc::ECONNABORTED | libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EPROTO | libc::EPERM)
+        Some(
+            libc::ECONNABORTED
+                | libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOBUFS
+                | libc::ENOMEM
+                | libc::EPROTO
+                | libc::EPERM
+        )
     ) || e.kind() == io::ErrorKind::Interrupted
 }
 
@@ -428,7 +442,10 @@ mod tests {
 
     fn join(addr: SocketAddr, secret: &Secret, rank: u32) -> Result<TcpStream, JobError> {
         let mut s = net::connect(&addr.to_string(), 2_000)?;
-        let own = PeerInfo { role: Role::Worker, rank };
+        let own = PeerInfo {
+            role: Role::Worker,
+            rank,
+        };
         net::connect_handshake(&mut s, secret, own)?;
         Ok(s)
     }
@@ -445,7 +462,8 @@ mod tests {
         let mut garbage = TcpStream::connect(addr).expect("connect");
         garbage.write_all(&[0xAB; 100]).expect("garbage");
         let mut data = TcpStream::connect(addr).expect("connect");
-        data.write_all(&wire::encode_control(0, &0u32).expect("frame")).expect("frame");
+        data.write_all(&wire::encode_control(0, &0u32).expect("frame"))
+            .expect("frame");
         let wrong = join(addr, &secret("another-secret-not-this-one"), 9);
         assert!(wrong.is_err(), "a wrong secret authenticated");
         let mut s = join(addr, &good, 3).expect("a peer with the secret gets in");

@@ -265,7 +265,12 @@ pub fn run(env: &ClusterEnv, secret: &Secret, opts: &ServerOptions) -> Result<Se
         events: tx.clone(),
         write_timeout_ms: opts.write_timeout_ms,
     });
-    let gate = Gate::open(listener, secret.clone(), crate::server::own(shard), &format!("server-{shard}-{role}"))?;
+    let gate = Gate::open(
+        listener,
+        secret.clone(),
+        crate::server::own(shard),
+        &format!("server-{shard}-{role}"),
+    )?;
     if primary {
         let mut streams = accept_workers(&gate, workers, generation, shard)?;
         let (init, engine) = take_init(&mut streams[0], shard, workers)?;
@@ -947,7 +952,11 @@ fn spawn_accept(gate: Gate, shard: u32, generation: u64, workers: u32, tx: Sende
         .spawn(move || {
             let mut taken = 0;
             while taken < ACCEPTS_MAX {
-                let Admitted { mut stream, peer, addr: from } = match gate.next(Duration::from_millis(IDLE_TICK_MS)) {
+                let Admitted {
+                    mut stream,
+                    peer,
+                    addr: from,
+                } = match gate.next(Duration::from_millis(IDLE_TICK_MS)) {
                     Ok(a) => a,
                     Err(RecvTimeoutError::Timeout) => continue,
                     Err(RecvTimeoutError::Disconnected) => return,

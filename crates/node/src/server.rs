@@ -236,13 +236,7 @@ pub fn run(env: &ClusterEnv, secret: &Secret, opts: &ServerOptions) -> Result<Se
         spawn_connection(&shared, w as u32, 0, s, &tx)?;
     }
     if init.elastic {
-        spawn_replacements(
-            gate,
-            shared.clone(),
-            ready,
-            opts.write_timeout_ms,
-            tx.clone(),
-        )?;
+        spawn_replacements(gate, shared.clone(), ready, opts.write_timeout_ms, tx.clone())?;
     }
     drop(tx);
     wait_for_end(&ended, &shutdown, shard, init.elastic)?;
@@ -381,7 +375,12 @@ fn take_replacement(
 /// says nothing sensible (no hello, another job's generation, a rank out of
 /// range or taken) is logged and dropped: only the deadline, which names
 /// the workers still missing, ends the wait.
-pub(crate) fn accept_workers(gate: &Gate, workers: u32, generation: u64, shard: u32) -> Result<Vec<TcpStream>, JobError> {
+pub(crate) fn accept_workers(
+    gate: &Gate,
+    workers: u32,
+    generation: u64,
+    shard: u32,
+) -> Result<Vec<TcpStream>, JobError> {
     let deadline = Instant::now() + Duration::from_millis(RENDEZVOUS_TIMEOUT_MS);
     let mut streams: Vec<Option<TcpStream>> = (0..workers).map(|_| None).collect();
     while streams.iter().any(Option::is_none) {

@@ -218,7 +218,10 @@ pub enum Request {
     Pull(Pull),
     Push(Push),
     /// A worker's state for the next checkpoint, as of `clock` pushes.
-    WorkerState { clock: u64, state: Vec<f32> },
+    WorkerState {
+        clock: u64,
+        state: Vec<f32>,
+    },
 }
 
 impl Message {

@@ -60,7 +60,10 @@ pub enum Command {
 pub enum Entry {
     Push(Push),
     /// A worker's state for the next checkpoint, as of `clock` pushes.
-    State { clock: u64, state: Vec<f32> },
+    State {
+        clock: u64,
+        state: Vec<f32>,
+    },
 }
 
 /// What a new backup starts from.
@@ -457,7 +460,9 @@ mod tests {
         let mut p = Replica::primary(shard(workers, c));
         let snap = p.attach_backup().unwrap();
         let b = Replica::backup(shard(workers, c), &snap).unwrap();
-        let Command::Applied { next } = b.loaded() else { panic!("loaded is Applied") };
+        let Command::Applied { next } = b.loaded() else {
+            panic!("loaded is Applied")
+        };
         assert!(p.on_applied(next).unwrap().is_empty());
         (p, b)
     }
@@ -492,7 +497,10 @@ mod tests {
         assert_eq!(p.shard().image(), b.shard().image());
         assert!(p.on_applied(3).is_err(), "an entry never forwarded");
         assert!(p.on_applied(1).is_err(), "the backup cannot go back");
-        assert!(b.on_forward(5, 0, Entry::Push(push(0, 2))).is_err(), "a gap in the entries");
+        assert!(
+            b.on_forward(5, 0, Entry::Push(push(0, 2))).is_err(),
+            "a gap in the entries"
+        );
     }
 
     #[test]
@@ -530,7 +538,11 @@ mod tests {
         let mut p = Replica::primary(shard(1, Consistency::Async));
         assert!(p.on_push(0, push(0, 0)).unwrap().is_empty(), "no backup: held");
         let snap = p.attach_backup().unwrap();
-        assert_eq!(p.held(), 1, "attaching releases nothing: the backup does not hold the snapshot yet");
+        assert_eq!(
+            p.held(),
+            1,
+            "attaching releases nothing: the backup does not hold the snapshot yet"
+        );
         assert_eq!(
             p.on_push(0, push(0, 1)).unwrap(),
             vec![Command::Forward { seq: 0, worker: 0 }]
@@ -548,7 +560,9 @@ mod tests {
         assert_eq!(p.held(), 2);
         let snap = p.attach_backup().unwrap();
         b = Replica::backup(shard(1, Consistency::Async), &snap).unwrap();
-        let Command::Applied { next } = b.loaded() else { panic!() };
+        let Command::Applied { next } = b.loaded() else {
+            panic!()
+        };
         assert_eq!(
             p.on_applied(next).unwrap(),
             vec![
@@ -571,7 +585,15 @@ mod tests {
             p.on_worker_state(0, 0, Vec::new()).unwrap(),
             vec![Command::Forward { seq: 0, worker: 0 }]
         );
-        b.on_forward(0, 0, Entry::State { clock: 0, state: Vec::new() }).unwrap();
+        b.on_forward(
+            0,
+            0,
+            Entry::State {
+                clock: 0,
+                state: Vec::new(),
+            },
+        )
+        .unwrap();
         assert_eq!(b.shard().worker_states(), vec![(0, 0, Vec::new())]);
         let snap = p.attach_backup().unwrap();
         assert_eq!(snap.states, vec![(0, 0, Vec::new())]);
@@ -596,7 +618,9 @@ mod tests {
         assert!(b.on_push(1, push(1, 2)).is_err(), "a gap is still a protocol error");
         let snap = b.attach_backup().unwrap();
         let c = Replica::backup(shard(2, Consistency::Async), &snap).unwrap();
-        let Command::Applied { next } = c.loaded() else { panic!() };
+        let Command::Applied { next } = c.loaded() else {
+            panic!()
+        };
         assert_eq!(
             b.on_applied(next).unwrap(),
             vec![
@@ -685,7 +709,9 @@ mod tests {
             let mut primary = Replica::primary(shard(workers, consistency));
             let snap = primary.attach_backup().unwrap();
             let backup = Replica::backup(shard(workers, consistency), &snap).unwrap();
-            let Command::Applied { next } = backup.loaded() else { panic!("loaded is Applied") };
+            let Command::Applied { next } = backup.loaded() else {
+                panic!("loaded is Applied")
+            };
             let backup = Some(backup);
             let mut to_primary_acks = VecDeque::new();
             to_primary_acks.push_back(next);
@@ -795,7 +821,9 @@ mod tests {
                     } else {
                         let snap = self.primary.attach_backup().unwrap();
                         let b = Replica::backup(shard(self.workers, self.consistency), &snap).unwrap();
-                        let Command::Applied { next } = b.loaded() else { panic!("loaded is Applied") };
+                        let Command::Applied { next } = b.loaded() else {
+                            panic!("loaded is Applied")
+                        };
                         self.to_primary_acks.push_back(next);
                         self.backup = Some(b);
                     }

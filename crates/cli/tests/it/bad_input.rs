@@ -159,11 +159,21 @@ fn a_model_that_cannot_read_the_data_is_a_usage_error() {
     let rows: String = (0..64).map(|i| format!("{},{}.5,{}\n", i % 2, i, 64 - i)).collect();
     write(&csv, format!("label,a,b\n{rows}").as_bytes());
     let svm = dir.path().join("sparse.svm");
-    let rows: String = (0..64).map(|i| format!("{} {}:1 {}:0.5\n", i % 2, 1 + i % 7, 9 + i % 5)).collect();
+    let rows: String = (0..64)
+        .map(|i| format!("{} {}:1 {}:0.5\n", i % 2, 1 + i % 7, 9 + i % 5))
+        .collect();
     write(&svm, rows.as_bytes());
     let cases = [
-        (&csv, "[model]\nkind = \"logreg\"\nhash_bits = 10\n[optim]\nkind = \"adagrad\"\nlr = 0.1\n", "logreg"),
-        (&svm, "[model]\nkind = \"mlp\"\nhidden = [8]\n[optim]\nkind = \"sgd\"\nlr = 0.1\n", "mlp"),
+        (
+            &csv,
+            "[model]\nkind = \"logreg\"\nhash_bits = 10\n[optim]\nkind = \"adagrad\"\nlr = 0.1\n",
+            "logreg",
+        ),
+        (
+            &svm,
+            "[model]\nkind = \"mlp\"\nhidden = [8]\n[optim]\nkind = \"sgd\"\nlr = 0.1\n",
+            "mlp",
+        ),
     ];
     for (data, model, kind) in cases {
         let cfg = dir.path().join(format!("{kind}.toml"));

@@ -282,7 +282,12 @@ fn a_resume_after_max_steps_finishes_the_epoch_exactly() {
         assert_eq!(event(stopped.json_lines().last().expect("lines")), Some("done"));
         assert!(newest(&b).ends_with("step-000000000200"), "{}", newest(&b).display());
         let resumed = train_small(dir.path(), workers, 1, &b, true);
-        assert_eq!(start_epoch(&resumed), 0, "the resume skipped the stopped epoch: {}", resumed.shown());
+        assert_eq!(
+            start_epoch(&resumed),
+            0,
+            "the resume skipped the stopped epoch: {}",
+            resumed.shown()
+        );
         let (na, nb) = (newest(&a), newest(&b));
         assert!(na.ends_with(EPOCH_1_CHECKPOINT), "{}", na.display());
         assert!(nb.ends_with(EPOCH_1_CHECKPOINT), "{workers} workers: {}", nb.display());

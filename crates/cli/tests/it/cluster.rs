@@ -351,7 +351,9 @@ fn one_worker_command_line_takes_each_dmlc_role() {
     let mut scheduler = Proc::spawn("DMLC_ROLE=scheduler", &mut dmlc("scheduler", "0"));
     let line = scheduler.wait_json("its address", LISTEN_TIMEOUT, |v| v.get("listening").is_some());
     assert_eq!(line["world"], 2, "{line}");
-    let addr = line["listening"].as_str().unwrap_or_else(|| panic!("listening is not a string: {line}"));
+    let addr = line["listening"]
+        .as_str()
+        .unwrap_or_else(|| panic!("listening is not a string: {line}"));
     let (_, port) = addr.rsplit_once(':').unwrap_or_else(|| panic!("not host:port: {addr}"));
     let workers: Vec<Proc> = (0..2)
         .map(|i| Proc::spawn(&format!("DMLC_ROLE=worker {i}"), &mut dmlc("worker", port)))
@@ -359,7 +361,11 @@ fn one_worker_command_line_takes_each_dmlc_role() {
     let done: Vec<Finished> = workers.into_iter().map(|w| w.wait(RUN_TIMEOUT)).collect();
     for w in &done {
         w.assert_success().assert_no_panic();
-        assert!(find_event(&w.json_lines(), "done").is_some(), "no done line: {}", w.shown());
+        assert!(
+            find_event(&w.json_lines(), "done").is_some(),
+            "no done line: {}",
+            w.shown()
+        );
     }
     scheduler.wait(RUN_TIMEOUT).assert_success().assert_no_panic();
 }
