@@ -946,12 +946,14 @@ impl Trainer {
             let loss = self
                 .model
                 .forward_backward(&self.params, batch, &mut self.grad, &mut |_, _| {});
-            timed(&mut self.exchange_spent, || remote.push(step, &self.grad))?;
-            self.count_traffic(remote.take_traffic());
-            std::mem::swap(batch, &mut next);
+            // Before the push: the shards refuse a non-finite gradient, and the
+            // cause to report is this worker's diverged loss.
             if !loss.is_finite() {
                 return Err(JobError::NotFinite { step, loss });
             }
+            timed(&mut self.exchange_spent, || remote.push(step, &self.grad))?;
+            self.count_traffic(remote.take_traffic());
+            std::mem::swap(batch, &mut next);
             self.pos.step += 1;
             let i = self.finish_step();
             loss_sum += loss as f64;

@@ -533,6 +533,14 @@ impl Shard {
                 ),
             });
         }
+        // A NaN or an infinity would spread through the optimizer into every
+        // later pull: the push is refused, naming the worker, before it is applied.
+        if let Some(i) = push.dense.iter().chain(&push.values).position(|g| !g.is_finite()) {
+            return Err(PsError::Protocol {
+                worker,
+                why: format!("pushed a non-finite gradient (value {i} of step {})", push.clock),
+            });
+        }
         self.stats.pushes += 1;
         self.stats.keys += push.keys.len() as u64;
         self.stats.bytes += (push.keys.len() * 8 + (push.dense.len() + push.values.len()) * 4) as u64;
@@ -1072,6 +1080,22 @@ mod tests {
         assert!(s.on_pull(0, read).is_err(), "a part past the end");
         assert_eq!(part_of(&[&[1.0, 2.0], &[], &[3.0]], 1, 2), Some(vec![2.0, 3.0]));
         assert_eq!(part_of(&[&[1.0]], u64::MAX, 2), None);
+    }
+
+    /// Issue 16: a peer with the secret pushing NaN or infinity is refused,
+    /// named, and nothing of its push is applied.
+    #[test]
+    fn a_non_finite_push_is_refused_naming_the_worker() {
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let (_, _, mut s) = setup(2, Consistency::Async);
+            let before = s.image();
+            let mut p = push(0, 1.0);
+            p.dense[1] = bad;
+            let e = s.on_push(1, p).unwrap_err().to_string();
+            assert!(e.contains("worker 1") && e.contains("non-finite"), "{e}");
+            assert_eq!(s.image(), before, "nothing applied");
+            assert_eq!(s.clock(1).unwrap(), 0, "the step was not counted");
+        }
     }
 
     #[test]
