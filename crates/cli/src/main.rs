@@ -468,7 +468,7 @@ fn train(a: TrainArgs) -> Result<()> {
     let cfg = JobConfig::load(&a.config, &overrides)?;
     tracing::info!(config = ?cfg, "effective config");
     let mut console = progress::Console::new(a.json, a.quiet);
-    let summary = node::job::run(cfg, a.resume.as_deref(), &mut console);
+    let summary = launch::run(cfg, a.resume.as_deref(), &mut console);
     console.finish();
     let summary = summary?;
     if !summary.servers.is_empty() && !a.json && !a.quiet {
@@ -616,7 +616,7 @@ fn worker(a: WorkerArgs) -> Result<()> {
 
 fn bench_allreduce(a: AllreduceArgs) -> Result<()> {
     let sizes = units::f32_sizes(&a.sizes).map_err(|e| anyhow::anyhow!("--sizes: {e}"))?;
-    let print = |r: &node::bench::AllreduceResult, json: bool| {
+    let print = |r: &bench::allreduce::AllreduceResult, json: bool| {
         if json {
             out!("{}", serde_json::to_string(r).unwrap_or_default());
         } else {
@@ -635,7 +635,8 @@ fn bench_allreduce(a: AllreduceArgs) -> Result<()> {
     if a.worker {
         let env = node::env::ClusterEnv::from_process()?;
         let secret = load_secret(None)?;
-        for r in node::bench::allreduce_worker(&env, &secret, &sizes, a.timeout_ms, !a.no_tensor_crc, a.transport)? {
+        for r in bench::allreduce::allreduce_worker(&env, &secret, &sizes, a.timeout_ms, !a.no_tensor_crc, a.transport)?
+        {
             print(&r, true);
         }
         return Ok(());
@@ -657,10 +658,10 @@ fn bench_allreduce(a: AllreduceArgs) -> Result<()> {
     }
     args.push("--transport".into());
     args.push(a.transport.to_string().into());
-    let mut cluster = node::launcher::LocalCluster::start(a.workers, 5_000, &args)?;
+    let mut cluster = launch::LocalCluster::start(a.workers, 5_000, &args)?;
     cluster.supervise(&mut |rank, v| {
         if rank == 0
-            && let Ok(r) = serde_json::from_value::<node::bench::AllreduceResult>(v)
+            && let Ok(r) = serde_json::from_value::<bench::allreduce::AllreduceResult>(v)
         {
             print(&r, a.json);
         }
@@ -768,11 +769,14 @@ fn bench_codec(a: CodecArgs) -> Result<()> {
         _ => anyhow::bail!("--size takes one size, e.g. 25MiB"),
     };
     let names: Vec<String> = if a.codecs.is_empty() {
-        node::bench_codec::DEFAULT_SPECS.iter().map(|s| s.to_string()).collect()
+        bench::compression::DEFAULT_SPECS
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
     } else {
         a.codecs.clone()
     };
-    let rows = node::bench_codec::run(&node::bench_codec::CodecBench {
+    let rows = bench::compression::run(&bench::compression::CodecBench {
         data: a.data,
         elems: bytes / 4,
         specs: names,
@@ -809,7 +813,7 @@ fn bench_ps(a: PsArgs) -> Result<()> {
     let consistency: node::config::ConsistencyMode =
         serde_json::from_value(serde_json::Value::String(a.consistency.clone()))
             .map_err(|_| anyhow::anyhow!("--consistency must be bsp, ssp or async, not `{}`", a.consistency))?;
-    let spec = node::bench_ps::PsBenchSpec {
+    let spec = bench::parameter_server::PsBenchSpec {
         servers: a.servers,
         workers: a.workers,
         keys_per_push: a.keys_per_push,
@@ -831,7 +835,7 @@ fn bench_ps(a: PsArgs) -> Result<()> {
         a.servers > 0 && a.workers > 0 && a.zipf > 0.0,
         "--servers, --workers and --zipf must be positive"
     );
-    let print = |r: &node::bench_ps::PsBenchResult| {
+    let print = |r: &bench::parameter_server::PsBenchResult| {
         if a.json {
             out!("{}", serde_json::to_string(r).unwrap_or_default());
         } else {
@@ -852,13 +856,13 @@ fn bench_ps(a: PsArgs) -> Result<()> {
         }
     };
     if a.inproc {
-        print(&node::bench_ps::inproc(&spec)?);
+        print(&bench::parameter_server::inproc(&spec)?);
         return Ok(());
     }
     let env = node::env::ClusterEnv::from_process()?;
     if a.worker {
         let secret = load_secret(None)?;
-        let r = node::bench_ps::worker(&spec, &env, &secret)?;
+        let r = bench::parameter_server::worker(&spec, &env, &secret)?;
         out!("{}", serde_json::to_string(&r).context("result to JSON")?);
         return Ok(());
     }
@@ -882,13 +886,12 @@ fn bench_ps(a: PsArgs) -> Result<()> {
     if a.counter {
         args.push("--counter".into());
     }
-    let mut cluster =
-        node::launcher::LocalCluster::start_replicated(a.workers, a.servers, a.replicas, 5_000, &args, None)?;
+    let mut cluster = launch::LocalCluster::start_replicated(a.workers, a.servers, a.replicas, 5_000, &args, None)?;
     let mut workers = Vec::new();
     let mut servers = Vec::new();
     cluster.supervise_all(
         &mut |_, v| {
-            if let Ok(r) = serde_json::from_value::<node::bench_ps::PsBenchResult>(v) {
+            if let Ok(r) = serde_json::from_value::<bench::parameter_server::PsBenchResult>(v) {
                 workers.push(r);
             }
         },
@@ -912,7 +915,7 @@ fn bench_ps(a: PsArgs) -> Result<()> {
         workers.len(),
         servers.len()
     );
-    print(&node::bench_ps::combine(&spec, &workers, &servers));
+    print(&bench::parameter_server::combine(&spec, &workers, &servers));
     Ok(())
 }
 

@@ -162,7 +162,7 @@ pub(crate) fn spawn_member_watch(
                         if failed_rank != Some(shared.rank.load(Ordering::SeqCst)) {
                             crate::worker::say(&format!("error: {who} stopping: {reason}\n"));
                         }
-                        std::process::exit(crate::worker::EXIT_ABORTED);
+                        std::process::exit(crate::error::exit::ABORTED);
                     }
                     Ok(Some(FromCoordinator::Shutdown)) => {
                         let _ = shutdown.send(());
@@ -201,7 +201,7 @@ pub(crate) fn spawn_member_watch(
                     Ok(Some(other)) => tracing::warn!(?other, "unexpected message from the coordinator"),
                     Ok(None) | Err(_) => {
                         crate::worker::say(&format!("error: {who} stopping: lost the coordinator\n"));
-                        std::process::exit(crate::worker::EXIT_ABORTED);
+                        std::process::exit(crate::error::exit::ABORTED);
                     }
                 }
             }

@@ -65,6 +65,10 @@ pub mod exit {
     pub const USAGE: u8 = 2;
     /// A peer failed or stalled (the message names the rank or shard).
     pub const PEER: u8 = 3;
+    /// A process that the coordinator told to stop, or that lost the
+    /// coordinator, exits with this (`std::process::exit` takes an `i32`):
+    /// the job's failure is a peer's, and the coordinator names it.
+    pub const ABORTED: i32 = PEER as i32;
     pub const INTERRUPTED: u8 = 130;
 }
 

@@ -1,6 +1,6 @@
-//! `sinter train`: loads the data and runs the job, in this process for one
-//! worker or as a local cluster of processes for more; and what a cluster
-//! worker reads: a survey of the files before it joins, then its partition.
+//! A job's data and a job of one worker: loads the data and runs it in this
+//! process; and what a cluster worker reads: a survey of the files before it
+//! joins, then its partition.
 
 use std::path::Path;
 use std::time::Instant;
@@ -10,11 +10,13 @@ use crate::error::JobError;
 use crate::report::{DataReport, Observer};
 use crate::train::{Alone, JobData, Summary, Trainer};
 
-/// Runs a whole job and returns its summary.
+/// Runs a job of one worker in this process and returns its summary (a
+/// cluster's workers run [`crate::worker::run`]; `launch` starts them).
 pub fn run(cfg: JobConfig, resume: Option<&Path>, obs: &mut dyn Observer) -> Result<Summary, JobError> {
-    if cfg.cluster.workers > 1 || cfg.cluster.servers > 0 {
-        return crate::launcher::run(&cfg, resume, obs);
-    }
+    debug_assert!(
+        cfg.cluster.workers <= 1 && cfg.cluster.servers == 0,
+        "a cluster job runs through `launch`"
+    );
     if cfg.compress.momentum > 0.0 {
         tracing::warn!(
             "compress.momentum applies between workers; one process trains without momentum (set optim.momentum instead)"

@@ -3,15 +3,13 @@
 //! drives the protocol engines (`collective`, `coordinator`) over TCP.
 //!
 //! Entry points, one per role of the `sinter` binary:
-//! - [`job::run`]: `sinter train`, in this process or as a local cluster;
+//! - [`job::run`]: `sinter train` in this process (the `launch` crate starts
+//!   a local cluster of the roles below);
 //! - [`coord::run`]: `sinter coordinator`;
 //! - [`worker::run`]: `sinter worker`;
 //! - [`server::run`]: `sinter server` (a parameter-server shard; replicated
 //!   shards run [`replica::run`]).
 
-pub mod bench;
-pub mod bench_codec;
-pub mod bench_ps;
 pub mod comm;
 pub mod compress;
 pub mod config;
@@ -23,7 +21,6 @@ pub mod error;
 pub mod exchange;
 pub mod gate;
 pub mod job;
-pub mod launcher;
 pub mod net;
 pub mod ps_client;
 pub mod replica;

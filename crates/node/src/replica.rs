@@ -53,7 +53,7 @@ use crate::error::JobError;
 use crate::gate::{Admitted, Gate};
 use crate::net::{self, ControlReader};
 use crate::server::{INIT_CHUNK_VALUES, PsInit, PsReady, ServerOptions, ServerReport, accept_workers, take_init};
-use crate::worker::{EXIT_ABORTED, RENDEZVOUS_TIMEOUT_MS, Welcomed, rendezvous, spawn_heartbeats};
+use crate::worker::{RENDEZVOUS_TIMEOUT_MS, Welcomed, rendezvous, spawn_heartbeats};
 
 /// How long a promoted backup waits for its dead primary's stream to end.
 pub const DRAIN_WAIT_MS: u64 = 1_000;
@@ -1008,7 +1008,7 @@ fn spawn_watch(mut reader: ControlReader, shard: u32, tx: Sender<Ev>) -> Result<
                 match reader.recv::<FromCoordinator>(None) {
                     Ok(Some(FromCoordinator::Abort { reason, .. })) => {
                         say(format!("error: server {shard} stopping: {reason}\n"));
-                        std::process::exit(EXIT_ABORTED);
+                        std::process::exit(crate::error::exit::ABORTED);
                     }
                     Ok(Some(FromCoordinator::Shutdown)) => {
                         let _ = tx.send(Ev::Shutdown);
@@ -1017,7 +1017,7 @@ fn spawn_watch(mut reader: ControlReader, shard: u32, tx: Sender<Ev>) -> Result<
                     Ok(Some(m)) => {
                         if let Err(why) = m.check() {
                             say(format!("error: server {shard} stopping: the coordinator sent {why}\n"));
-                            std::process::exit(EXIT_ABORTED);
+                            std::process::exit(crate::error::exit::ABORTED);
                         }
                         if tx.send(Ev::Coord(m)).is_err() {
                             return;
@@ -1025,7 +1025,7 @@ fn spawn_watch(mut reader: ControlReader, shard: u32, tx: Sender<Ev>) -> Result<
                     }
                     Ok(None) | Err(_) => {
                         say(format!("error: server {shard} stopping: lost the coordinator\n"));
-                        std::process::exit(EXIT_ABORTED);
+                        std::process::exit(crate::error::exit::ABORTED);
                     }
                 }
             }

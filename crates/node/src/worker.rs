@@ -32,8 +32,6 @@ pub const RENDEZVOUS_TIMEOUT_MS: u64 = 60_000;
 const HEARTBEATS_PER_TIMEOUT: u64 = 5;
 /// How long a finished worker waits for the others to finish.
 const SHUTDOWN_WAIT_MS: u64 = 60_000;
-/// Exit code of a worker told to stop because another one failed.
-pub const EXIT_ABORTED: i32 = 3;
 
 /// A worker's place in a running cluster: its rank, its peers and its line to the coordinator.
 pub struct Member {
@@ -729,7 +727,7 @@ pub(crate) fn spawn_abort_watch(
                         if failed_rank.is_none() || failed_rank != own_rank {
                             say(&format!("error: {who} stopping: {reason}\n"));
                         }
-                        std::process::exit(EXIT_ABORTED);
+                        std::process::exit(crate::error::exit::ABORTED);
                     }
                     Ok(Some(FromCoordinator::Shutdown)) => {
                         let _ = shutdown.send(());
@@ -743,7 +741,7 @@ pub(crate) fn spawn_abort_watch(
                     },
                     Ok(None) | Err(_) => {
                         say(&format!("error: {who} stopping: lost the coordinator\n"));
-                        std::process::exit(EXIT_ABORTED);
+                        std::process::exit(crate::error::exit::ABORTED);
                     }
                 }
             }
@@ -754,7 +752,7 @@ pub(crate) fn spawn_abort_watch(
 
 /// Writes a whole line to stderr in one call: the processes of a local cluster
 /// share one terminal, and a line written in pieces interleaves with theirs.
-pub(crate) fn say(line: &str) {
+pub fn say(line: &str) {
     use std::io::Write;
     let _ = std::io::stderr().write_all(line.as_bytes());
 }

@@ -6,8 +6,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 /// The crates that may use sockets, threads, processes and clocks: the runtime,
-/// the binary, and the file-format crates that read and write their own files.
-const IO_CRATES: &[&str] = &["node", "cli", "data", "checkpoint"];
+/// the crates that use it as a job does (`launch` starts and supervises
+/// processes, `bench` times the runtime), the binary, and the file-format
+/// crates that read and write their own files.
+const IO_CRATES: &[&str] = &["node", "launch", "bench", "cli", "data", "checkpoint"];
 
 /// What the crates outside `IO_CRATES` must not name in their non-test code.
 const IO_TOKENS: &[&str] = &[

@@ -21,9 +21,9 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use tensor::{Gradient, Layout, ParamKind, Rng, SparseRows};
 
-use crate::env::ClusterEnv;
-use crate::error::JobError;
-use crate::ps_client::{InitArgs, PsExchange};
+use node::env::ClusterEnv;
+use node::error::JobError;
+use node::ps_client::{InitArgs, PsExchange};
 
 /// Key sets drawn per worker before timing; cycled through.
 pub const POOL_PUSHES: usize = 256;
@@ -40,7 +40,7 @@ pub struct PsBenchSpec {
     pub key_bits: u32,
     pub steps: u64,
     pub hot_keys: usize,
-    pub consistency: crate::config::ConsistencyMode,
+    pub consistency: node::config::ConsistencyMode,
     pub staleness: u32,
     pub seed: u64,
     /// Server processes per shard (2: primary and backup).
@@ -88,7 +88,7 @@ pub struct PsBenchResult {
     pub extra_updates: Option<u64>,
     /// The failovers this worker went through.
     #[serde(default)]
-    pub failovers: Vec<crate::ps_client::FailoverRecord>,
+    pub failovers: Vec<node::ps_client::FailoverRecord>,
 }
 
 fn layout(spec: &PsBenchSpec) -> Layout {
@@ -235,7 +235,7 @@ pub fn inproc(spec: &PsBenchSpec) -> Result<PsBenchResult, JobError> {
     let zipf = Zipf::new(spec.zipf, spec.key_bits);
     let layout = layout(spec);
     let placement = ps::Placement::new(placement_spec(spec, &zipf), &layout)?;
-    let consistency = crate::config::ClusterConfig {
+    let consistency = node::config::ClusterConfig {
         consistency: spec.consistency,
         staleness: spec.staleness,
         ..Default::default()
@@ -298,15 +298,15 @@ pub fn inproc(spec: &PsBenchSpec) -> Result<PsBenchResult, JobError> {
 }
 
 /// One bench worker of a networked run (started by the launcher).
-pub fn worker(spec: &PsBenchSpec, env: &ClusterEnv, secret: &wire::Secret) -> Result<PsBenchResult, JobError> {
+pub fn worker(spec: &PsBenchSpec, env: &ClusterEnv, secret: &node::net::Secret) -> Result<PsBenchResult, JobError> {
     let zipf = Zipf::new(spec.zipf, spec.key_bits);
-    let cluster = crate::config::ClusterConfig {
+    let cluster = node::config::ClusterConfig {
         consistency: spec.consistency,
         staleness: spec.staleness,
         servers: spec.servers,
         ..Default::default()
     };
-    let mut member = crate::worker::join(env, secret, &cluster)?;
+    let mut member = node::worker::join(env, secret, &cluster)?;
     let layout = layout(spec);
     let params = vec![0.0f32; layout.len()];
     let opt = optim(spec);
@@ -331,7 +331,7 @@ pub fn worker(spec: &PsBenchSpec, env: &ClusterEnv, secret: &wire::Secret) -> Re
         init,
     )?;
     if let Some(notices) = member.ps_notices.take().filter(|_| spec.replicas > 1) {
-        let wait_ms = crate::ps_client::failover_wait_ms(cluster.heartbeat_timeout_ms);
+        let wait_ms = node::ps_client::failover_wait_ms(cluster.heartbeat_timeout_ms);
         ex.enable_failover(notices, secret.clone(), member.generation, wait_ms);
     }
     let pushes = pool(spec, &zipf, member.rank);
@@ -356,7 +356,7 @@ pub fn worker(spec: &PsBenchSpec, env: &ClusterEnv, secret: &wire::Secret) -> Re
         true => Some(count_check(spec, &zipf, &mut ex, &mut params)?),
         false => None,
     };
-    crate::worker::report_end(&member.coord, &member.shutdown, member.rank, Ok(spec.steps))?;
+    node::worker::report_end(&member.coord, &member.shutdown, member.rank, Ok(spec.steps))?;
     let mut r = base(spec, "network");
     if let Some((expected, total, lost, extra)) = counted {
         r.counter_expected = Some(expected);
@@ -413,11 +413,7 @@ fn count_check(
 }
 
 /// Combines the workers' and servers' lines of a networked run into one result.
-pub fn combine(
-    spec: &PsBenchSpec,
-    workers: &[PsBenchResult],
-    servers: &[crate::server::ServerReport],
-) -> PsBenchResult {
+pub fn combine(spec: &PsBenchSpec, workers: &[PsBenchResult], servers: &[node::server::ServerReport]) -> PsBenchResult {
     let mut r = base(spec, "network");
     r.replicas = spec.replicas.max(1);
     for w in workers {
@@ -439,7 +435,7 @@ pub fn combine(
     r.push_p50_us = mean(|w| w.push_p50_us);
     r.push_p99_us = workers.iter().map(|w| w.push_p99_us).fold(0.0, f64::max);
     // Replicated shards: the load is the primaries'.
-    let mut servers: Vec<&crate::server::ServerReport> = servers.iter().filter(|s| !s.backup).collect();
+    let mut servers: Vec<&node::server::ServerReport> = servers.iter().filter(|s| !s.backup).collect();
     servers.sort_by_key(|s| s.shard);
     r.set_load(&servers.iter().map(|s| &s.stats).collect::<Vec<_>>());
     r

@@ -23,11 +23,11 @@ use collective::CollectiveConfig;
 use data::Batch;
 use tensor::{Gradient, Layout, Rng};
 
-use crate::comm::Comm;
-use crate::compress::{CompressExchange, CompressSection};
-use crate::config::JobConfig;
-use crate::error::JobError;
-use crate::train::Exchange;
+use node::comm::Comm;
+use node::compress::{CompressExchange, CompressSection};
+use node::config::JobConfig;
+use node::error::JobError;
+use node::train::Exchange;
 
 /// Codecs measured when none are named.
 pub const DEFAULT_SPECS: &[&str] = &[
@@ -83,7 +83,7 @@ pub fn gradients(data_dir: &Path, elems: usize, seed: u64) -> Result<(Vec<f32>, 
          [optim]\nkind = \"sgd\"\nlr = 0.05\nmomentum = 0.9\n"
     );
     let cfg = JobConfig::parse(&text, Path::new("<sinter bench codec>"), &[])?;
-    let data = crate::job::load_data(&cfg)?;
+    let data = node::job::load_data(&cfg)?;
     let train = &data.train;
     let dim = usize::try_from(train.dim()).map_err(|_| JobError::Config {
         path: data_dir.to_path_buf(),

@@ -18,10 +18,10 @@ use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::config::JobConfig;
-use crate::error::JobError;
-use crate::report::{Observer, Report};
-use crate::train::Summary;
+use node::config::JobConfig;
+use node::error::JobError;
+use node::report::{Observer, Report};
+use node::train::Summary;
 
 /// How often the supervisor looks at the interrupt flag.
 const SUPERVISE_TICK_MS: u64 = 50;
@@ -280,7 +280,7 @@ impl LocalCluster {
     ) -> Result<Self, JobError> {
         let replicas = replicas.max(1);
         let exe = std::env::current_exe().map_err(|e| JobError::io("locating the sinter binary", e))?;
-        let secret_hex: String = crate::net::nonce()?.iter().map(|b| format!("{b:02x}")).collect();
+        let secret_hex: String = node::net::nonce()?.iter().map(|b| format!("{b:02x}")).collect();
         // SAFETY: installing a handler that only stores to an atomic.
         unsafe {
             libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
@@ -398,7 +398,7 @@ impl LocalCluster {
                 r.left
             ));
         }
-        crate::worker::say(&format!("{line}\n"));
+        node::worker::say(&format!("{line}\n"));
         Ok(())
     }
 
@@ -415,7 +415,7 @@ impl LocalCluster {
         let new_id = self.children.procs.len() as u32;
         let left = r.left;
         self.children.spawn(Who::Server(new_id), s, &self._tx)?;
-        crate::worker::say(&format!(
+        node::worker::say(&format!(
             "server process {id} {}; started server process {new_id} to become a backup ({left} restarts left)\n",
             describe(status)
         ));
@@ -485,12 +485,12 @@ impl LocalCluster {
                 {
                     self.server_lost(id, status)?;
                 }
-                // A worker that exits with EXIT_ABORTED was told to stop, or lost the
+                // A worker that exits with exit::ABORTED was told to stop, or lost the
                 // coordinator: not a lost worker; the coordinator's verdict decides.
                 Msg::Exited(Who::Worker(id), status)
                     if !status.success()
                         && self.replace.is_some()
-                        && status.code() != Some(crate::worker::EXIT_ABORTED) =>
+                        && status.code() != Some(node::error::exit::ABORTED) =>
                 {
                     lost += 1;
                     self.worker_lost(id, status)?;
@@ -535,7 +535,7 @@ impl LocalCluster {
         if status.signal().is_some() {
             return own();
         }
-        if status.code() == Some(i32::from(crate::error::exit::USAGE)) {
+        if status.code() == Some(i32::from(node::error::exit::USAGE)) {
             return JobError::Refused { who: who.to_string() };
         }
         let deadline = Instant::now() + Duration::from_millis(VERDICT_WAIT_MS);
@@ -570,8 +570,17 @@ fn coordinator_failure(line: &str) -> Option<JobError> {
     })
 }
 
+/// Runs a whole job: in this process for one worker and no servers
+/// ([`node::job::run`]), else as a local cluster; returns rank 0's summary.
+pub fn run(cfg: JobConfig, resume: Option<&Path>, obs: &mut dyn Observer) -> Result<Summary, JobError> {
+    if cfg.cluster.workers <= 1 && cfg.cluster.servers == 0 {
+        return node::job::run(cfg, resume, obs);
+    }
+    run_cluster(&cfg, resume, obs)
+}
+
 /// Runs a whole local cluster for `cfg` and returns rank 0's summary.
-pub fn run(cfg: &JobConfig, resume: Option<&Path>, obs: &mut dyn Observer) -> Result<Summary, JobError> {
+fn run_cluster(cfg: &JobConfig, resume: Option<&Path>, obs: &mut dyn Observer) -> Result<Summary, JobError> {
     let run_dir = std::env::temp_dir().join(format!("sinter-launch-{}", std::process::id()));
     std::fs::create_dir_all(&run_dir).map_err(|e| JobError::io(format!("creating {}", run_dir.display()), e))?;
     let _cleanup = RemoveOnDrop(run_dir.clone());
@@ -589,8 +598,8 @@ pub fn run(cfg: &JobConfig, resume: Option<&Path>, obs: &mut dyn Observer) -> Re
                 restarts_left -= 1;
                 let dir = cfg.checkpoint.dir.clone().expect("checked above");
                 // The newest good checkpoint, if one was written; else the start.
-                let saved = crate::coord::saved_generation(&dir);
-                crate::worker::say(&format!(
+                let saved = node::coord::saved_generation(&dir);
+                node::worker::say(&format!(
                     "the coordinator was lost ({why}); restarting the job from {} ({restarts_left} restarts left)\n",
                     match saved {
                         Some((_, step)) => format!("the checkpoint of step {step} in {}", dir.display()),
@@ -638,7 +647,7 @@ fn run_once(
             return;
         }
         // Replicated shards: the primaries' reports.
-        if let Ok(r) = serde_json::from_value::<crate::server::ServerReport>(v)
+        if let Ok(r) = serde_json::from_value::<node::server::ServerReport>(v)
             && !r.backup
         {
             servers.push(r);

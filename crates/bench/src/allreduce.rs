@@ -6,11 +6,11 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::config::{ClusterConfig, Transport};
-use crate::env::ClusterEnv;
-use crate::error::JobError;
-use crate::net::Secret;
-use crate::worker;
+use node::config::{ClusterConfig, Transport};
+use node::env::ClusterEnv;
+use node::error::JobError;
+use node::net::Secret;
+use node::worker;
 
 /// Bytes moved per size before timing stops (at least `ITERS_MIN` iterations).
 const TIMED_BYTES_TARGET: usize = 2 << 30;
@@ -144,7 +144,7 @@ pub fn allreduce_worker(
 }
 
 /// Per iteration, the largest of every rank's time (gathered with one all-reduce).
-fn slowest_rank_times(comm: &mut crate::comm::Comm, rank: u32, world: u32, mine: &[f64]) -> Result<Vec<f64>, JobError> {
+fn slowest_rank_times(comm: &mut node::comm::Comm, rank: u32, world: u32, mine: &[f64]) -> Result<Vec<f64>, JobError> {
     let n = mine.len();
     let mut all = vec![0f32; n * world as usize];
     for (i, t) in mine.iter().enumerate() {
