@@ -3,7 +3,7 @@
 //! listener) from its first moment, through rendezvous and training, change
 //! nothing in what the job computes. Issue 16.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
@@ -56,8 +56,8 @@ fn listening_ports(pid: u32) -> Vec<u16> {
 #[derive(Debug, Default)]
 struct Flooded {
     connected: AtomicU64,
-    /// Processes (by pid) at least one of whose ports was reached.
-    processes: std::sync::Mutex<BTreeSet<u32>>,
+    /// Connections made to each process (by pid).
+    processes: std::sync::Mutex<BTreeMap<u32, u64>>,
 }
 
 /// Floods every port the process tree of `root` listens on until `stop`:
@@ -88,7 +88,7 @@ fn flood(root: u32, stop: Arc<AtomicBool>, seen: Arc<Flooded>) -> thread::JoinHa
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
             if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(100)) {
                 seen.connected.fetch_add(1, Ordering::Relaxed);
-                seen.processes.lock().expect("lock").insert(pid);
+                *seen.processes.lock().expect("lock").entry(pid).or_default() += 1;
                 match k % 4 {
                     0 => {}
                     1 => {
@@ -142,13 +142,17 @@ fn run_job(dir: &Path, config: &Path, extra: &[&str], flooded: bool) -> (Value, 
     (last, seen)
 }
 
+/// Each listening process got at least this many strangers' connections
+/// (the flooder aims at 1,000 a second; on a loaded 2-core machine it makes
+/// far fewer, but never so few).
+const PER_PROCESS_MIN: u64 = 20;
+
 fn assert_flood_reached(seen: &Flooded, processes_min: usize) {
-    let connected = seen.connected.load(Ordering::Relaxed);
-    let processes = seen.processes.lock().expect("lock").len();
-    assert!(connected >= 500, "the flood made only {connected} connections");
+    let per_process = seen.processes.lock().expect("lock").clone();
     assert!(
-        processes >= processes_min,
-        "the flood reached {processes} processes, not every listening one ({processes_min})"
+        per_process.len() >= processes_min && per_process.values().all(|&n| n >= PER_PROCESS_MIN),
+        "the flood reached {per_process:?} (pid: connections), not {processes_min} processes with {PER_PROCESS_MIN} each ({} in all)",
+        seen.connected.load(Ordering::Relaxed)
     );
 }
 
