@@ -425,21 +425,27 @@ impl Shard {
                 why: format!("sent its state as of step {clock} after {pushed} pushes"),
             });
         }
+        self.check_state_len(worker, &state)?;
+        self.worker_states[worker as usize] = Some((clock, state));
+        let mut out = Vec::new();
+        self.release(&mut out)?;
+        Ok(out)
+    }
+
+    /// A worker's state is empty (it keeps none) or one value per dense value here.
+    fn check_state_len(&self, worker: u32, state: &[f32]) -> Result<(), PsError> {
         if !state.is_empty() && state.len() != self.map.dense_len {
             return Err(PsError::Protocol {
                 worker,
                 why: format!(
-                    "sent a state of {} values; shard {} holds {} dense values",
+                    "a state of {} values; shard {} holds {} dense values",
                     state.len(),
                     self.index,
                     self.map.dense_len
                 ),
             });
         }
-        self.worker_states[worker as usize] = Some((clock, state));
-        let mut out = Vec::new();
-        self.release(&mut out)?;
-        Ok(out)
+        Ok(())
     }
 
     /// Every worker state held for the next checkpoint: (worker, clock, state),
@@ -457,17 +463,7 @@ impl Shard {
     /// the step the state was handed over at, not this shard's clock now.
     pub fn restore_worker_state(&mut self, worker: u32, clock: u64, state: Vec<f32>) -> Result<(), PsError> {
         self.check_worker(worker)?;
-        if !state.is_empty() && state.len() != self.map.dense_len {
-            return Err(PsError::Protocol {
-                worker,
-                why: format!(
-                    "a snapshot state of {} values; shard {} holds {} dense values",
-                    state.len(),
-                    self.index,
-                    self.map.dense_len
-                ),
-            });
-        }
+        self.check_state_len(worker, &state)?;
         self.worker_states[worker as usize] = Some((clock, state));
         Ok(())
     }
