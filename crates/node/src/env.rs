@@ -1,4 +1,6 @@
-//! How processes started by a cluster's scheduler find each other: torchrun's
+//! How processes started by a cluster's scheduler find each other: Sinter's
+//! own `SINTER_COORDINATOR` (host:port, first: under torchrun the master port
+//! is torchrun's store), torchrun's
 //! `MASTER_ADDR`, `MASTER_PORT`, `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, or
 //! ps-lite/BytePS's `DMLC_ROLE`, `DMLC_PS_ROOT_URI`, `DMLC_PS_ROOT_PORT`,
 //! `DMLC_NUM_WORKER`, `DMLC_NUM_SERVER`, `DMLC_WORKER_ID`.
@@ -12,6 +14,8 @@ pub struct ClusterEnv {
     pub coordinator: Option<String>,
     /// The coordinator's port alone, for a coordinator that listens on it.
     pub coordinator_port: Option<u16>,
+    /// The variable the coordinator's address came from, for errors.
+    pub coordinator_from: &'static str,
     pub rank: Option<u32>,
     pub world: Option<u32>,
     pub local_rank: Option<u32>,
@@ -71,12 +75,33 @@ impl ClusterEnv {
                 .transpose()
         };
         let host = get("MASTER_ADDR").or_else(|| get("DMLC_PS_ROOT_URI"));
-        let coordinator_port = port("MASTER_PORT")?.or(port("DMLC_PS_ROOT_PORT")?);
-        let coordinator = match (host, coordinator_port) {
+        let mut coordinator_port = port("MASTER_PORT")?.or(port("DMLC_PS_ROOT_PORT")?);
+        let mut coordinator = match (host, coordinator_port) {
             (Some(h), Some(p)) => Some(host_port(&h, p)),
             (None, Some(p)) => Some(host_port("127.0.0.1", p)),
             _ => None,
         };
+        let mut coordinator_from = if get("MASTER_PORT").is_some() {
+            "$MASTER_PORT"
+        } else {
+            "$DMLC_PS_ROOT_PORT"
+        };
+        // Sinter's own variable wins: under torchrun, MASTER_ADDR:MASTER_PORT is torchrun's store.
+        if let Some(v) = get("SINTER_COORDINATOR") {
+            let bad = |why: &str| JobError::Config {
+                path: "$SINTER_COORDINATOR".into(),
+                why: format!("`{v}` {why}"),
+            };
+            let (h, p) = v.trim().rsplit_once(':').ok_or_else(|| bad("is not host:port"))?;
+            let p: u16 = p.parse().map_err(|_| bad("does not end in a port (0..=65535)"))?;
+            let h = h.trim_start_matches('[').trim_end_matches(']');
+            if h.is_empty() {
+                return Err(bad("has no host"));
+            }
+            coordinator = Some(host_port(h, p));
+            coordinator_port = Some(p);
+            coordinator_from = "$SINTER_COORDINATOR";
+        }
         let role = match get("DMLC_ROLE").as_deref().map(str::trim) {
             None => None,
             Some("scheduler") => Some(Role::Scheduler),
@@ -92,6 +117,7 @@ impl ClusterEnv {
         Ok(Self {
             coordinator,
             coordinator_port,
+            coordinator_from,
             rank: num("RANK")?.or(num("DMLC_WORKER_ID")?),
             world: num("WORLD_SIZE")?.or(num("DMLC_NUM_WORKER")?),
             local_rank: num("LOCAL_RANK")?,
@@ -154,6 +180,29 @@ mod tests {
         let e = env(&[("MASTER_ADDR", "[::1]"), ("MASTER_PORT", "7")]).expect("valid");
         assert_eq!(e.coordinator.as_deref(), Some("[::1]:7"));
         assert_eq!(e.coordinator_port, Some(7));
+    }
+
+    /// Under torchrun, MASTER_ADDR:MASTER_PORT is torchrun's own store:
+    /// SINTER_COORDINATOR names Sinter's coordinator instead.
+    #[test]
+    fn sinter_coordinator_overrides_master_addr() {
+        let e = env(&[
+            ("MASTER_ADDR", "10.0.0.1"),
+            ("MASTER_PORT", "29500"),
+            ("SINTER_COORDINATOR", "10.0.0.1:29600"),
+        ])
+        .expect("valid");
+        assert_eq!(e.coordinator.as_deref(), Some("10.0.0.1:29600"));
+        assert_eq!(
+            (e.coordinator_port, e.coordinator_from),
+            (Some(29600), "$SINTER_COORDINATOR")
+        );
+        let e = env(&[("SINTER_COORDINATOR", "[fd00::2]:7")]).expect("valid");
+        assert_eq!(e.coordinator.as_deref(), Some("[fd00::2]:7"));
+        for bad in ["nohost", "h:notaport", ":29500"] {
+            let e = env(&[("SINTER_COORDINATOR", bad)]).unwrap_err();
+            assert!(e.to_string().contains("$SINTER_COORDINATOR"), "{bad}: {e}");
+        }
     }
 
     /// Issue 16: `DMLC_ROLE=scheduler` started a worker; every role is now

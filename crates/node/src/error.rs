@@ -23,6 +23,9 @@ pub enum JobError {
     Io { what: String, err: std::io::Error },
     #[error("rank {rank}: {why}")]
     Peer { rank: u32, why: String },
+    /// What listens at an address this process was told to reach is not Sinter.
+    #[error("{addr} is not a Sinter process: {why}")]
+    NotSinter { addr: String, why: String },
     #[error("{op} at step {step} timed out after {waited_ms} ms waiting for rank {rank}")]
     Stalled {
         op: String,
@@ -77,7 +80,7 @@ impl JobError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Config { .. } | Self::Model(_) | Self::Refused { .. } => exit::USAGE,
-            Self::Peer { .. } | Self::Stalled { .. } | Self::Server { .. } => exit::PEER,
+            Self::Peer { .. } | Self::Stalled { .. } | Self::Server { .. } | Self::NotSinter { .. } => exit::PEER,
             Self::Interrupted => exit::INTERRUPTED,
             _ => exit::FAILURE,
         }

@@ -103,10 +103,32 @@ pub fn accept_handshake(s: &mut TcpStream, secret: &Secret, own: PeerInfo) -> Re
     })
 }
 
-/// Runs the connector side of the handshake on a fresh connection.
+/// Runs the connector side of the handshake on a fresh connection. A peer
+/// that says nothing, or whose first bytes are not a Sinter frame, is not a
+/// Sinter process ([`JobError::NotSinter`]): a Sinter acceptor speaks first.
 pub fn connect_handshake(s: &mut TcpStream, secret: &Secret, own: PeerInfo) -> Result<PeerInfo, JobError> {
     let mut conn = Connector::new(secret, own, nonce()?);
-    with_deadline(s, HANDSHAKE_TIMEOUT_MS, |s| drive(s, |input| conn.on_bytes(input)))
+    let addr = s.peer_addr().map_or_else(|_| "the peer".to_string(), |a| a.to_string());
+    let mut frames = 0u32;
+    with_deadline(s, HANDSHAKE_TIMEOUT_MS, |s| {
+        drive(s, |input| {
+            frames += 1;
+            conn.on_bytes(input)
+        })
+    })
+    .map_err(|e| match (frames, &e) {
+        (0, JobError::Io { err, .. }) if matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            JobError::NotSinter {
+                addr,
+                why: format!("it accepted the connection but sent nothing in {HANDSHAKE_TIMEOUT_MS} ms"),
+            }
+        }
+        (0, JobError::Wire(wire::WireError::BadMagic { got })) => JobError::NotSinter {
+            addr,
+            why: format!("its first bytes {got:02x?} are not a Sinter frame"),
+        },
+        _ => e,
+    })
 }
 
 /// Feeds received frames to a handshake until it authenticates the peer.

@@ -186,7 +186,16 @@ pub(crate) fn rendezvous(env: &ClusterEnv, secret: &Secret, role: Role) -> Resul
         role,
         rank: asked.unwrap_or(u32::MAX),
     };
-    net::connect_handshake(&mut coord, secret, own)?;
+    net::connect_handshake(&mut coord, secret, own).map_err(|e| match e {
+        // Under torchrun, MASTER_ADDR:MASTER_PORT is torchrun's own store.
+        JobError::NotSinter { addr, why } => JobError::Config {
+            path: env.coordinator_from.into(),
+            why: format!(
+                "{addr} is not a Sinter coordinator ({why}); under torchrun, MASTER_PORT is torchrun's own store: start `sinter coordinator` on another port and name it with SINTER_COORDINATOR=host:port"
+            ),
+        },
+        e => e,
+    })?;
     // Peers reach us on the interface that reaches the coordinator.
     let local_ip = coord.local_addr().map_err(|e| JobError::io("local address", e))?.ip();
     let listener = net::listen(&format!("{local_ip}:0"))?;

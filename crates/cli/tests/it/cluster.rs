@@ -369,3 +369,72 @@ fn one_worker_command_line_takes_each_dmlc_role() {
     }
     scheduler.wait(RUN_TIMEOUT).assert_success().assert_no_panic();
 }
+
+/// Under torchrun, `MASTER_ADDR:MASTER_PORT` is torchrun's own store, which
+/// says nothing to a Sinter worker (the worker used to fail with "Resource
+/// temporarily unavailable"). A peer that is not Sinter, silent or speaking
+/// something else, is named as the clash with a usage error; and
+/// `SINTER_COORDINATOR` names Sinter's coordinator beside torchrun's variables.
+#[test]
+fn under_torchrun_a_port_clash_is_named_and_sinter_coordinator_wins() {
+    let dir = temp_dir();
+    // Two strangers on the master port: one silent (as torchrun's store is), one that speaks first.
+    for speaks in [false, true] {
+        let store = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = store.local_addr().expect("addr").port().to_string();
+        let stranger = std::thread::spawn(move || {
+            let (mut s, _) = store.accept().expect("accept");
+            if speaks {
+                let _ = std::io::Write::write_all(&mut s, b"HTTP/1.1 400 Bad Request\r\n\r\n");
+            }
+            // Held open until the worker gives up on it.
+            let _ = std::io::Read::read(&mut s, &mut [0u8; 1024]);
+        });
+        let out = run(
+            "sinter worker against a stranger",
+            sinter(dir.path())
+                .args(["worker", "--config"])
+                .arg(example("fashion-mlp.toml"))
+                .envs([
+                    ("MASTER_ADDR", "127.0.0.1"),
+                    ("MASTER_PORT", port.as_str()),
+                    ("RANK", "0"),
+                    ("WORLD_SIZE", "2"),
+                    ("SINTER_SECRET", SECRET),
+                ]),
+            RUN_TIMEOUT,
+        );
+        out.assert_no_panic();
+        assert_eq!(out.code(), Some(2), "{}", out.shown());
+        for named in [
+            "is not a Sinter coordinator",
+            "$MASTER_PORT",
+            "SINTER_COORDINATOR",
+            port.as_str(),
+        ] {
+            assert!(
+                out.stderr.contains(named),
+                "stderr does not name `{named}`: {}",
+                out.shown()
+            );
+        }
+        stranger.join().expect("the stranger thread");
+    }
+    // With a stranger on MASTER_PORT, SINTER_COORDINATOR reaches the real coordinator.
+    let store = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let store_port = store.local_addr().expect("addr").port().to_string();
+    let results = run_bench_cluster(&[], Some(2), |i, host, port| {
+        [
+            ("MASTER_ADDR", host.to_string()),
+            ("MASTER_PORT", store_port.clone()),
+            ("SINTER_COORDINATOR", format!("{host}:{port}")),
+            ("RANK", i.to_string()),
+            ("WORLD_SIZE", "2".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    });
+    assert_bench_results(&results[0], &[4096, 1 << 20], 2);
+    drop(store);
+}
