@@ -1,7 +1,7 @@
 //! `sinter sim --fuzz` without the binary: the same sweep (`sim::cmd::fuzz_seeds`)
 //! over seeds `FROM..TO`, after the shapes of their cases.
 //!
-//! `cargo run -p sim --release --example fuzz -- FROM TO [ssp-off-by-one]`
+//! `cargo run -p sim --release --example fuzz -- FROM TO [ssp-off-by-one|ack-without-backup]`
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -10,7 +10,7 @@ use sim::{Bug, fuzz};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let usage = "usage: fuzz FROM TO [ssp-off-by-one]";
+    let usage = "usage: fuzz FROM TO [ssp-off-by-one|ack-without-backup]";
     let (Some(from), Some(to)) = (args.first(), args.get(1)) else {
         eprintln!("{usage}");
         std::process::exit(2);
