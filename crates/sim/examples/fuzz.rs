@@ -47,6 +47,7 @@ fn shapes(from: u64, to: u64, out: &mut dyn Write) -> std::io::Result<()> {
     let mut steps = BTreeMap::new();
     let mut consistency = BTreeMap::new();
     let mut long_ps_16 = 0u64;
+    let mut replicated = 0u64;
     for seed in from..to {
         let c = fuzz::case(seed, None);
         let w = match c.workers {
@@ -70,11 +71,13 @@ fn shapes(from: u64, to: u64, out: &mut dyn Write) -> std::io::Result<()> {
         };
         *consistency.entry(k).or_insert(0u64) += 1;
         long_ps_16 += u64::from(c.steps > 150 && c.workers > 12 && c.servers > 0);
+        replicated += u64::from(c.replicas > 1);
     }
     writeln!(out, "cases by workers: {workers:?}")?;
     writeln!(out, "cases by shards (0: all-reduce): {servers:?}")?;
     writeln!(out, "cases by steps: {steps:?}")?;
     writeln!(out, "cases by consistency: {consistency:?}")?;
+    writeln!(out, "parameter-server cases with replicated shards: {replicated}")?;
     writeln!(
         out,
         "cases with more than 150 steps, more than 12 workers and parameter servers: {long_ps_16}"

@@ -15,6 +15,15 @@
 //! - a parameter-server shard heartbeats to the coordinator from its welcome
 //!   until the job ends (`node::server`): the coordinator fails a job whose
 //!   member, worker or shard, is silent for a heartbeat timeout;
+//! - with `replicas == 2`, a shard is a primary and a backup node, each a
+//!   real [`ps::Replica`] (`node::replica`): the snapshot, the forwarded
+//!   entries and the backup's `Applied` travel as messages; workers keep
+//!   their pushes until acknowledged and resend them to a promoted backup.
+//!   The simulator plays the coordinator's part for replicated shards
+//!   (`coordinator::servers`) in the simplest form, with no messages: one
+//!   latency after a crash it promotes a ready backup or tells the primary
+//!   its backup is gone, and a restarted node becomes the backup of a shard
+//!   that has none; with both replicas down the attempt fails;
 //! - every wait has a deadline (collective, pull, push acknowledgement); a
 //!   broken connection or a deadline makes the worker report `Failed`;
 //! - when the coordinator ends a job attempt with a failure, the launcher
