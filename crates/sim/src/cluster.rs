@@ -1215,7 +1215,7 @@ impl Sim {
             Msg::Push(p) if self.replicated() => self.replica_push(to, from, p),
             Msg::Pull(p) => self.server_pull(to, from, p),
             Msg::Push(p) => self.server_push(to, from, p),
-            Msg::Entry { seq, worker, push } => self.replica_entry(to, from, seq, worker, push),
+            Msg::Entry { seq, worker, push } => self.replica_entry(to, seq, worker, push),
             Msg::Snapshot(snap) => self.replica_snapshot(to, from, *snap),
             Msg::Applied { next } => self.replica_applied(to, next),
             Msg::Pulled { clock, dense } => self.worker_pulled(to, from, clock, dense),
@@ -1609,7 +1609,7 @@ impl Sim {
     // --- parameter-server workers ------------------------------------------------------------------
 
     fn pull_start(&mut self, node: u32, clock: u64) {
-        let (w, s) = (self.cfg.workers, self.cfg.servers);
+        let s = self.cfg.servers;
         let Some(worker) = self.worker(node) else { return };
         worker.pulls.insert(
             clock,
@@ -1618,7 +1618,6 @@ impl Sim {
                 waiting: s as usize,
             },
         );
-        let _ = w;
         for shard in 0..s {
             let to = self.primary_node(shard);
             self.send(node, to, Msg::Pull(pull_of(clock)));
@@ -2172,11 +2171,11 @@ impl Sim {
                 }
                 self.send(node, worker, Msg::Pulled { clock, dense });
             }
-            ps::Output::Pushed { .. } => unreachable!("acknowledgements go through release"),
+            ps::Output::Pushed { worker, clock } => self.release(node, worker, clock),
         }
     }
 
-    fn replica_entry(&mut self, node: u32, from: u32, seq: u64, worker: u32, push: ps::Push) {
+    fn replica_entry(&mut self, node: u32, seq: u64, worker: u32, push: ps::Push) {
         let Some(r) = self.replica(node) else { return };
         let shard = r.shard;
         let Some(e) = r.engine.as_mut() else {
@@ -2191,7 +2190,6 @@ impl Sim {
             Ok(cmds) => {
                 let t = &mut r.taken[worker as usize];
                 *t = (*t).max(clock + 1);
-                let _ = from;
                 self.backup_changed(node);
                 self.replica_commands(node, cmds, None);
                 self.check_expected(node);
