@@ -1,7 +1,7 @@
 //! `sinter sim --fuzz` without the binary: the same sweep (`sim::cmd::fuzz_seeds`)
 //! over seeds `FROM..TO`, after the shapes of their cases.
 //!
-//! `cargo run -p sim --release --example fuzz -- FROM TO [ssp-off-by-one]`
+//! `cargo run -p sim --release --example fuzz -- FROM TO [ssp-off-by-one|ack-without-backup]`
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -10,7 +10,7 @@ use sim::{Bug, fuzz};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let usage = "usage: fuzz FROM TO [ssp-off-by-one]";
+    let usage = "usage: fuzz FROM TO [ssp-off-by-one|ack-without-backup]";
     let (Some(from), Some(to)) = (args.first(), args.get(1)) else {
         eprintln!("{usage}");
         std::process::exit(2);
@@ -47,6 +47,7 @@ fn shapes(from: u64, to: u64, out: &mut dyn Write) -> std::io::Result<()> {
     let mut steps = BTreeMap::new();
     let mut consistency = BTreeMap::new();
     let mut long_ps_16 = 0u64;
+    let mut replicated = 0u64;
     for seed in from..to {
         let c = fuzz::case(seed, None);
         let w = match c.workers {
@@ -70,11 +71,13 @@ fn shapes(from: u64, to: u64, out: &mut dyn Write) -> std::io::Result<()> {
         };
         *consistency.entry(k).or_insert(0u64) += 1;
         long_ps_16 += u64::from(c.steps > 150 && c.workers > 12 && c.servers > 0);
+        replicated += u64::from(c.replicas > 1);
     }
     writeln!(out, "cases by workers: {workers:?}")?;
     writeln!(out, "cases by shards (0: all-reduce): {servers:?}")?;
     writeln!(out, "cases by steps: {steps:?}")?;
     writeln!(out, "cases by consistency: {consistency:?}")?;
+    writeln!(out, "parameter-server cases with replicated shards: {replicated}")?;
     writeln!(
         out,
         "cases with more than 150 steps, more than 12 workers and parameter servers: {long_ps_16}"

@@ -15,6 +15,15 @@
 //! - a parameter-server shard heartbeats to the coordinator from its welcome
 //!   until the job ends (`node::server`): the coordinator fails a job whose
 //!   member, worker or shard, is silent for a heartbeat timeout;
+//! - with `replicas == 2`, a shard is a primary and a backup node, each a
+//!   real [`ps::Replica`] (`node::replica`): the snapshot, the forwarded
+//!   entries and the backup's `Applied` travel as messages; workers keep
+//!   their pushes until acknowledged and resend them to a promoted backup.
+//!   The simulator plays the coordinator's part for replicated shards
+//!   (`coordinator::servers`) in the simplest form, with no messages: one
+//!   latency after a crash it promotes a ready backup or tells the primary
+//!   its backup is gone, and a restarted node becomes the backup of a shard
+//!   that has none; with both replicas down the attempt fails;
 //! - every wait has a deadline (collective, pull, push acknowledgement); a
 //!   broken connection or a deadline makes the worker report `Failed`;
 //! - when the coordinator ends a job attempt with a failure, the launcher
@@ -29,7 +38,7 @@
 //! one correct trajectory, computed beforehand, and every replica must be on
 //! it bit for bit.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::ops::Range;
 
@@ -70,6 +79,21 @@ pub enum Bug {
     /// builds each shard with a bound one higher than the job's, and its
     /// `ssp-bound` invariant checks the job's.
     SspOffByOne,
+    /// A replicated shard's primary acknowledging a push before its backup
+    /// holds it. The simulator releases the acknowledgement the engine holds
+    /// as soon as the primary applied the push (and swallows the engine's own
+    /// release later); its `ack-needs-backup` invariant checks the backup.
+    AckWithoutBackup,
+}
+
+impl Bug {
+    /// The name `--bug` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Bug::SspOffByOne => "ssp-off-by-one",
+            Bug::AckWithoutBackup => "ack-without-backup",
+        }
+    }
 }
 
 impl std::str::FromStr for Bug {
@@ -77,7 +101,8 @@ impl std::str::FromStr for Bug {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "ssp-off-by-one" => Ok(Bug::SspOffByOne),
-            _ => Err(format!("unknown bug `{s}` (known: ssp-off-by-one)")),
+            "ack-without-backup" => Ok(Bug::AckWithoutBackup),
+            _ => Err(format!("unknown bug `{s}` (known: ssp-off-by-one, ack-without-backup)")),
         }
     }
 }
@@ -89,6 +114,8 @@ pub struct SimConfig {
     pub workers: u32,
     /// Parameter-server shards; 0 runs an all-reduce job.
     pub servers: u32,
+    /// Replicas per shard: 1, or 2 (a primary and a backup, `ps::Replica`).
+    pub replicas: u32,
     pub steps: u64,
     pub faults: FaultMix,
     pub consistency: ps::Consistency,
@@ -103,6 +130,8 @@ pub struct SimConfig {
     pub bug: Option<Bug>,
     /// Keep the trace's text, not only its hash.
     pub keep_trace: bool,
+    /// Faults added to the ones the seed draws (tests kill a chosen node at a chosen time).
+    pub scripted_faults: Vec<(Nanos, Fault)>,
 }
 
 impl SimConfig {
@@ -111,6 +140,7 @@ impl SimConfig {
             seed,
             workers,
             servers,
+            replicas: 1,
             steps,
             faults,
             consistency: ps::Consistency::Ssp { staleness: 2 },
@@ -122,7 +152,13 @@ impl SimConfig {
             link: LinkSpec::new(1e9, 50_000),
             bug: None,
             keep_trace: false,
+            scripted_faults: Vec::new(),
         }
+    }
+
+    /// Nodes of the job: workers, every replica of every shard, the coordinator.
+    pub fn nodes(&self) -> u32 {
+        self.workers + self.servers * self.replicas + 1
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -144,8 +180,14 @@ impl SimConfig {
         if self.segment_elems == 0 || self.checkpoint_every == 0 {
             return Err("segment_elems and checkpoint_every must be positive".into());
         }
+        if !(1..=2).contains(&self.replicas) || (self.replicas == 2 && self.servers == 0) {
+            return Err(format!("{} replicas per shard: 1, or 2 with --servers", self.replicas));
+        }
         if self.bug.is_some() && self.servers == 0 {
             return Err("the ssp-off-by-one bug is injected into the parameter server: give --servers".into());
+        }
+        if self.bug == Some(Bug::AckWithoutBackup) && self.replicas != 2 {
+            return Err("the ack-without-backup bug needs replicated shards".into());
         }
         Ok(())
     }
@@ -190,17 +232,42 @@ pub struct RunReport {
     pub plan: FaultPlan,
     pub wire_bytes: u64,
     pub messages: u64,
+    /// Replicated shards: crashes of a shard's primary and of its backup
+    /// while a job attempt ran, and backups promoted.
+    pub primary_kills: u32,
+    pub backup_kills: u32,
+    pub failovers: u32,
 }
 
 #[derive(Debug)]
 enum Msg {
     ToCoord(ToCoordinator),
     FromCoord(FromCoordinator),
-    Frame { tag: Tag, data: Vec<f32> },
+    Frame {
+        tag: Tag,
+        data: Vec<f32>,
+    },
     Pull(ps::Pull),
     Push(ps::Push),
-    Pulled { clock: u64, dense: Vec<f32> },
-    Pushed { clock: u64 },
+    Pulled {
+        clock: u64,
+        dense: Vec<f32>,
+    },
+    Pushed {
+        clock: u64,
+    },
+    /// Primary → backup: replication entry `seq`, worker `worker`'s push.
+    Entry {
+        seq: u64,
+        worker: u32,
+        push: ps::Push,
+    },
+    /// Primary → a new backup.
+    Snapshot(Box<ps::Snapshot>),
+    /// Backup → primary: every entry below `next` is applied.
+    Applied {
+        next: u64,
+    },
 }
 
 impl Msg {
@@ -209,8 +276,9 @@ impl Msg {
         match self {
             Msg::ToCoord(_) | Msg::FromCoord(_) => CONTROL_BYTES,
             Msg::Frame { data, .. } => 4 * data.len() as u64,
-            Msg::Pull(_) | Msg::Pushed { .. } => head,
-            Msg::Push(p) => head + 4 * p.dense.len() as u64,
+            Msg::Pull(_) | Msg::Pushed { .. } | Msg::Applied { .. } => head,
+            Msg::Push(p) | Msg::Entry { push: p, .. } => head + 4 * p.dense.len() as u64,
+            Msg::Snapshot(s) => head + 4 * s.image.len() as u64 + 8 * s.clocks.len() as u64,
             Msg::Pulled { dense, .. } => head + 4 * dense.len() as u64,
         }
     }
@@ -227,6 +295,9 @@ impl Msg {
             Msg::Push(p) => format!("push c{}", p.clock),
             Msg::Pulled { clock, .. } => format!("pulled c{clock}"),
             Msg::Pushed { clock } => format!("pushed c{clock}"),
+            Msg::Entry { seq, worker, push } => format!("entry {seq} w{worker} c{}", push.clock),
+            Msg::Snapshot(s) => format!("snapshot next {} clocks {:?}", s.next_seq, s.clocks),
+            Msg::Applied { next } => format!("applied <{next}"),
         }
     }
 }
@@ -248,7 +319,15 @@ enum Ev {
         inc: u32,
         from: u32,
         to: u32,
+        /// The lives of `from` and `to` when it was sent (see `Sim::life`).
+        lives: (u32, u32),
         msg: Msg,
+    },
+    /// Replicated shards: the peers of a crashed replica see its connections reset.
+    ServerLost {
+        inc: u32,
+        node: u32,
+        life: u32,
     },
     Egress {
         inc: u32,
@@ -341,6 +420,9 @@ struct WorkerProc {
     /// Parameter-server client: pulls in flight by clock, pushes acknowledged per shard.
     pulls: BTreeMap<u64, PendingPull>,
     acked: Vec<u64>,
+    /// Per shard, the pushes sent and not acknowledged, oldest first: resent
+    /// to a promoted backup (`node::ps_client` keeps them likewise).
+    unacked: Vec<VecDeque<ps::Push>>,
 }
 
 struct ServerProc {
@@ -356,11 +438,43 @@ struct ServerProc {
     welcomed: bool,
 }
 
+/// One replica of a replicated shard (`SimConfig::replicas == 2`).
+struct ReplicaProc {
+    shard: u32,
+    /// `None` while a new backup waits for its snapshot.
+    engine: Option<ps::Replica>,
+    /// Pushes handed to this replica per worker (the simulator's own count,
+    /// from the pushes and entries it delivered and the snapshot's clocks).
+    taken: Vec<u64>,
+    /// What the values must be: the initial values minus each push the
+    /// replica's clocks say it holds (BSP: of each step applied), once.
+    expected: Vec<f32>,
+    counted: Vec<u64>,
+    bsp_counted: u64,
+    /// `Bug::AckWithoutBackup`: acknowledgements the simulator released
+    /// early, swallowed when the engine releases them.
+    early: BTreeSet<(u32, u64)>,
+}
+
+/// Who serves a replicated shard now, as the coordinator would record it.
+struct Pair {
+    primary: u32,
+    /// The backup attached to the primary (loading its snapshot, or loaded).
+    backup: Option<u32>,
+    /// The attached backup's clocks as last seen (kept when it dies).
+    backup_clocks: Vec<u64>,
+    /// Acknowledgements released per worker by the shard's primaries.
+    released: Vec<u64>,
+    /// Every push the workers sent it in this attempt, by (worker, clock).
+    pushes: BTreeMap<(u32, u64), Vec<f32>>,
+}
+
 enum Proc {
     Down,
     Idle,
     Worker(Box<WorkerProc>),
     Server(Box<ServerProc>),
+    Replica(Box<ReplicaProc>),
 }
 
 /// Runs one job to its end, or to the first violated invariant.
@@ -379,6 +493,9 @@ pub fn run(cfg: &SimConfig) -> RunReport {
         plan: sim.plan,
         wire_bytes,
         messages,
+        primary_kills: sim.primary_kills,
+        backup_kills: sim.backup_kills,
+        failovers: sim.failovers,
     }
 }
 
@@ -416,11 +533,19 @@ struct Sim {
     finished_sent: Vec<bool>,
     /// Each shard's dense ranges of the global buffer.
     shard_ranges: Vec<Vec<Range<usize>>>,
+    /// Per node, how many times it crashed or restarted: a message is lost
+    /// when either end's life changed while it was in flight (replicated jobs).
+    life: Vec<u32>,
+    /// Replicated shards: who serves each.
+    pairs: Vec<Pair>,
+    primary_kills: u32,
+    backup_kills: u32,
+    failovers: u32,
 }
 
 impl Sim {
     fn new(cfg: SimConfig) -> Sim {
-        let nodes = cfg.workers + cfg.servers + 1;
+        let nodes = cfg.nodes();
         let mut plan_rng = Rng::derive(cfg.seed, 1);
         let job_ns = cfg.steps * (cfg.compute_ns + 2 * MS);
         let safety_end = if cfg.faults.is_none() {
@@ -428,7 +553,22 @@ impl Sim {
         } else {
             job_ns / 2 + plan_rng.below(job_ns * 2 + 1)
         };
-        let plan = FaultPlan::draw(cfg.faults, nodes, safety_end, &mut plan_rng);
+        // Scripted faults happen in the safety phase: it lasts until the last one is over.
+        let scripted_end = cfg
+            .scripted_faults
+            .iter()
+            .map(|(at, f)| {
+                match f {
+                    Fault::Crash { restart_at, .. } => *restart_at,
+                    Fault::Partition { until, .. } | Fault::Slow { until, .. } => *until,
+                }
+                .max(*at)
+            })
+            .max();
+        let safety_end = safety_end.max(scripted_end.map_or(0, |t| t + 1));
+        let mut plan = FaultPlan::draw(cfg.faults, nodes, safety_end, &mut plan_rng);
+        plan.faults.extend(cfg.scripted_faults.iter().cloned());
+        plan.faults.sort_by_key(|(t, _)| *t);
         let mut layout = Layout::new();
         layout.push("w", &[cfg.params], ParamKind::Dense);
         let placement = (cfg.servers > 0).then(|| {
@@ -464,6 +604,11 @@ impl Sim {
             placement,
             shard_ranges,
             finished_sent: vec![false; cfg.workers as usize],
+            life: vec![0; nodes as usize],
+            pairs: Vec::new(),
+            primary_kills: 0,
+            backup_kills: 0,
+            failovers: 0,
             plan,
             cfg,
         };
@@ -476,7 +621,24 @@ impl Sim {
     }
 
     fn coord_node(&self) -> u32 {
-        self.cfg.workers + self.cfg.servers
+        self.cfg.nodes() - 1
+    }
+
+    fn replicated(&self) -> bool {
+        self.cfg.replicas > 1
+    }
+
+    /// The shard a server node serves (any replica).
+    fn shard_of(&self, node: u32) -> u32 {
+        (node - self.cfg.workers) % self.cfg.servers
+    }
+
+    /// The node workers send a shard's pulls and pushes to.
+    fn primary_node(&self, shard: u32) -> u32 {
+        match self.pairs.get(shard as usize) {
+            Some(p) if self.replicated() => p.primary,
+            _ => self.cfg.workers + shard,
+        }
     }
 
     fn now(&self) -> Nanos {
@@ -519,6 +681,9 @@ impl Sim {
             }
             self.handle(ev);
             self.check_deadlines();
+            if self.replicated() && self.violation.is_none() {
+                self.check_replicas();
+            }
         }
     }
 
@@ -559,9 +724,13 @@ impl Sim {
                 if !self.up[node as usize] {
                     self.up[node as usize] = true;
                     self.procs[node as usize] = Proc::Idle;
+                    self.life[node as usize] += 1;
                     self.record(format_args!("restart node {node}"));
                     if self.launch_pending {
                         self.q.push(self.now(), Ev::Launch);
+                    }
+                    if self.replicated() && node >= self.cfg.workers && node < self.coord_node() {
+                        self.replica_restarted(node);
                     }
                 }
             }
@@ -585,9 +754,21 @@ impl Sim {
                 self.violate("liveness", detail);
             }
             Ev::Launch => self.launch(),
-            Ev::Deliver { inc, from, to, msg } => {
-                if inc == self.inc {
+            Ev::Deliver {
+                inc,
+                from,
+                to,
+                lives,
+                msg,
+            } => {
+                let alive = (self.life[from as usize], self.life[to as usize]) == lives;
+                if inc == self.inc && (alive || !self.replicated()) {
                     self.deliver(from, to, msg);
+                }
+            }
+            Ev::ServerLost { inc, node, life } => {
+                if inc == self.inc && self.life[node as usize] == life {
+                    self.server_lost(node);
                 }
             }
             Ev::Egress {
@@ -607,12 +788,14 @@ impl Sim {
                     return;
                 };
                 let data = c.buf[range].to_vec();
+                let lives = (self.life[node as usize], self.life[peer as usize]);
                 self.q.push(
                     arrive,
                     Ev::Deliver {
                         inc,
                         from: node,
                         to: peer,
+                        lives,
                         msg: Msg::Frame { tag, data },
                     },
                 );
@@ -699,6 +882,7 @@ impl Sim {
                 self.record(format_args!("crash node {node}, restart at {restart_at}"));
                 let was = std::mem::replace(&mut self.procs[node as usize], Proc::Down);
                 self.up[node as usize] = false;
+                self.life[node as usize] += 1;
                 self.q.push(restart_at, Ev::Restart(node));
                 if matches!(was, Proc::Idle) {
                     return;
@@ -706,6 +890,17 @@ impl Sim {
                 // The kernel resets the dead process's connections.
                 let at = self.now() + self.cfg.link.latency_ns;
                 let inc = self.inc;
+                if let Proc::Replica(r) = &was {
+                    let pair = &self.pairs[r.shard as usize];
+                    if pair.primary == node {
+                        self.primary_kills += 1;
+                    } else if pair.backup == Some(node) {
+                        self.backup_kills += 1;
+                    }
+                    let life = self.life[node as usize];
+                    self.q.push(at, Ev::ServerLost { inc, node, life });
+                    return;
+                }
                 self.q.push(at, Ev::CoordDisconnected { inc, conn: node });
                 for peer in self.data_peers(node) {
                     self.q.push(
@@ -767,6 +962,7 @@ impl Sim {
                 inc: self.inc,
                 from,
                 to,
+                lives: (self.life[from as usize], self.life[to as usize]),
                 msg,
             },
         );
@@ -802,9 +998,12 @@ impl Sim {
         let (start, params) = self.resume_point();
         let attempt = self.attempts;
         self.record(format_args!("launch attempt {attempt} at step {start}"));
+        // Replicated shards do not join the coordinator: the simulator plays
+        // its part for them (`coordinator::servers`), see `server_lost`.
+        let joining_servers = if self.replicated() { 0 } else { self.cfg.servers };
         self.coord = Some(Coordinator::new(coordinator::Config {
             world: self.cfg.workers,
-            servers: self.cfg.servers,
+            servers: joining_servers,
             heartbeat_timeout_ms: HEARTBEAT_TIMEOUT_MS,
             rendezvous_timeout_ms: RENDEZVOUS_TIMEOUT_MS,
             elastic: None,
@@ -823,14 +1022,19 @@ impl Sim {
                 coll: None,
                 pulls: BTreeMap::new(),
                 acked: vec![0; s as usize],
+                unacked: vec![VecDeque::new(); s as usize],
             }));
         }
-        for shard in 0..s {
-            let proc = self.new_server(shard);
-            self.procs[(w + shard) as usize] = proc;
+        if self.replicated() {
+            self.launch_replicas();
+        } else {
+            for shard in 0..s {
+                let proc = self.new_server(shard);
+                self.procs[(w + shard) as usize] = proc;
+            }
         }
         let coord = self.coord_node();
-        for node in 0..w + s {
+        for node in 0..w + joining_servers {
             let role = if node < w { Role::Worker } else { Role::Server };
             let rank = if node < w { node } else { node - w };
             let join = ToCoordinator::Join {
@@ -860,6 +1064,19 @@ impl Sim {
     }
 
     fn new_server(&self, shard: u32) -> Proc {
+        let (engine, init) = self.new_shard(shard);
+        Proc::Server(Box::new(ServerProc {
+            shard: engine,
+            delivered: vec![0; self.cfg.workers as usize],
+            expected: init,
+            bsp: BTreeMap::new(),
+            bsp_applied: 0,
+            welcomed: false,
+        }))
+    }
+
+    /// A fresh shard engine and its initial values.
+    fn new_shard(&self, shard: u32) -> (ps::Shard, Vec<f32>) {
         let placement = self.placement.as_ref().expect("a parameter-server job");
         let local = ps::LocalLayout::new(&self.layout, placement, shard);
         let mut init = Vec::new();
@@ -884,14 +1101,7 @@ impl Sim {
             init.clone(),
         )
         .expect("a valid shard");
-        Proc::Server(Box::new(ServerProc {
-            shard: engine,
-            delivered: vec![0; self.cfg.workers as usize],
-            expected: init,
-            bsp: BTreeMap::new(),
-            bsp_applied: 0,
-            welcomed: false,
-        }))
+        (engine, init)
     }
 
     fn coordinator(&mut self, event: KEv) {
@@ -947,7 +1157,7 @@ impl Sim {
         let steps = self.cfg.steps;
         let mut problems = Vec::new();
         let coord = self.coord_node() as usize;
-        for p in &self.procs[..coord] {
+        for (node, p) in self.procs[..coord].iter().enumerate() {
             match p {
                 Proc::Worker(w) if w.step != steps || w.phase != Phase::Finished => {
                     problems.push(format!("worker {} is at step {} ({:?})", w.rank, w.step, w.phase));
@@ -961,6 +1171,18 @@ impl Sim {
                 }
                 // A process that died (and maybe restarted) after every worker reported
                 // Finished changes nothing here.
+                Proc::Replica(r) => {
+                    if let Some(e) = r.engine.as_ref()
+                        && self.pairs[r.shard as usize].primary == node as u32
+                        && e.shard().clocks().iter().any(|&c| c != steps)
+                    {
+                        problems.push(format!(
+                            "shard {}'s primary took {:?} pushes, not {steps} from each worker",
+                            r.shard,
+                            e.shard().clocks()
+                        ));
+                    }
+                }
                 Proc::Down | Proc::Idle if self.finished_sent.iter().all(|f| *f) => {}
                 Proc::Down | Proc::Idle => problems.push("a process of the job is gone".into()),
                 _ => {}
@@ -989,8 +1211,13 @@ impl Sim {
                 w.arrived.entry(from).or_default().push_back((tag, data));
                 self.match_frames(to, from);
             }
+            Msg::Pull(p) if self.replicated() => self.replica_pull(to, from, p),
+            Msg::Push(p) if self.replicated() => self.replica_push(to, from, p),
             Msg::Pull(p) => self.server_pull(to, from, p),
             Msg::Push(p) => self.server_push(to, from, p),
+            Msg::Entry { seq, worker, push } => self.replica_entry(to, seq, worker, push),
+            Msg::Snapshot(snap) => self.replica_snapshot(to, from, *snap),
+            Msg::Applied { next } => self.replica_applied(to, next),
             Msg::Pulled { clock, dense } => self.worker_pulled(to, from, clock, dense),
             Msg::Pushed { clock } => self.worker_pushed(to, from, clock),
         }
@@ -1382,7 +1609,7 @@ impl Sim {
     // --- parameter-server workers ------------------------------------------------------------------
 
     fn pull_start(&mut self, node: u32, clock: u64) {
-        let (w, s) = (self.cfg.workers, self.cfg.servers);
+        let s = self.cfg.servers;
         let Some(worker) = self.worker(node) else { return };
         worker.pulls.insert(
             clock,
@@ -1392,20 +1619,17 @@ impl Sim {
             },
         );
         for shard in 0..s {
-            let pull = ps::Pull {
-                req: clock,
-                clock,
-                wait_all: false,
-                dense: true,
-                keys: Vec::new(),
-                snapshot: None,
-            };
-            self.send(node, w + shard, Msg::Pull(pull));
+            let to = self.primary_node(shard);
+            self.send(node, to, Msg::Pull(pull_of(clock)));
         }
     }
 
     fn worker_pulled(&mut self, node: u32, from: u32, clock: u64, dense: Vec<f32>) {
-        let shard = from - self.cfg.workers;
+        let shard = self.shard_of(from);
+        if from != self.primary_node(shard) {
+            // From a primary since replaced: its connection is gone.
+            return;
+        }
         let want = self.placement.as_ref().map_or(0, |p| p.dense_len(shard));
         let Some(w) = self.worker(node) else { return };
         let Some(p) = w.pulls.get_mut(&clock) else {
@@ -1425,9 +1649,12 @@ impl Sim {
     }
 
     fn worker_pushed(&mut self, node: u32, from: u32, clock: u64) {
-        let shard = (from - self.cfg.workers) as usize;
+        let shard = self.shard_of(from) as usize;
+        if from != self.primary_node(shard as u32) {
+            return;
+        }
         let Some(w) = self.worker(node) else { return };
-        if clock != w.acked[shard] {
+        if clock != w.acked[shard] || w.unacked[shard].front().map(|p| p.clock) != Some(clock) {
             let detail = format!(
                 "worker {node}: shard {shard} acknowledged step {clock}, expected {}",
                 w.acked[shard]
@@ -1436,6 +1663,7 @@ impl Sim {
             return;
         }
         w.acked[shard] += 1;
+        w.unacked[shard].pop_front();
         self.start_wait_if_waiting(node);
         self.ps_advance(node);
     }
@@ -1449,7 +1677,8 @@ impl Sim {
     /// Moves a parameter-server worker on as far as its replies allow.
     fn ps_advance(&mut self, node: u32) {
         let steps = self.cfg.steps;
-        let workers = self.cfg.workers;
+        let primaries: Vec<u32> = (0..self.cfg.servers).map(|s| self.primary_node(s)).collect();
+        let replicated = self.replicated();
         loop {
             let ranges = &self.shard_ranges;
             let Some(Proc::Worker(w)) = self.procs.get_mut(node as usize) else {
@@ -1503,7 +1732,21 @@ impl Sim {
                         Phase::Draining
                     };
                     for (s, push) in pushes.into_iter().enumerate() {
-                        self.send(node, workers + s as u32, Msg::Push(push));
+                        w.unacked[s].push_back(push.clone());
+                        if replicated {
+                            self.pairs[s].pushes.insert((node, k), push.dense.clone());
+                        }
+                    }
+                    let Some(Proc::Worker(w)) = self.procs.get(node as usize) else {
+                        return;
+                    };
+                    let sends: Vec<(u32, ps::Push)> = primaries
+                        .iter()
+                        .zip(&w.unacked)
+                        .map(|(&to, q)| (to, q.back().expect("just queued").clone()))
+                        .collect();
+                    for (to, push) in sends {
+                        self.send(node, to, Msg::Push(push));
                     }
                     self.start_wait(node);
                 }
@@ -1616,6 +1859,495 @@ impl Sim {
                 }
             }
         }
+    }
+
+    // --- replicated shards ---------------------------------------------------------------------------
+    //
+    // With `replicas == 2` each shard is a primary and a backup node, each a
+    // `ps::Replica`. The simulator plays the coordinator's part for them, in
+    // the simplest form: it knows at once (one latency after a crash, when
+    // the connections reset) which replica died, promotes a ready backup and
+    // tells the workers, which resend their unacknowledged pushes and open
+    // pulls to it; a restarted node becomes the backup of a shard that lacks
+    // one. No message carries this; the real `coordinator::servers` does it
+    // over the control connections.
+
+    fn replica(&mut self, node: u32) -> Option<&mut ReplicaProc> {
+        match self.procs.get_mut(node as usize) {
+            Some(Proc::Replica(r)) => Some(r),
+            _ => None,
+        }
+    }
+
+    fn new_replica_proc(&self, shard: u32, engine: Option<ps::Replica>) -> Proc {
+        let (_, init) = self.new_shard(shard);
+        let workers = self.cfg.workers as usize;
+        Proc::Replica(Box::new(ReplicaProc {
+            shard,
+            engine,
+            taken: vec![0; workers],
+            expected: init,
+            counted: vec![0; workers],
+            bsp_counted: 0,
+            early: BTreeSet::new(),
+        }))
+    }
+
+    /// Every shard's primary and backup, the backup loading the primary's snapshot.
+    fn launch_replicas(&mut self) {
+        let (w, s) = (self.cfg.workers, self.cfg.servers);
+        self.pairs = (0..s)
+            .map(|shard| Pair {
+                primary: w + shard,
+                backup: None,
+                backup_clocks: vec![0; w as usize],
+                released: vec![0; w as usize],
+                pushes: BTreeMap::new(),
+            })
+            .collect();
+        for shard in 0..s {
+            let (engine, _) = self.new_shard(shard);
+            let proc = self.new_replica_proc(shard, Some(ps::Replica::primary(engine)));
+            self.procs[(w + shard) as usize] = proc;
+            self.attach_backup(shard, w + s + shard);
+        }
+    }
+
+    /// `node` becomes the backup of `shard`: the primary ships it a snapshot.
+    fn attach_backup(&mut self, shard: u32, node: u32) {
+        let primary = self.pairs[shard as usize].primary;
+        let Some(engine) = self.replica(primary).and_then(|r| r.engine.as_mut()) else {
+            return;
+        };
+        let snap = match engine.attach_backup() {
+            Ok(snap) => snap,
+            Err(e) => {
+                self.violate("engine-contract", format!("shard {shard}: {e}"));
+                return;
+            }
+        };
+        let proc = self.new_replica_proc(shard, None);
+        self.procs[node as usize] = proc;
+        let pair = &mut self.pairs[shard as usize];
+        pair.backup = Some(node);
+        pair.backup_clocks.iter_mut().for_each(|c| *c = 0);
+        self.record(format_args!(
+            "shard {shard}: node {node} attached as backup of node {primary}"
+        ));
+        self.send(primary, node, Msg::Snapshot(Box::new(snap)));
+    }
+
+    /// A server node restarted: if the attempt runs and its shard has a
+    /// primary but no backup, it becomes the backup.
+    fn replica_restarted(&mut self, node: u32) {
+        let shard = self.shard_of(node);
+        if self.coord.is_none() || self.coord_over || self.pairs.len() != self.cfg.servers as usize {
+            return;
+        }
+        let pair = &self.pairs[shard as usize];
+        if pair.primary == node || pair.backup == Some(node) {
+            // Restarted before its peers saw the reset.
+            self.server_lost(node);
+        }
+        let pair = &self.pairs[shard as usize];
+        let primary = pair.primary;
+        let serving = matches!(&self.procs[primary as usize], Proc::Replica(r) if r.engine.is_some());
+        if pair.backup.is_none() && serving && primary != node {
+            self.attach_backup(shard, node);
+        }
+    }
+
+    /// The connections of crashed replica `node` reset: promote its backup,
+    /// or tell the primary its backup is gone, or (both down) fail the attempt.
+    fn server_lost(&mut self, node: u32) {
+        let shard = self.shard_of(node);
+        let Some(pair) = self.pairs.get(shard as usize) else {
+            return;
+        };
+        if pair.backup == Some(node) {
+            self.pairs[shard as usize].backup = None;
+            let primary = self.pairs[shard as usize].primary;
+            self.record(format_args!("shard {shard}: backup node {node} lost"));
+            if let Some(e) = self.replica(primary).and_then(|r| r.engine.as_mut()) {
+                e.backup_lost();
+            }
+            return;
+        }
+        if pair.primary != node {
+            return;
+        }
+        let ready = pair
+            .backup
+            .filter(|&b| matches!(&self.procs[b as usize], Proc::Replica(r) if r.engine.is_some()));
+        let Some(backup) = ready else {
+            // No replica of the shard survives: its workers' connections reset
+            // and the attempt fails, as it does for an unreplicated shard.
+            self.record(format_args!(
+                "shard {shard}: primary node {node} lost with no ready backup"
+            ));
+            self.pairs[shard as usize].backup = None;
+            let now = self.now();
+            let inc = self.inc;
+            for worker in 0..self.cfg.workers {
+                self.q.push(
+                    now,
+                    Ev::Broken {
+                        inc,
+                        node: worker,
+                        peer: node,
+                    },
+                );
+            }
+            return;
+        };
+        let Some(r) = self.replica(backup) else { return };
+        let Some(e) = r.engine.as_mut() else { return };
+        e.promote();
+        let pair = &mut self.pairs[shard as usize];
+        pair.primary = backup;
+        pair.backup = None;
+        self.failovers += 1;
+        self.record(format_args!(
+            "shard {shard}: primary node {node} lost; backup node {backup} promoted"
+        ));
+        self.check_replicas();
+        // The workers resend what the shard has not acknowledged, and the pulls it has not answered.
+        for worker in 0..self.cfg.workers {
+            let Some(w) = self.worker(worker) else { continue };
+            if matches!(w.phase, Phase::Joining | Phase::Failed | Phase::Finished) {
+                continue;
+            }
+            let pushes: Vec<ps::Push> = w.unacked[shard as usize].iter().cloned().collect();
+            let pulls: Vec<u64> = w
+                .pulls
+                .iter()
+                .filter(|(_, p)| p.got[shard as usize].is_none())
+                .map(|(&c, _)| c)
+                .collect();
+            for push in pushes {
+                self.send(worker, backup, Msg::Push(push));
+            }
+            for clock in pulls {
+                self.send(worker, backup, Msg::Pull(pull_of(clock)));
+            }
+        }
+    }
+
+    fn replica_pull(&mut self, node: u32, worker: u32, pull: ps::Pull) {
+        let Some(r) = self.replica(node) else { return };
+        let shard = r.shard;
+        let Some(e) = r.engine.as_mut() else {
+            self.violate(
+                "engine-contract",
+                format!("shard {shard}: a pull reached a loading backup"),
+            );
+            return;
+        };
+        match e.on_pull(worker, pull) {
+            Ok(cmds) => self.replica_commands(node, cmds, None),
+            Err(e) => self.violate("engine-contract", format!("shard {shard} node {node}: {e}")),
+        }
+    }
+
+    fn replica_push(&mut self, node: u32, worker: u32, push: ps::Push) {
+        let bug = self.cfg.bug == Some(Bug::AckWithoutBackup);
+        let Some(r) = self.replica(node) else { return };
+        let shard = r.shard;
+        let Some(e) = r.engine.as_mut() else {
+            self.violate(
+                "engine-contract",
+                format!("shard {shard}: a push reached a loading backup"),
+            );
+            return;
+        };
+        let fresh = e.shard().clock(worker).is_ok_and(|c| push.clock >= c);
+        let cmds = match e.on_push(worker, push.clone()) {
+            Ok(cmds) => cmds,
+            Err(e) => {
+                self.violate("engine-contract", format!("shard {shard} node {node}: {e}"));
+                return;
+            }
+        };
+        if fresh {
+            r.taken[worker as usize] = push.clock + 1;
+        }
+        let acked_now = cmds.iter().any(|c| {
+            matches!(c, ps::replica::Command::Reply(ps::Output::Pushed { worker: w, clock }) if *w == worker && *clock == push.clock)
+        });
+        if bug && fresh && !acked_now {
+            // The injected bug: the held acknowledgement goes out now.
+            r.early.insert((worker, push.clock));
+            self.release(node, worker, push.clock);
+        }
+        self.replica_commands(node, cmds, Some((worker, &push)));
+        self.check_expected(node);
+    }
+
+    /// Carries out a replica's commands; `from_worker` is the push just applied, for `Forward`.
+    fn replica_commands(&mut self, node: u32, cmds: Vec<ps::replica::Command>, from_worker: Option<(u32, &ps::Push)>) {
+        use ps::replica::Command as RCmd;
+        let Some(r) = self.replica(node) else { return };
+        let shard = r.shard;
+        for c in cmds {
+            if self.violation.is_some() {
+                return;
+            }
+            match c {
+                RCmd::Reply(ps::Output::Pushed { worker, clock }) => {
+                    let Some(r) = self.replica(node) else { return };
+                    if r.early.remove(&(worker, clock)) {
+                        continue;
+                    }
+                    self.release(node, worker, clock);
+                }
+                RCmd::Reply(out) => self.server_outputs_replica(node, out),
+                RCmd::Forward { seq, worker } => {
+                    let Some((w, push)) = from_worker.filter(|(w, _)| *w == worker) else {
+                        self.violate(
+                            "engine-contract",
+                            format!("shard {shard}: Forward of entry {seq} answers no push"),
+                        );
+                        return;
+                    };
+                    let Some(backup) = self.pairs[shard as usize].backup else {
+                        self.violate(
+                            "engine-contract",
+                            format!("shard {shard}: Forward of entry {seq} without a backup"),
+                        );
+                        return;
+                    };
+                    let push = push.clone();
+                    self.send(node, backup, Msg::Entry { seq, worker: w, push });
+                }
+                RCmd::Applied { next } => {
+                    let primary = self.pairs[shard as usize].primary;
+                    self.send(node, primary, Msg::Applied { next });
+                }
+            }
+        }
+    }
+
+    /// The primary acknowledges `(worker, clock)`: the attached backup must hold it.
+    fn release(&mut self, node: u32, worker: u32, clock: u64) {
+        let Some(r) = self.replica(node) else { return };
+        let shard = r.shard as usize;
+        let pair = &mut self.pairs[shard];
+        let held = pair.backup.is_some() && pair.backup_clocks[worker as usize] > clock;
+        if !held {
+            let detail = format!(
+                "shard {shard} (node {node}) acknowledged worker {worker}'s push of step {clock} while its backup {:?} held {} of its pushes",
+                pair.backup, pair.backup_clocks[worker as usize]
+            );
+            self.violate("ack-needs-backup", detail);
+            return;
+        }
+        let r = &mut pair.released[worker as usize];
+        *r = (*r).max(clock + 1);
+        self.send(node, worker, Msg::Pushed { clock });
+    }
+
+    /// A pull's answer from a replicated primary, under the staleness bound.
+    fn server_outputs_replica(&mut self, node: u32, out: ps::Output) {
+        let staleness = match self.cfg.consistency {
+            ps::Consistency::Bsp => Some(0),
+            ps::Consistency::Ssp { staleness } => Some(u64::from(staleness)),
+            ps::Consistency::Async => None,
+        };
+        let Some(r) = self.replica(node) else { return };
+        let shard = r.shard;
+        match out {
+            ps::Output::Pulled {
+                worker, clock, dense, ..
+            } => {
+                let slowest = r.taken.iter().copied().min().unwrap_or(0);
+                if let Some(bound) = staleness
+                    && slowest + bound < clock
+                {
+                    let detail = format!(
+                        "shard {shard} (node {node}) answered worker {worker}'s read of step {clock} while the slowest worker had pushed {slowest} steps (bound {bound})"
+                    );
+                    self.violate("ssp-bound", detail);
+                    return;
+                }
+                self.send(node, worker, Msg::Pulled { clock, dense });
+            }
+            ps::Output::Pushed { worker, clock } => self.release(node, worker, clock),
+        }
+    }
+
+    fn replica_entry(&mut self, node: u32, seq: u64, worker: u32, push: ps::Push) {
+        let Some(r) = self.replica(node) else { return };
+        let shard = r.shard;
+        let Some(e) = r.engine.as_mut() else {
+            self.violate(
+                "engine-contract",
+                format!("shard {shard}: entry {seq} before the snapshot"),
+            );
+            return;
+        };
+        let clock = push.clock;
+        match e.on_forward(seq, worker, ps::replica::Entry::Push(push)) {
+            Ok(cmds) => {
+                let t = &mut r.taken[worker as usize];
+                *t = (*t).max(clock + 1);
+                self.backup_changed(node);
+                self.replica_commands(node, cmds, None);
+                self.check_expected(node);
+            }
+            Err(e) => self.violate("engine-contract", format!("shard {shard} backup node {node}: {e}")),
+        }
+    }
+
+    fn replica_snapshot(&mut self, node: u32, from: u32, snap: ps::Snapshot) {
+        let Some(r) = self.replica(node) else { return };
+        let shard = r.shard;
+        if r.engine.is_some() {
+            self.violate(
+                "engine-contract",
+                format!("shard {shard}: a second snapshot for node {node}"),
+            );
+            return;
+        }
+        let (fresh, _) = self.new_shard(shard);
+        let engine = match ps::Replica::backup(fresh, &snap) {
+            Ok(e) => e,
+            Err(e) => {
+                self.violate("engine-contract", format!("shard {shard} backup node {node}: {e}"));
+                return;
+            }
+        };
+        let loaded = engine.loaded();
+        let Some(r) = self.replica(node) else { return };
+        r.taken = snap.clocks.clone();
+        r.engine = Some(engine);
+        self.backup_changed(node);
+        self.check_expected(node);
+        let ps::replica::Command::Applied { next } = loaded else {
+            self.violate("engine-contract", format!("shard {shard}: loaded() is {loaded:?}"));
+            return;
+        };
+        self.send(node, from, Msg::Applied { next });
+    }
+
+    fn replica_applied(&mut self, node: u32, next: u64) {
+        let Some(r) = self.replica(node) else { return };
+        let shard = r.shard;
+        let Some(e) = r.engine.as_mut() else { return };
+        match e.on_applied(next) {
+            Ok(cmds) => self.replica_commands(node, cmds, None),
+            Err(e) => self.violate("engine-contract", format!("shard {shard} node {node}: {e}")),
+        }
+    }
+
+    /// Records the clocks of the shard's attached backup, as the release check sees them.
+    fn backup_changed(&mut self, node: u32) {
+        let Some(r) = self.replica(node) else { return };
+        let shard = r.shard as usize;
+        let Some(e) = r.engine.as_ref() else { return };
+        let clocks = e.shard().clocks().to_vec();
+        let pair = &mut self.pairs[shard];
+        if pair.backup == Some(node) {
+            pair.backup_clocks = clocks;
+        }
+    }
+
+    /// The replica's values are its initial values minus each push its
+    /// clocks say it holds, exactly once (BSP: of each step applied).
+    fn check_expected(&mut self, node: u32) {
+        let bsp = self.cfg.consistency == ps::Consistency::Bsp;
+        let workers = self.cfg.workers;
+        let Some(Proc::Replica(r)) = self.procs.get_mut(node as usize) else {
+            return;
+        };
+        let Some(e) = r.engine.as_ref() else { return };
+        let pushes = &self.pairs[r.shard as usize].pushes;
+        let mut missing = None;
+        let mut sub = |expected: &mut Vec<f32>, w: u32, k: u64| match pushes.get(&(w, k)) {
+            Some(g) => expected.iter_mut().zip(g).for_each(|(v, g)| *v -= g),
+            None => missing = Some((w, k)),
+        };
+        if bsp {
+            while r.bsp_counted < e.shard().applied() {
+                for w in 0..workers {
+                    sub(&mut r.expected, w, r.bsp_counted);
+                }
+                r.bsp_counted += 1;
+            }
+        } else {
+            for w in 0..workers {
+                let have = e.shard().clock(w).unwrap_or(0);
+                while r.counted[w as usize] < have {
+                    sub(&mut r.expected, w, r.counted[w as usize]);
+                    r.counted[w as usize] += 1;
+                }
+            }
+        }
+        let shard = r.shard;
+        if let Some((w, k)) = missing {
+            self.violate(
+                "acked-push-applied-once",
+                format!("shard {shard} node {node} holds worker {w}'s push of step {k}, which was never sent"),
+            );
+            return;
+        }
+        if checksum(e.shard().values()) != checksum(&r.expected) {
+            let detail = format!(
+                "shard {shard} node {node} ({:?}, clocks {:?}): its values are not its pushes applied once each",
+                e.role(),
+                e.shard().clocks()
+            );
+            self.violate("acked-push-applied-once", detail);
+        }
+    }
+
+    /// After every event: every acknowledged push is in each shard's live
+    /// primary, and a backup level with its primary holds the same image.
+    fn check_replicas(&mut self) {
+        for shard in 0..self.pairs.len() {
+            let pair = &self.pairs[shard];
+            let Some(Proc::Replica(p)) = self.procs.get(pair.primary as usize) else {
+                continue;
+            };
+            let Some(pe) = p.engine.as_ref() else { continue };
+            if let Some(w) =
+                (0..self.cfg.workers).find(|&w| pe.shard().clock(w).unwrap_or(0) < pair.released[w as usize])
+            {
+                let detail = format!(
+                    "shard {shard}'s primary node {} holds {} of worker {w}'s pushes; {} were acknowledged",
+                    pair.primary,
+                    pe.shard().clock(w).unwrap_or(0),
+                    pair.released[w as usize]
+                );
+                self.violate("acked-push-applied-once", detail);
+                return;
+            }
+            let Some(b) = pair.backup else { continue };
+            let Some(Proc::Replica(br)) = self.procs.get(b as usize) else {
+                continue;
+            };
+            let Some(be) = br.engine.as_ref() else { continue };
+            if be.next_seq() == pe.next_seq() && be.shard().image() != pe.shard().image() {
+                let detail = format!(
+                    "shard {shard}: backup node {b} and primary node {} both at entry {} hold different images",
+                    pair.primary,
+                    pe.next_seq()
+                );
+                self.violate("backup-equals-primary", detail);
+                return;
+            }
+        }
+    }
+}
+
+/// A dense pull of step `clock`, as a parameter-server worker makes it.
+fn pull_of(clock: u64) -> ps::Pull {
+    ps::Pull {
+        req: clock,
+        clock,
+        wait_all: false,
+        dense: true,
+        keys: Vec::new(),
+        snapshot: None,
     }
 }
 

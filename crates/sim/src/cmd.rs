@@ -35,7 +35,7 @@ impl OneRun {
             ps::Consistency::Async => "--consistency async".to_string(),
             ps::Consistency::Ssp { staleness } => format!("--consistency ssp --staleness {staleness}"),
         };
-        let bug = self.bug.map(|_| " --bug ssp-off-by-one").unwrap_or_default();
+        let bug = self.bug.map(|b| format!(" --bug {}", b.name())).unwrap_or_default();
         format!(
             "sinter sim --seed {} --workers {} --servers {} --faults {} --steps {} {consistency}{bug}",
             self.seed, self.workers, self.servers, self.faults, self.steps
@@ -47,7 +47,10 @@ fn describe(out: &mut dyn Write, cfg: &SimConfig, r: &RunReport) -> std::io::Res
     let job = if cfg.servers == 0 {
         format!("all-reduce, {} workers", cfg.workers)
     } else {
-        format!("{} workers, {} shards, {:?}", cfg.workers, cfg.servers, cfg.consistency)
+        format!(
+            "{} workers, {} shards of {} replica(s), {:?}",
+            cfg.workers, cfg.servers, cfg.replicas, cfg.consistency
+        )
     };
     writeln!(
         out,
@@ -136,7 +139,7 @@ pub fn fuzz_seeds(
                 out,
                 "{v}\nreplay: sinter sim --reproduce {}{}",
                 cfg.seed,
-                bug.map(|_| " --bug ssp-off-by-one").unwrap_or_default()
+                bug.map(|b| format!(" --bug {}", b.name())).unwrap_or_default()
             );
         } else if n.is_multiple_of(every) {
             let _ = writeln!(out, "{n}/{total} seeds, {found} violation(s) so far");
@@ -145,7 +148,7 @@ pub fn fuzz_seeds(
     let f = s.with_fault;
     writeln!(
         out,
-        "{} seeds ({}..{}): {} violation(s); {} finished; {} events; {} job attempts; runs with delay {} loss {} partition {} crash {} slow {}; with parameter servers {}",
+        "{} seeds ({}..{}): {} violation(s); {} finished; {} events; {} job attempts; runs with delay {} loss {} partition {} crash {} slow {}; with parameter servers {}, of which replicated {} ({} primaries and {} backups killed, {} backups promoted)",
         s.runs,
         from,
         from + s.runs,
@@ -158,7 +161,11 @@ pub fn fuzz_seeds(
         f[2],
         f[3],
         f[4],
-        s.with_servers
+        s.with_servers,
+        s.with_replicas,
+        s.primary_kills,
+        s.backup_kills,
+        s.failovers
     )
     .map_err(io)?;
     if let Some(v) = s.violations.first() {

@@ -20,12 +20,15 @@ pub const SHARDS_MAX: u32 = 4;
 pub const STEPS_MAX: u64 = 500;
 
 /// The job and faults of fuzz seed `seed` (with `bug` switched on when the
-/// job has parameter servers, where it lives).
+/// job has what it lives in: parameter servers, replicated ones for
+/// [`Bug::AckWithoutBackup`]).
 ///
 /// Most cases are small and short, so that many seeds run in little time;
 /// a quarter have up to [`WORKERS_MAX`] workers, and three in ten outlast
 /// the coordinator's heartbeat timeout and the wait deadlines several times
-/// over (a tenth up to [`STEPS_MAX`] steps).
+/// over (a tenth up to [`STEPS_MAX`] steps). A third of the
+/// parameter-server cases replicate every shard on two nodes (drawn last,
+/// so the other draws of a seed are what they were before replicas).
 pub fn case(seed: u64, bug: Option<Bug>) -> SimConfig {
     let mut rng = Rng::derive(seed, 0xF022);
     let workers = match rng.below(4) {
@@ -57,7 +60,13 @@ pub fn case(seed: u64, bug: Option<Bug>) -> SimConfig {
     cfg.compute_ns = (2 + rng.below(18)) * MS;
     let bandwidth = [1e8, 1e9, 1e10][rng.below(3) as usize];
     cfg.link = LinkSpec::new(bandwidth, 10_000 + rng.below(1_000_000));
-    cfg.bug = bug.filter(|_| servers > 0);
+    if servers > 0 && rng.below(3) == 0 {
+        cfg.replicas = 2;
+    }
+    cfg.bug = bug.filter(|b| match b {
+        Bug::SspOffByOne => servers > 0,
+        Bug::AckWithoutBackup => cfg.replicas == 2,
+    });
     cfg
 }
 
@@ -72,6 +81,12 @@ pub struct FuzzSummary {
     /// Runs with each fault kind on: delay, loss, partition, crash, slow.
     pub with_fault: [u64; 5],
     pub with_servers: u64,
+    /// Runs whose shards have a primary and a backup.
+    pub with_replicas: u64,
+    /// Replicated runs: primaries and backups killed while an attempt ran, backups promoted.
+    pub primary_kills: u64,
+    pub backup_kills: u64,
+    pub failovers: u64,
 }
 
 /// Runs every seed of `seeds` (stopping at the first violation when
@@ -95,6 +110,10 @@ pub fn fuzz(
             s.with_fault[i] += u64::from(on);
         }
         s.with_servers += u64::from(cfg.servers > 0);
+        s.with_replicas += u64::from(cfg.replicas > 1);
+        s.primary_kills += u64::from(report.primary_kills);
+        s.backup_kills += u64::from(report.backup_kills);
+        s.failovers += u64::from(report.failovers);
         each(&cfg, &report);
         if let Some(v) = report.violation {
             s.violations.push(v);
