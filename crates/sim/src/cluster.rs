@@ -2339,8 +2339,9 @@ impl Sim {
     }
 }
 
-/// A dense pull of step `clock`, as a parameter-server worker makes it.
-fn pull_of(clock: u64) -> ps::Pull {
+/// A dense pull of step `clock`, as a parameter-server worker makes it (the
+/// predictor's workers make the same).
+pub(crate) fn pull_of(clock: u64) -> ps::Pull {
     ps::Pull {
         req: clock,
         clock,

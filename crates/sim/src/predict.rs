@@ -796,14 +796,7 @@ fn predict_ps(cfg: &PredictConfig) -> Result<Prediction, String> {
             send(&mut q, &mut cpus, cpu, wk, w + sh, 0, head, 0, pull);
         }
     }
-    let pull = |clock| ps::Pull {
-        req: clock,
-        clock,
-        wait_all: false,
-        dense: true,
-        keys: Vec::new(),
-        snapshot: None,
-    };
+    let pull = crate::cluster::pull_of;
     while let Some((now, ev)) = q.pop() {
         events += 1;
         // The worker whose state this event changed: only it can move on (a
