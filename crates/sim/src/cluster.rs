@@ -1820,12 +1820,33 @@ impl Sim {
         self.server_outputs(node, out);
     }
 
-    fn server_outputs(&mut self, node: u32, out: Vec<ps::Output>) {
-        let staleness = match self.cfg.consistency {
+    /// The staleness bound the `ssp-bound` invariant enforces (`None`: async).
+    fn staleness_bound(&self) -> Option<u64> {
+        match self.cfg.consistency {
             ps::Consistency::Bsp => Some(0),
             ps::Consistency::Ssp { staleness } => Some(u64::from(staleness)),
             ps::Consistency::Async => None,
-        };
+        }
+    }
+
+    /// Sends a shard's answer to a read of step `clock`, unless the slowest
+    /// worker had pushed fewer than `clock - bound` steps (`ssp-bound`);
+    /// false when it broke the bound.
+    fn answer_read(&mut self, node: u32, who: &str, worker: u32, clock: u64, dense: Vec<f32>, slowest: u64) -> bool {
+        if let Some(bound) = self.staleness_bound()
+            && slowest + bound < clock
+        {
+            let detail = format!(
+                "{who} answered worker {worker}'s read of step {clock} while the slowest worker had pushed {slowest} steps (bound {bound})"
+            );
+            self.violate("ssp-bound", detail);
+            return false;
+        }
+        self.send(node, worker, Msg::Pulled { clock, dense });
+        true
+    }
+
+    fn server_outputs(&mut self, node: u32, out: Vec<ps::Output>) {
         let workers = self.cfg.workers;
         for o in out {
             let Some(s) = self.server(node) else { return };
@@ -1834,17 +1855,10 @@ impl Sim {
                     worker, clock, dense, ..
                 } => {
                     let slowest = s.delivered.iter().copied().min().unwrap_or(0);
-                    if let Some(bound) = staleness
-                        && slowest + bound < clock
-                    {
-                        let detail = format!(
-                            "shard {} answered worker {worker}'s read of step {clock} while the slowest worker had pushed {slowest} steps (bound {bound})",
-                            node - workers
-                        );
-                        self.violate("ssp-bound", detail);
+                    let who = format!("shard {}", node - workers);
+                    if !self.answer_read(node, &who, worker, clock, dense, slowest) {
                         return;
                     }
-                    self.send(node, worker, Msg::Pulled { clock, dense });
                 }
                 ps::Output::Pushed { worker, clock } => {
                     if s.delivered[worker as usize] != clock + 1 {
@@ -2148,11 +2162,6 @@ impl Sim {
 
     /// A pull's answer from a replicated primary, under the staleness bound.
     fn server_outputs_replica(&mut self, node: u32, out: ps::Output) {
-        let staleness = match self.cfg.consistency {
-            ps::Consistency::Bsp => Some(0),
-            ps::Consistency::Ssp { staleness } => Some(u64::from(staleness)),
-            ps::Consistency::Async => None,
-        };
         let Some(r) = self.replica(node) else { return };
         let shard = r.shard;
         match out {
@@ -2160,16 +2169,8 @@ impl Sim {
                 worker, clock, dense, ..
             } => {
                 let slowest = r.taken.iter().copied().min().unwrap_or(0);
-                if let Some(bound) = staleness
-                    && slowest + bound < clock
-                {
-                    let detail = format!(
-                        "shard {shard} (node {node}) answered worker {worker}'s read of step {clock} while the slowest worker had pushed {slowest} steps (bound {bound})"
-                    );
-                    self.violate("ssp-bound", detail);
-                    return;
-                }
-                self.send(node, worker, Msg::Pulled { clock, dense });
+                let who = format!("shard {shard} (node {node})");
+                self.answer_read(node, &who, worker, clock, dense, slowest);
             }
             ps::Output::Pushed { worker, clock } => self.release(node, worker, clock),
         }
