@@ -1,0 +1,48 @@
+//! Federated learning as engines that do no IO.
+//!
+//! A federation trains one global model over clients that keep their data.
+//! Each round the server samples some of the connected clients, sends them
+//! the global model, and each sampled client trains on its own rows and
+//! returns its change (an [`Update`]); the server checks every update, folds
+//! the accepted ones into the global model with a [`Strategy`], and starts
+//! the next round.
+//!
+//! [`Rounds`] is the server's engine: it takes [`Event`]s (a client joined or
+//! left, an update arrived, time passed) and returns [`Command`]s (send the
+//! model to client 7 for round 3; round 3 closed). It never sees a socket or
+//! a clock, so the same engine runs behind real connections (`sinter fl
+//! server`), behind thousands of virtual clients in one process (`sinter fl
+//! sim`), and in tests that assert the exact commands.
+//!
+//! # What the runtime must guarantee
+//!
+//! 1. **Time only moves forward.** Every event carries `now_ms` from one
+//!    monotonic clock; a value smaller than an earlier one is a bug.
+//! 2. **Ticks.** While a round is open the runtime delivers an event (a
+//!    [`Event::Tick`] if nothing else happens) no later than
+//!    [`Rounds::next_deadline_ms`], so the round closes on time.
+//! 3. **One identity per connection.** A [`ClientId`] names one connected
+//!    client until its `Left`; an id is not reused within a federation.
+//! 4. **The model it sends is the engine's.** A [`Command::Train`] asks the
+//!    runtime to send [`Rounds::global`] as it is when the command is
+//!    returned (it does not change until the round closes).
+//!
+//! In return the engine guarantees:
+//!
+//! - every round ends: when all its sampled clients have answered or left,
+//!   or at its deadline, whichever comes first; a dropout never hangs it;
+//! - an update is folded in only for the round it was asked for, only from a
+//!   client sampled for that round, at most once per client, and only after
+//!   [`check_update`] accepted it (shape, finite values, norm bound); late,
+//!   unasked and refused updates are counted in the round's report, and a
+//!   refusal names the client;
+//! - the choice of clients is a pure function of the seed, the round and the
+//!   set of connected clients, so a federation replays exactly;
+//! - aggregation folds updates in ascending client order, so the same
+//!   updates give bitwise the same model whatever order they arrived in.
+
+mod config;
+mod error;
+
+pub use config::{CLIENTS_MAX, FlConfig, ROUNDS_MAX, StrategyConfig, StrategyKind};
+pub use error::FlError;
