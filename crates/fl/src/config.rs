@@ -162,12 +162,18 @@ impl FlConfig {
             return bad("fraction", format!("{} is not in (0, 1]", self.fraction));
         }
         if self.min_clients == 0 || self.min_clients > CLIENTS_MAX {
-            return bad("min_clients", format!("{} is not in 1..={CLIENTS_MAX}", self.min_clients));
+            return bad(
+                "min_clients",
+                format!("{} is not in 1..={CLIENTS_MAX}", self.min_clients),
+            );
         }
         if self.min_updates == 0 || self.min_updates > self.min_clients {
             return bad(
                 "min_updates",
-                format!("{} is not in 1..=fl.min_clients ({})", self.min_updates, self.min_clients),
+                format!(
+                    "{} is not in 1..=fl.min_clients ({})",
+                    self.min_updates, self.min_clients
+                ),
             );
         }
         if self.round_timeout_ms == 0 {
@@ -177,17 +183,26 @@ impl FlConfig {
             return bad("local_epochs", "must be at least 1".into());
         }
         if !(self.proximal_mu >= 0.0 && self.proximal_mu.is_finite()) {
-            return bad("proximal_mu", format!("{} is not a finite value >= 0", self.proximal_mu));
+            return bad(
+                "proximal_mu",
+                format!("{} is not a finite value >= 0", self.proximal_mu),
+            );
         }
         if !(self.update_norm_max >= 0.0 && self.update_norm_max.is_finite()) {
-            return bad("update_norm_max", format!("{} is not a finite value >= 0", self.update_norm_max));
+            return bad(
+                "update_norm_max",
+                format!("{} is not a finite value >= 0", self.update_norm_max),
+            );
         }
         if self.eval_every_rounds == 0 {
             return bad("eval_every_rounds", "must be at least 1".into());
         }
         let s = &self.strategy;
         if !(s.server_lr > 0.0 && s.server_lr.is_finite()) {
-            return bad("strategy.server_lr", format!("{} is not a finite value > 0", s.server_lr));
+            return bad(
+                "strategy.server_lr",
+                format!("{} is not a finite value > 0", s.server_lr),
+            );
         }
         for (key, v) in [("momentum", s.momentum), ("beta1", s.beta1), ("beta2", s.beta2)] {
             if !(0.0..1.0).contains(&v) {
@@ -198,7 +213,10 @@ impl FlConfig {
             return bad("strategy.tau", format!("{} is not a finite value > 0", s.tau));
         }
         if !(0.0..0.5).contains(&s.trim_fraction) {
-            return bad("strategy.trim_fraction", format!("{} is not in [0, 0.5)", s.trim_fraction));
+            return bad(
+                "strategy.trim_fraction",
+                format!("{} is not in [0, 0.5)", s.trim_fraction),
+            );
         }
         if s.kind == StrategyKind::Krum && self.min_updates <= 2 * s.byzantine + 2 {
             return bad(

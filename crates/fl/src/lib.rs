@@ -43,6 +43,14 @@
 
 mod config;
 mod error;
+mod local;
+mod round;
+mod strategy;
+mod update;
 
 pub use config::{CLIENTS_MAX, FlConfig, ROUNDS_MAX, StrategyConfig, StrategyKind};
 pub use error::FlError;
+pub use local::{EVAL_BATCH_ROWS, LocalSpec, LocalTrainer, Metrics, TrainResult, metrics, predict_rows};
+pub use round::{Closing, Command, Event, RoundReport, Rounds, RoundsState};
+pub use strategy::{Aggregated, Strategy, StrategyState};
+pub use update::{ClientId, Update, UpdateRefusal, check_update};
