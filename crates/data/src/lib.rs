@@ -12,6 +12,7 @@ mod click;
 mod csv;
 mod dataset;
 mod error;
+mod federated;
 mod idx;
 mod inspect;
 mod labels;
@@ -35,6 +36,7 @@ pub use click::{ClickGen, ClickModel, ClickRow, NNZ_MEAN_MAX, PILOT_ROWS, genera
 pub use csv::{CSV_COLUMNS_MAX, CsvOptions, CsvWriter, Header, LabelColumn, read_csv};
 pub use dataset::{Batch, BatchFeatures, Dataset, Features};
 pub use error::DataError;
+pub use federated::{CLIENT_ROWS_MIN, ClientSkew, ClientSplit};
 pub use idx::{
     IDX_DIMS_MAX, IDX_PAYLOAD_BYTES_MAX, Normalize, Split, fashion_mnist, idx_labels_for, idx_paths, read_idx,
     read_idx_dir, write_idx_u8,
