@@ -52,6 +52,9 @@ enum Command {
     /// Deterministic simulation of the protocols under faults (`--fuzz` for many
     /// seeds, `--reproduce SEED` to replay one), or scale prediction (`--predict`).
     Sim(Box<SimArgs>),
+    /// Federated learning: clients that keep their data train one model in rounds.
+    #[command(subcommand)]
+    Fl(FlCommand),
     /// Run one parameter-server shard of a cluster; finds the coordinator through
     /// DMLC_PS_ROOT_URI/DMLC_PS_ROOT_PORT (or MASTER_ADDR/MASTER_PORT). Takes its
     /// model, optimizer and placement from worker 0: no config file needed.
@@ -342,6 +345,30 @@ struct TrainArgs {
 }
 
 #[derive(Subcommand)]
+enum FlCommand {
+    /// A whole federation in this process: N virtual clients, each with its part of
+    /// `data.train` split by `fl.partition`, trained on a pool of threads.
+    Sim(FlSimArgs),
+}
+
+#[derive(Args)]
+struct FlSimArgs {
+    config: PathBuf,
+    /// Virtual clients (overrides `fl.clients`).
+    #[arg(long)]
+    clients: Option<usize>,
+    /// Threads that train clients at once (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Override a config key, e.g. `--set fl.rounds=5` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// One JSON object per round and a final `done` line on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
 enum DataCommand {
     /// Write a synthetic data set (train and test files, plus FILE.meta.json).
     Gen(GenArgs),
@@ -352,6 +379,30 @@ enum DataCommand {
         #[arg(long)]
         hash_bits: Option<u32>,
     },
+    /// Split a data file among federated clients: one file per client in --out,
+    /// with partition.json and a report of the label and size skew.
+    Partition(PartitionArgs),
+}
+
+#[derive(Args)]
+struct PartitionArgs {
+    input: PathBuf,
+    #[arg(long)]
+    clients: usize,
+    /// iid, dirichlet:ALPHA (label skew), shards:K (K label-sorted shards each),
+    /// quantity:BETA (size skew), or file:PATH (the client of every row, one a line).
+    #[arg(long, default_value = "iid")]
+    scheme: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    out: PathBuf,
+    /// libsvm, csv or parquet (default: csv for dense data, libsvm for sparse).
+    #[arg(long, default_value = "")]
+    format: String,
+    /// Hash sparse feature ids into 2^bits buckets.
+    #[arg(long)]
+    hash_bits: Option<u32>,
 }
 
 #[derive(Args)]
@@ -408,6 +459,7 @@ fn main() -> ExitCode {
         Command::Worker(a) => worker(a),
         Command::Server(a) => server(a),
         Command::Sim(a) => sim_command(*a),
+        Command::Fl(f) => fl_command(f),
         Command::Bench(BenchCommand::Allreduce(a)) => bench_allreduce(a),
         Command::Bench(BenchCommand::Ps(a)) => bench_ps(a),
         Command::Bench(BenchCommand::Codec(a)) => bench_codec(a),
@@ -937,9 +989,78 @@ fn data_command(d: DataCommand) -> Result<()> {
         })
         .map(|report| out!("{report}"))
         .map_err(Into::into),
+        DataCommand::Partition(p) => {
+            let skew = node::datagen::partition(&node::datagen::PartitionRequest {
+                input: p.input,
+                clients: p.clients,
+                scheme: p.scheme,
+                seed: p.seed,
+                out: p.out.clone(),
+                format: p.format,
+                hash_bits: p.hash_bits,
+            })?;
+            out!("{skew}");
+            out!(
+                "wrote {} client files and partition.json to {}",
+                p.clients,
+                p.out.display()
+            );
+            Ok(())
+        }
         DataCommand::Inspect { path, hash_bits } => {
             let summary = node::datagen::inspect(&path, hash_bits)?;
             out!("{summary}");
+            Ok(())
+        }
+    }
+}
+
+fn fl_command(f: FlCommand) -> Result<()> {
+    match f {
+        FlCommand::Sim(a) => {
+            let cfg = JobConfig::load(&a.config, &a.overrides)?;
+            tracing::info!(config = ?cfg, "effective config");
+            let spec = node::fl::sim::SimSpec {
+                clients: a.clients,
+                threads: a.threads,
+            };
+            let rounds = cfg.fl.as_ref().map_or(0, |f| f.rounds);
+            let summary = node::fl::sim::run(&cfg, &spec, &mut |line| {
+                if a.json {
+                    let mut v = serde_json::to_value(line).unwrap_or_default();
+                    v["event"] = "round".into();
+                    out!("{v}");
+                } else {
+                    let metric = match (line.test_acc, line.test_auc) {
+                        (_, Some(auc)) => format!("  test_auc {auc:.4}"),
+                        (Some(acc), None) => format!("  test_acc {acc:.4}"),
+                        _ => String::new(),
+                    };
+                    out!(
+                        "round {}/{rounds}  clients {}  updates {}  dropped {}  loss {:.4}{metric}  {:.2} s",
+                        line.round,
+                        line.clients,
+                        line.updates,
+                        line.dropped,
+                        line.train_loss,
+                        line.wall_s
+                    );
+                }
+            })?;
+            if a.json {
+                let mut v = serde_json::to_value(&summary).context("summary to JSON")?;
+                v["event"] = "done".into();
+                out!("{v}");
+            } else {
+                out!(
+                    "done: {} rounds, {} clients, {:.2} s ({:.2} s training clients), peak RSS {:.1} MiB",
+                    summary.rounds,
+                    summary.clients,
+                    summary.wall_s,
+                    summary.train_s,
+                    summary.peak_rss_mb
+                );
+            }
             Ok(())
         }
     }

@@ -56,6 +56,10 @@ impl LocalTrainer {
         self.model.as_ref()
     }
 
+    pub fn model_mut(&mut self) -> &mut dyn Model {
+        self.model.as_mut()
+    }
+
     /// Trains from `global` on `rows` of `data` and writes `local − global`
     /// into `delta`. Each epoch visits the rows in an order drawn from
     /// (`seed`, epoch); the last batch of an epoch may be short.

@@ -129,6 +129,9 @@ pub struct Rounds {
     idle_since_ms: Option<u64>,
     late: usize,
     now_ms: u64,
+    /// Rounds open only after [`Rounds::start`], so a runtime can admit a known
+    /// set of clients first.
+    started: bool,
     finished: bool,
 }
 
@@ -147,6 +150,7 @@ impl Rounds {
             idle_since_ms: None,
             late: 0,
             now_ms: 0,
+            started: false,
             finished: false,
         }
     }
@@ -197,8 +201,10 @@ impl Rounds {
         }
     }
 
-    /// Starts the federation (at most the first round, if enough clients are already in).
+    /// Starts the federation: from now on a round opens whenever enough
+    /// clients are connected (the first at once, if they already are).
     pub fn start(&mut self, now_ms: u64) -> Vec<Command> {
+        self.started = true;
         self.handle(Event::Tick { now_ms })
     }
 
@@ -285,7 +291,7 @@ impl Rounds {
                 self.close(now, closing, out);
             }
         }
-        if self.open.is_some() || self.finished {
+        if self.open.is_some() || self.finished || !self.started {
             return;
         }
         if self.rounds_done >= self.cfg.rounds {
@@ -406,6 +412,7 @@ mod tests {
     }
 
     fn joined(r: &mut Rounds, clients: &[ClientId]) -> Vec<Command> {
+        r.start(0);
         clients
             .iter()
             .flat_map(|&client| r.handle(Event::Joined { client, now_ms: 0 }))
@@ -586,7 +593,11 @@ mod tests {
     #[test]
     fn without_enough_clients_the_federation_starves_at_the_deadline() {
         let mut r = Rounds::new(cfg(1, 1.0, 2, 1), 7, vec![0.0; 2]);
-        r.handle(Event::Joined { client: 1, now_ms: 0 });
+        // Before start, joining clients open nothing.
+        assert!(r.handle(Event::Joined { client: 1, now_ms: 0 }).is_empty());
+        assert!(r.handle(Event::Joined { client: 2, now_ms: 0 }).is_empty());
+        assert!(r.handle(Event::Left { client: 2, now_ms: 0 }).is_empty());
+        assert!(r.start(0).is_empty());
         assert_eq!(r.next_deadline_ms(), Some(1_000));
         assert_eq!(
             r.handle(Event::Tick { now_ms: 1_000 }),

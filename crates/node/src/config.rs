@@ -27,6 +27,9 @@ pub struct JobConfig {
     /// What crosses the wire: codecs per parameter group (`crate::compress`).
     #[serde(default)]
     pub compress: crate::compress::CompressSection,
+    /// A federation (`sinter fl ...`, or `sinter train` with this section): rounds, sampling, strategy.
+    #[serde(default)]
+    pub fl: Option<fl::FlConfig>,
 }
 
 /// Where the data comes from and how to read it.
@@ -346,6 +349,14 @@ impl JobConfig {
     fn validate(&self) -> Result<(), String> {
         let t = &self.train;
         let c = &self.cluster;
+        if let Some(f) = &self.fl {
+            f.validate().map_err(|e| e.to_string())?;
+            if !f.partition.starts_with("file:") {
+                f.partition
+                    .parse::<data::ClientSplit>()
+                    .map_err(|e| format!("config key fl.partition: {e}"))?;
+            }
+        }
         if t.epochs == 0 {
             return Err("train.epochs must be at least 1".into());
         }

@@ -1,5 +1,5 @@
-//! `sinter data gen` and `sinter data inspect`: thin, timed wrappers over the
-//! `data` crate's generators and summary.
+//! `sinter data gen`, `sinter data inspect` and `sinter data partition`: thin,
+//! timed wrappers over the `data` crate's generators, summary and client splits.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -93,4 +93,55 @@ pub fn inspect(path: &Path, hash_bits: Option<u32>) -> Result<data::Summary, Job
         ..Default::default()
     };
     Ok(data::inspect(path, &opts)?)
+}
+
+/// What `sinter data partition` was asked for.
+#[derive(Clone, Debug)]
+pub struct PartitionRequest {
+    pub input: PathBuf,
+    pub clients: usize,
+    pub scheme: String,
+    pub seed: u64,
+    pub out: PathBuf,
+    /// `libsvm`, `csv` or `parquet`; empty: CSV for dense data, LIBSVM for sparse.
+    pub format: String,
+    pub hash_bits: Option<u32>,
+}
+
+/// Splits a data file among clients, writes `client-NNNNN.EXT` per client and
+/// `partition.json` (scheme, seed, each client's rows and label counts) into
+/// `out`, and returns the skew.
+pub fn partition(req: &PartitionRequest) -> Result<data::ClientSkew, JobError> {
+    let opts = data::ReadOptions {
+        hash_bits: req.hash_bits,
+        ..Default::default()
+    };
+    let ds = data::read_auto(&req.input, &opts)?;
+    let split = match req.scheme.strip_prefix("file:") {
+        Some(path) => data::ClientSplit::read_owners(Path::new(path), ds.rows(), req.clients)?,
+        None => req.scheme.parse::<data::ClientSplit>()?,
+    };
+    let parts = split.split(&ds, req.clients, req.seed)?;
+    let format: data::OutFormat = match req.format.as_str() {
+        "" if matches!(ds.features, data::Features::Dense { .. }) => data::OutFormat::Csv,
+        "" => data::OutFormat::Libsvm,
+        f => f.parse()?,
+    };
+    std::fs::create_dir_all(&req.out).map_err(|e| JobError::io(format!("creating {}", req.out.display()), e))?;
+    for (c, rows) in parts.iter().enumerate() {
+        let path = req.out.join(format!("client-{c:05}.{format}"));
+        data::write_dataset(&ds.select(rows), &path, format)?;
+    }
+    let skew = data::ClientSkew::new(&ds, &parts);
+    let manifest = serde_json::json!({
+        "input": req.input,
+        "scheme": req.scheme,
+        "seed": req.seed,
+        "clients": req.clients,
+        "format": format.to_string(),
+        "skew": &skew,
+    });
+    let path = req.out.join("partition.json");
+    std::fs::write(&path, manifest.to_string()).map_err(|e| JobError::io(format!("writing {}", path.display()), e))?;
+    Ok(skew)
 }

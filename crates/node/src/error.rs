@@ -37,6 +37,8 @@ pub enum JobError {
     Server { server: u32, why: String },
     #[error(transparent)]
     Ps(#[from] ps::PsError),
+    #[error("federation: {0}")]
+    Federation(String),
     #[error("coordinator: {0}")]
     Coordinator(String),
     /// The coordinator process died (not a job failure it reported).

@@ -19,6 +19,7 @@ pub mod elastic;
 pub mod env;
 pub mod error;
 pub mod exchange;
+pub mod fl;
 pub mod gate;
 pub mod job;
 pub mod net;

@@ -1,0 +1,258 @@
+//! `sinter fl sim`: a whole federation in one process. The `fl::Rounds`
+//! engine runs as it does behind real connections; every sampled client's
+//! local training runs on a pool of threads, one model's scratch space per
+//! thread (not per client), so memory grows with the threads and the
+//! sampled clients' updates, not with the number of clients.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use data::Dataset;
+use fl::{Command, Event, LocalSpec, LocalTrainer, Rounds, Update};
+use tensor::Rng;
+
+use super::{FlSummary, RoundLine};
+use crate::config::JobConfig;
+use crate::error::JobError;
+
+/// What a simulation runs on.
+pub struct SimSpec {
+    /// Virtual clients (overrides `fl.clients`).
+    pub clients: Option<usize>,
+    /// Threads that train clients at once; 0: one per core.
+    pub threads: usize,
+}
+
+/// Bytes a model or an update costs on the wire besides its values: a frame
+/// header and the round, client and sample count.
+const MESSAGE_OVERHEAD_BYTES: u64 = wire::HEADER_BYTES as u64 + 24;
+
+/// Runs the federation `cfg` describes; `on_round` sees every closed round.
+pub fn run(cfg: &JobConfig, spec: &SimSpec, on_round: &mut dyn FnMut(&RoundLine)) -> Result<FlSummary, JobError> {
+    let started = Instant::now();
+    let origin = std::path::Path::new("<config>");
+    let mut flc = super::section(cfg, origin)?;
+    if let Some(n) = spec.clients {
+        flc.clients = u32::try_from(n).unwrap_or(u32::MAX);
+        flc.validate().map_err(|e| JobError::Config {
+            path: origin.into(),
+            why: format!("--clients {n}: {e}"),
+        })?;
+    }
+    let clients = flc.clients as usize;
+    let data = crate::job::load_data(cfg)?;
+    let train = &data.train;
+    let parts = super::split_clients(cfg, &flc, train, clients)?;
+    let input_dim = usize::try_from(train.dim()).map_err(|_| JobError::Config {
+        path: cfg.data.train.clone(),
+        why: format!("feature dimension {} does not fit in memory", train.dim()),
+    })?;
+    let classes = train.num_classes as usize;
+    let threads = if spec.threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        spec.threads
+    };
+    let mut trainers = Vec::with_capacity(threads);
+    for _ in 0..threads {
+        trainers.push(LocalTrainer::new(model::build(&cfg.model, input_dim, classes)?, train));
+    }
+    let len = trainers[0].model().layout().len();
+    let mut global = vec![0.0f32; len];
+    trainers[0]
+        .model()
+        .init(&mut global, &mut Rng::derive(cfg.train.seed, 0x1417));
+    let local = LocalSpec {
+        epochs: flc.local_epochs,
+        batch_size: cfg.train.batch_size,
+        proximal_mu: flc.proximal_mu,
+        optim: cfg.optim.clone(),
+    };
+    let mut engine = Rounds::new(flc.clone(), cfg.train.seed, global);
+    let clock = Instant::now();
+    let now_ms = || clock.elapsed().as_millis() as u64;
+    let mut commands = Vec::new();
+    for client in 0..clients as u64 {
+        commands.extend(engine.handle(Event::Joined { client, now_ms: 0 }));
+    }
+    commands.extend(engine.start(0));
+    let setup_s = started.elapsed().as_secs_f64();
+    let mut summary = FlSummary {
+        clients,
+        setup_s,
+        ..FlSummary::default()
+    };
+    let message_bytes = 4 * len as u64 + MESSAGE_OVERHEAD_BYTES;
+    let mut round_started = Instant::now();
+    // The open round's time in the clients' training and in the engine.
+    let (mut train_s, mut aggregate_s) = (0.0, 0.0);
+    loop {
+        let asked: Vec<(u64, u32)> = commands
+            .iter()
+            .filter_map(|c| match c {
+                Command::Train { client, round } => Some((*client, *round)),
+                _ => None,
+            })
+            .collect();
+        let mut next = Vec::new();
+        for c in commands.drain(..) {
+            match c {
+                Command::Train { .. } => {}
+                Command::Refused { client, round, reason } => {
+                    tracing::warn!(client, round, %reason, "update refused");
+                }
+                Command::Closed(report) => {
+                    let eval_started = Instant::now();
+                    let last = report.round == flc.rounds;
+                    let metrics = if last || report.round % flc.eval_every_rounds == 0 {
+                        evaluate(&mut trainers, engine.global(), data.test.as_ref(), classes)
+                    } else {
+                        None
+                    };
+                    let eval_s = eval_started.elapsed().as_secs_f64();
+                    let line = RoundLine {
+                        round: report.round,
+                        clients: report.sampled,
+                        updates: report.updates,
+                        dropped: report.dropped,
+                        refused: report.refused,
+                        late: report.late,
+                        train_loss: report.train_loss,
+                        test_acc: metrics.map(|m| m.acc),
+                        test_auc: metrics.and_then(|m| m.auc),
+                        wall_s: started.elapsed().as_secs_f64(),
+                        round_s: round_started.elapsed().as_secs_f64(),
+                        train_s,
+                        aggregate_s,
+                        eval_s,
+                        bytes_up: (report.updates + report.refused) as u64 * message_bytes,
+                        bytes_down: report.sampled as u64 * message_bytes,
+                    };
+                    on_round(&line);
+                    summary.rounds = report.round;
+                    summary.test_acc = line.test_acc.or(summary.test_acc);
+                    summary.test_auc = line.test_auc.or(summary.test_auc);
+                    summary.bytes_up += line.bytes_up;
+                    summary.bytes_down += line.bytes_down;
+                    summary.train_s += line.train_s;
+                    summary.aggregate_s += line.aggregate_s;
+                    summary.eval_s += line.eval_s;
+                    round_started = Instant::now();
+                }
+                Command::Starved {
+                    round,
+                    connected,
+                    needed,
+                } => {
+                    return Err(JobError::Federation(format!(
+                        "round {round} could not start: {connected} clients connected, fl.min_clients is {needed}"
+                    )));
+                }
+                Command::Done => {
+                    summary.wall_s = started.elapsed().as_secs_f64();
+                    summary.peak_rss_mb = super::peak_rss_mb();
+                    return Ok(summary);
+                }
+            }
+        }
+        if asked.is_empty() {
+            return Err(JobError::Federation(format!(
+                "the engine asked for nothing after round {}",
+                engine.rounds_done()
+            )));
+        }
+        // Largest clients first, so the threads finish together (longest-processing-time first).
+        let mut asked = asked;
+        asked.sort_by_key(|&(client, _)| std::cmp::Reverse(parts[client as usize].len()));
+        let train_started = Instant::now();
+        let updates = train_clients(
+            &mut trainers,
+            engine.global(),
+            train,
+            &parts,
+            &asked,
+            &local,
+            cfg.train.seed,
+        )?;
+        train_s = train_started.elapsed().as_secs_f64();
+        let aggregate_started = Instant::now();
+        for update in updates {
+            next.extend(engine.handle(Event::Update {
+                update,
+                now_ms: now_ms(),
+            }));
+        }
+        aggregate_s = aggregate_started.elapsed().as_secs_f64();
+        commands = next;
+    }
+}
+
+/// Trains the `asked` clients on `threads` trainers at once; the updates come
+/// back in ascending client order.
+fn train_clients(
+    trainers: &mut [LocalTrainer],
+    global: &[f32],
+    train: &Dataset,
+    parts: &[Vec<usize>],
+    asked: &[(u64, u32)],
+    spec: &LocalSpec,
+    seed: u64,
+) -> Result<Vec<Update>, JobError> {
+    let next = AtomicUsize::new(0);
+    let done: Mutex<Vec<Result<Update, JobError>>> = Mutex::new(Vec::with_capacity(asked.len()));
+    std::thread::scope(|s| {
+        for trainer in trainers.iter_mut() {
+            let (next, done) = (&next, &done);
+            s.spawn(move || {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&(client, round)) = asked.get(i) else {
+                        break;
+                    };
+                    let rows = &parts[client as usize];
+                    let mut delta = Vec::new();
+                    let client_seed = Rng::derive(seed, (round as u64) << 32 | client).next_u64();
+                    let result = trainer
+                        .train(global, train, rows, spec, client_seed, &mut delta)
+                        .map(|r| Update {
+                            client,
+                            round,
+                            samples: r.samples,
+                            train_loss: r.train_loss,
+                            delta,
+                        })
+                        .map_err(|e| JobError::Federation(format!("client {client}, round {round}: {e}")));
+                    done.lock().unwrap_or_else(|p| p.into_inner()).push(result);
+                }
+            });
+        }
+    });
+    let mut updates = done
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+    updates.sort_by_key(|u| u.client);
+    Ok(updates)
+}
+
+/// The global model's test metrics, the test rows split over the trainers' models.
+fn evaluate(
+    trainers: &mut [LocalTrainer],
+    global: &[f32],
+    test: Option<&Dataset>,
+    classes: usize,
+) -> Option<fl::Metrics> {
+    let test = test?;
+    let rows: Vec<usize> = (0..test.rows()).collect();
+    let chunk = rows.len().div_ceil(trainers.len()).max(1);
+    let mut outs: Vec<Vec<f32>> = vec![Vec::new(); trainers.len()];
+    std::thread::scope(|s| {
+        for ((trainer, out), rows) in trainers.iter_mut().zip(&mut outs).zip(rows.chunks(chunk)) {
+            s.spawn(move || fl::predict_rows(trainer.model_mut(), global, test, rows, out));
+        }
+    });
+    let probs: Vec<f32> = outs.concat();
+    Some(fl::metrics(&probs, classes, test))
+}
