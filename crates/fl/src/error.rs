@@ -8,4 +8,10 @@ pub enum FlError {
     Config { key: String, why: String },
     #[error("client training: {0}")]
     Model(String),
+    #[error("differential privacy: {name} = {value} {why}")]
+    Privacy {
+        name: &'static str,
+        value: f64,
+        why: &'static str,
+    },
 }

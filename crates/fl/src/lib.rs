@@ -14,6 +14,11 @@
 //! server`), behind thousands of virtual clients in one process (`sinter fl
 //! sim`), and in tests that assert the exact commands.
 //!
+//! Differential privacy (DP-FedAvg) is a set of pure functions beside the
+//! engine: clients clip their updates with [`clip_l2`], Gaussian noise lands
+//! on the sum ([`add_gaussian`], centrally or spread over the clients), and
+//! [`RdpAccountant`] reports the ε spent so far.
+//!
 //! # What the runtime must guarantee
 //!
 //! 1. **Time only moves forward.** Every event carries `now_ms` from one
@@ -44,6 +49,7 @@
 mod config;
 mod error;
 mod local;
+mod privacy;
 mod round;
 mod strategy;
 mod update;
@@ -51,6 +57,7 @@ mod update;
 pub use config::{CLIENTS_MAX, FlConfig, ROUNDS_MAX, StrategyConfig, StrategyKind};
 pub use error::FlError;
 pub use local::{EVAL_BATCH_ROWS, LocalSpec, LocalTrainer, Metrics, TrainResult, metrics, predict_rows};
+pub use privacy::{RdpAccountant, add_gaussian, central_noise_stddev, clip_l2, distributed_noise_stddev};
 pub use round::{Closing, Command, Event, RoundReport, Rounds, RoundsState};
 pub use strategy::{Aggregated, Strategy, StrategyState};
 pub use update::{ClientId, Update, UpdateRefusal, check_update};
