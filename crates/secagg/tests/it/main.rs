@@ -191,9 +191,8 @@ fn the_server_never_sees_an_input() {
     let windows: HashSet<&[u8]> = run.received.iter().flat_map(|(_, bytes)| bytes.windows(16)).collect();
     for input in &inputs {
         let bytes: Vec<u8> = input.iter().flat_map(|x| x.to_le_bytes()).collect();
-        assert!(bytes.chunks_exact(4).count() == 1000);
         assert!(
-            (0..bytes.len() - 16)
+            (0..=bytes.len() - 16)
                 .step_by(4)
                 .all(|at| !windows.contains(&bytes[at..at + 16]))
         );
