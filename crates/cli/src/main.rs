@@ -349,6 +349,56 @@ enum FlCommand {
     /// A whole federation in this process: N virtual clients, each with its part of
     /// `data.train` split by `fl.partition`, trained on a pool of threads.
     Sim(FlSimArgs),
+    /// The federation's server: admits clients, runs the rounds, evaluates the
+    /// global model on `data.test` and prints a line per round.
+    Server(FlServerArgs),
+    /// A client: trains on its own `data.train` when the server asks and sends back its update.
+    Client(FlClientArgs),
+}
+
+#[derive(Args)]
+struct FlServerArgs {
+    config: PathBuf,
+    /// Address to listen on (port 0: any free port; the `listening` line says which).
+    #[arg(long, default_value = "0.0.0.0:7070")]
+    listen: String,
+    /// File holding the shared secret (default: the SINTER_SECRET variable).
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// One JSON object per event (listening, joined, left, round_start, round, refused) and `done`.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct FlClientArgs {
+    /// The server's HOST:PORT.
+    #[arg(long)]
+    server: String,
+    /// The client's config: its own `data.train`, and the `[model]` the server also runs.
+    #[arg(long)]
+    config: PathBuf,
+    /// The client's name, kept across reconnections (default: client-PID).
+    #[arg(long)]
+    name: Option<String>,
+    /// Train on part I of N of data.train, split by fl.partition (a federation on one machine).
+    #[arg(long, value_name = "I/N")]
+    part: Option<String>,
+    /// Give up when the server could not be reached for this long.
+    #[arg(long, default_value_t = 60_000)]
+    connect_timeout_ms: u64,
+    /// Take the connection as lost when the server sends nothing for this long.
+    #[arg(long, default_value_t = 600_000)]
+    idle_timeout_ms: u64,
+    /// File holding the shared secret (default: the SINTER_SECRET variable).
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -1017,6 +1067,8 @@ fn data_command(d: DataCommand) -> Result<()> {
 
 fn fl_command(f: FlCommand) -> Result<()> {
     match f {
+        FlCommand::Server(a) => fl_server(a),
+        FlCommand::Client(a) => fl_client(a),
         FlCommand::Sim(a) => {
             let cfg = JobConfig::load(&a.config, &a.overrides)?;
             tracing::info!(config = ?cfg, "effective config");
@@ -1064,6 +1116,124 @@ fn fl_command(f: FlCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn fl_server(a: FlServerArgs) -> Result<()> {
+    use node::fl::server::ServerEvent;
+    let cfg = JobConfig::load(&a.config, &a.overrides)?;
+    tracing::info!(config = ?cfg, "effective config");
+    let opts = node::fl::server::ServerOptions {
+        listen: a.listen.clone(),
+        secret: load_secret(a.secret_file.as_deref())?,
+    };
+    let rounds = cfg.fl.as_ref().map_or(0, |f| f.rounds);
+    let summary = node::fl::server::run(&cfg, &opts, &mut |ev| {
+        let v = match ev {
+            ServerEvent::Listening { addr } => serde_json::json!({"event": "listening", "addr": addr}),
+            ServerEvent::Joined { client, name, samples } => {
+                serde_json::json!({"event": "joined", "client": client, "name": name, "samples": samples})
+            }
+            ServerEvent::Left { client, why } => serde_json::json!({"event": "left", "client": client, "why": why}),
+            ServerEvent::RoundStart { round, sampled } => {
+                serde_json::json!({"event": "round_start", "round": round, "sampled": sampled})
+            }
+            ServerEvent::Refused { client, round, why } => {
+                serde_json::json!({"event": "refused", "client": client, "round": round, "why": why})
+            }
+            ServerEvent::Round(line) => {
+                let mut v = serde_json::to_value(line).unwrap_or_default();
+                v["event"] = "round".into();
+                v
+            }
+        };
+        if a.json {
+            out!("{v}");
+        } else {
+            match v["event"].as_str() {
+                Some("round") => out!(
+                    "round {}/{rounds}  clients {}  updates {}  dropped {}  test_acc {}  {:.2} s",
+                    v["round"],
+                    v["clients"],
+                    v["updates"],
+                    v["dropped"],
+                    v["test_acc"],
+                    v["wall_s"].as_f64().unwrap_or(0.0)
+                ),
+                Some("listening") => out!("listening on {}", v["addr"]),
+                _ => tracing::info!("{v}"),
+            }
+        }
+    })?;
+    let mut v = serde_json::to_value(&summary).context("summary to JSON")?;
+    v["event"] = "done".into();
+    if a.json {
+        out!("{v}");
+    } else {
+        out!(
+            "done: {} rounds, {} clients, {:.2} s",
+            summary.rounds,
+            summary.clients,
+            summary.wall_s
+        );
+    }
+    Ok(())
+}
+
+fn fl_client(a: FlClientArgs) -> Result<()> {
+    use node::fl::client::ClientEvent;
+    let cfg = JobConfig::load(&a.config, &a.overrides)?;
+    let part = match &a.part {
+        None => None,
+        Some(p) => {
+            let parsed = p
+                .split_once('/')
+                .and_then(|(i, n)| Some((i.parse::<usize>().ok()?, n.parse::<usize>().ok()?)))
+                .filter(|&(i, n)| i < n);
+            Some(parsed.ok_or_else(|| node::JobError::Config {
+                path: "--part".into(),
+                why: format!("`{p}` is not I/N with I < N"),
+            })?)
+        }
+    };
+    let opts = node::fl::client::ClientOptions {
+        server: a.server.clone(),
+        name: a
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("client-{}", std::process::id())),
+        secret: load_secret(a.secret_file.as_deref())?,
+        connect_timeout_ms: a.connect_timeout_ms,
+        idle_timeout_ms: a.idle_timeout_ms,
+        part,
+    };
+    let summary = node::fl::client::run(&cfg, &opts, &mut |ev| {
+        let v = match ev {
+            ClientEvent::Connected { client } => serde_json::json!({"event": "connected", "client": client}),
+            ClientEvent::Trained { round, loss, train_s } => {
+                serde_json::json!({"event": "trained", "round": round, "train_loss": loss, "train_s": train_s})
+            }
+            ClientEvent::Refused { round, why } => serde_json::json!({"event": "refused", "round": round, "why": why}),
+            ClientEvent::Lost { why } => serde_json::json!({"event": "lost", "why": why}),
+        };
+        if a.json {
+            out!("{v}");
+        } else {
+            tracing::info!("{v}");
+        }
+    })?;
+    let mut v = serde_json::to_value(&summary).context("summary to JSON")?;
+    v["event"] = "done".into();
+    if a.json {
+        out!("{v}");
+    } else {
+        out!(
+            "done: trained {} of {} rounds on {} rows",
+            summary.trained,
+            summary.rounds,
+            summary.samples
+        );
+    }
+    Ok(())
 }
 
 fn checkpoint_command(c: CheckpointCommand) -> Result<()> {

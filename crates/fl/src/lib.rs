@@ -49,6 +49,7 @@
 mod config;
 mod error;
 mod local;
+pub mod msg;
 mod privacy;
 mod round;
 mod strategy;

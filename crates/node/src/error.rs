@@ -82,7 +82,11 @@ impl JobError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Config { .. } | Self::Model(_) | Self::Refused { .. } => exit::USAGE,
-            Self::Peer { .. } | Self::Stalled { .. } | Self::Server { .. } | Self::NotSinter { .. } => exit::PEER,
+            Self::Peer { .. }
+            | Self::Stalled { .. }
+            | Self::Server { .. }
+            | Self::NotSinter { .. }
+            | Self::Federation(_) => exit::PEER,
             Self::Interrupted => exit::INTERRUPTED,
             _ => exit::FAILURE,
         }

@@ -303,6 +303,19 @@ pub fn read_header(s: &mut TcpStream) -> Result<FrameHeader, io::Error> {
 /// heartbeats), but once a frame has begun, every `stall_ms` must bring more
 /// of it. `None` at a clean end of the stream, between frames.
 pub fn read_ps_frame(s: &mut TcpStream, payload: &mut Vec<u8>, stall_ms: u64) -> Result<Option<FrameHeader>, String> {
+    let h = read_frame(s, payload, stall_ms)?;
+    if let Some(h) = &h
+        && h.kind != MessageType::Ps
+    {
+        return Err(format!("expected a parameter-server frame, got {}", h.kind));
+    }
+    Ok(h)
+}
+
+/// Reads one frame of any kind, checked (header, length limit of its kind,
+/// payload checksum), under [`read_ps_frame`]'s rule: idle between frames for
+/// as long as the peer likes, but no stall of `stall_ms` inside one.
+pub fn read_frame(s: &mut TcpStream, payload: &mut Vec<u8>, stall_ms: u64) -> Result<Option<FrameHeader>, String> {
     let mut h = [0u8; HEADER_BYTES];
     let mut got = 0;
     while got < HEADER_BYTES {
@@ -317,9 +330,6 @@ pub fn read_ps_frame(s: &mut TcpStream, payload: &mut Vec<u8>, stall_ms: u64) ->
         }
     }
     let h = FrameHeader::decode(&h).map_err(|e| e.to_string())?;
-    if h.kind != MessageType::Ps {
-        return Err(format!("expected a parameter-server frame, got {}", h.kind));
-    }
     payload.resize(h.payload_bytes as usize, 0);
     s.read_exact(payload).map_err(|e| match is_timeout(&e) {
         true => format!("a frame's payload stalled for {stall_ms} ms"),

@@ -131,6 +131,10 @@ pub enum Role {
     Server,
     Worker,
     Launcher,
+    /// A federation's server (`sinter fl server`).
+    FlServer,
+    /// A federation's client (`sinter fl client`).
+    FlClient,
 }
 
 impl Role {
@@ -141,6 +145,8 @@ impl Role {
             Role::Server => 2,
             Role::Worker => 3,
             Role::Launcher => 4,
+            Role::FlServer => 5,
+            Role::FlClient => 6,
         }
     }
 }
@@ -152,6 +158,8 @@ impl std::fmt::Display for Role {
             Role::Server => "server",
             Role::Worker => "worker",
             Role::Launcher => "launcher",
+            Role::FlServer => "fl server",
+            Role::FlClient => "fl client",
         };
         f.write_str(name)
     }

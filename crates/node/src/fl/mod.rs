@@ -1,10 +1,13 @@
-//! The federation's runtime: drives the `fl` engines over virtual clients in
-//! this process ([`sim`]), and reports each round as a line.
+//! The federation's runtime: drives the `fl` engines behind real connections
+//! ([`server`], [`client`]) or over virtual clients in this process
+//! ([`sim`]), and reports each round as a line.
 //!
 //! A federation's data: every client's rows come from one training file split
 //! by `fl.partition` (`data::ClientSplit`), or, for `fl.partition =
 //! "file:PATH"`, by a file naming the client of every row.
 
+pub mod client;
+pub mod server;
 pub mod sim;
 
 use serde::Serialize;
@@ -61,6 +64,63 @@ pub struct FlSummary {
     pub bytes_down: u64,
     /// The process's peak resident set (VmHWM), in MiB.
     pub peak_rss_mb: f64,
+}
+
+impl FlSummary {
+    /// Adds a closed round's figures.
+    pub fn add(&mut self, line: &RoundLine) {
+        self.rounds = line.round;
+        self.test_acc = line.test_acc.or(self.test_acc);
+        self.test_auc = line.test_auc.or(self.test_auc);
+        self.bytes_up += line.bytes_up;
+        self.bytes_down += line.bytes_down;
+        self.train_s += line.train_s;
+        self.aggregate_s += line.aggregate_s;
+        self.eval_s += line.eval_s;
+    }
+}
+
+/// The test set a server evaluates the global model on: `data.test`, or the
+/// test split of an IDX directory. It also gives the model its shape.
+pub fn read_server_test(cfg: &JobConfig) -> Result<data::Dataset, JobError> {
+    let d = &cfg.data;
+    let path = match &d.test {
+        Some(p) => p.clone(),
+        None if d.train.is_dir() => d.train.clone(),
+        None => {
+            return Err(JobError::Config {
+                path: d.train.clone(),
+                why: "a federation's server evaluates the global model on data.test, and takes the model's shape from it; set data.test".into(),
+            });
+        }
+    };
+    Ok(data::read_auto(
+        &path,
+        &crate::job::read_options(cfg, data::Split::Test),
+    )?)
+}
+
+/// The model's metrics on every row of `test`, on this thread.
+pub fn evaluate_one(
+    trainer: &mut fl::LocalTrainer,
+    global: &[f32],
+    test: &data::Dataset,
+    classes: usize,
+) -> fl::Metrics {
+    let rows: Vec<usize> = (0..test.rows()).collect();
+    let mut probs = Vec::new();
+    fl::predict_rows(trainer.model_mut(), global, test, &rows, &mut probs);
+    fl::metrics(&probs, classes, test)
+}
+
+/// How the clients train: `[fl]`'s epochs and μ, the job's `[optim]` and batch size.
+pub fn local_spec(cfg: &JobConfig, flc: &fl::FlConfig) -> fl::LocalSpec {
+    fl::LocalSpec {
+        epochs: flc.local_epochs,
+        batch_size: cfg.train.batch_size,
+        proximal_mu: flc.proximal_mu,
+        optim: cfg.optim.clone(),
+    }
 }
 
 /// The `[fl]` section, or a config error saying the job needs one.

@@ -63,12 +63,7 @@ pub fn run(cfg: &JobConfig, spec: &SimSpec, on_round: &mut dyn FnMut(&RoundLine)
     trainers[0]
         .model()
         .init(&mut global, &mut Rng::derive(cfg.train.seed, 0x1417));
-    let local = LocalSpec {
-        epochs: flc.local_epochs,
-        batch_size: cfg.train.batch_size,
-        proximal_mu: flc.proximal_mu,
-        optim: cfg.optim.clone(),
-    };
+    let local = super::local_spec(cfg, &flc);
     let mut engine = Rounds::new(flc.clone(), cfg.train.seed, global);
     let clock = Instant::now();
     let now_ms = || clock.elapsed().as_millis() as u64;
@@ -130,14 +125,7 @@ pub fn run(cfg: &JobConfig, spec: &SimSpec, on_round: &mut dyn FnMut(&RoundLine)
                         bytes_down: report.sampled as u64 * message_bytes,
                     };
                     on_round(&line);
-                    summary.rounds = report.round;
-                    summary.test_acc = line.test_acc.or(summary.test_acc);
-                    summary.test_auc = line.test_auc.or(summary.test_auc);
-                    summary.bytes_up += line.bytes_up;
-                    summary.bytes_down += line.bytes_down;
-                    summary.train_s += line.train_s;
-                    summary.aggregate_s += line.aggregate_s;
-                    summary.eval_s += line.eval_s;
+                    summary.add(&line);
                     round_started = Instant::now();
                 }
                 Command::Starved {
