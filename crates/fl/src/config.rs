@@ -13,6 +13,7 @@ use crate::error::FlError;
 /// clients = 10              # virtual clients (`fl sim`) or local processes (`train`)
 /// fraction = 0.5            # share of the connected clients sampled per round
 /// min_clients = 2           # a round starts with at least this many connected, and samples at least this many
+/// start_clients = 10        # the first round waits for this many (up to round_timeout_ms)
 /// min_updates = 2           # a round that reaches its deadline closes with at least this many updates
 /// round_timeout_ms = 60000
 /// local_epochs = 1
@@ -29,6 +30,9 @@ pub struct FlConfig {
     pub clients: u32,
     pub fraction: f64,
     pub min_clients: u32,
+    /// The first round waits for this many connected clients (0: `min_clients`),
+    /// or until `round_timeout_ms`, then starts with at least `min_clients`.
+    pub start_clients: u32,
     pub min_updates: u32,
     pub round_timeout_ms: u64,
     pub local_epochs: u32,
@@ -51,6 +55,7 @@ impl Default for FlConfig {
             clients: 10,
             fraction: 1.0,
             min_clients: 1,
+            start_clients: 0,
             min_updates: 1,
             round_timeout_ms: 600_000,
             local_epochs: 1,
@@ -165,6 +170,12 @@ impl FlConfig {
             return bad(
                 "min_clients",
                 format!("{} is not in 1..={CLIENTS_MAX}", self.min_clients),
+            );
+        }
+        if self.start_clients > CLIENTS_MAX {
+            return bad(
+                "start_clients",
+                format!("{} is above {CLIENTS_MAX}", self.start_clients),
             );
         }
         if self.min_updates == 0 || self.min_updates > self.min_clients {

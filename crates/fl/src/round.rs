@@ -300,9 +300,16 @@ impl Rounds {
             return;
         }
         let needed = self.cfg.min_clients as usize;
-        if self.connected.len() < needed {
-            let since = *self.idle_since_ms.get_or_insert(now);
-            if now >= since + self.cfg.round_timeout_ms {
+        let since = *self.idle_since_ms.get_or_insert(now);
+        let timed_out = now >= since + self.cfg.round_timeout_ms;
+        // The first round waits for `start_clients`, until its deadline.
+        let wanted = if self.rounds_done == 0 && !timed_out {
+            needed.max(self.cfg.start_clients as usize)
+        } else {
+            needed
+        };
+        if self.connected.len() < wanted {
+            if timed_out {
                 self.finished = true;
                 out.push(Command::Starved {
                     round: self.rounds_done + 1,
@@ -608,6 +615,31 @@ mod tests {
             }]
         );
         assert_eq!(r.next_deadline_ms(), None);
+    }
+
+    #[test]
+    fn the_first_round_waits_for_start_clients_until_its_deadline() {
+        let mut c = cfg(2, 1.0, 2, 1);
+        c.start_clients = 3;
+        let mut r = Rounds::new(c, 7, vec![0.0; 2]);
+        r.start(0);
+        assert!(r.handle(Event::Joined { client: 1, now_ms: 0 }).is_empty());
+        assert!(r.handle(Event::Joined { client: 2, now_ms: 10 }).is_empty());
+        // Two of three at the deadline: the round starts with them (min_clients is 2).
+        assert_eq!(
+            r.handle(Event::Tick { now_ms: 1_000 }),
+            vec![
+                Command::Train { client: 1, round: 1 },
+                Command::Train { client: 2, round: 1 }
+            ]
+        );
+        let mut c = cfg(1, 1.0, 2, 1);
+        c.start_clients = 3;
+        let mut r = Rounds::new(c, 7, vec![0.0; 2]);
+        r.start(0);
+        r.handle(Event::Joined { client: 1, now_ms: 0 });
+        r.handle(Event::Joined { client: 2, now_ms: 0 });
+        assert_eq!(r.handle(Event::Joined { client: 3, now_ms: 5 }).len(), 3);
     }
 
     #[test]

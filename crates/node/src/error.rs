@@ -81,7 +81,10 @@ impl JobError {
     /// The exit code a process ends with on this error.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Config { .. } | Self::Model(_) | Self::Refused { .. } => exit::USAGE,
+            Self::Config { .. }
+            | Self::Model(_)
+            | Self::Refused { .. }
+            | Self::Data(data::DataError::Config { .. }) => exit::USAGE,
             Self::Peer { .. }
             | Self::Stalled { .. }
             | Self::Server { .. }

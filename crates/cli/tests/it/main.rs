@@ -7,6 +7,7 @@ mod cluster;
 mod compress;
 mod data;
 mod elastic;
+mod federation;
 mod hostile;
 mod netns;
 mod partition;
