@@ -569,6 +569,9 @@ fn train(a: TrainArgs) -> Result<()> {
     }
     let cfg = JobConfig::load(&a.config, &overrides)?;
     tracing::info!(config = ?cfg, "effective config");
+    if cfg.fl.is_some() {
+        return train_federation(&cfg, a.json);
+    }
     let mut console = progress::Console::new(a.json, a.quiet);
     let summary = launch::run(cfg, a.resume.as_deref(), &mut console);
     console.finish();
@@ -579,6 +582,38 @@ fn train(a: TrainArgs) -> Result<()> {
     let mut done = serde_json::to_value(&summary).context("summary to JSON")?;
     done["event"] = "done".into();
     console.json_line(&done);
+    Ok(())
+}
+
+/// `sinter train` with an `[fl]` section: a server and `fl.clients` client processes on loopback.
+fn train_federation(cfg: &JobConfig, json: bool) -> Result<()> {
+    let rounds = cfg.fl.as_ref().map_or(0, |f| f.rounds);
+    let done = launch::federation::run(cfg, &mut |v| {
+        if json {
+            out!("{v}");
+        } else if v["event"] == "round" {
+            out!(
+                "round {}/{rounds}  clients {}  updates {}  dropped {}  test_acc {}  {:.2} s",
+                v["round"],
+                v["clients"],
+                v["updates"],
+                v["dropped"],
+                v["test_acc"],
+                v["wall_s"].as_f64().unwrap_or(0.0)
+            );
+        }
+    })?;
+    if json {
+        out!("{done}");
+    } else {
+        out!(
+            "done: {} rounds, {} clients, test_acc {}, {:.2} s",
+            done["rounds"],
+            done["clients"],
+            done["test_acc"],
+            done["wall_s"].as_f64().unwrap_or(0.0)
+        );
+    }
     Ok(())
 }
 

@@ -23,6 +23,8 @@ use node::error::JobError;
 use node::report::{Observer, Report};
 use node::train::Summary;
 
+pub mod federation;
+
 /// How often the supervisor looks at the interrupt flag.
 const SUPERVISE_TICK_MS: u64 = 50;
 /// Time children get between SIGTERM and SIGKILL.
@@ -44,6 +46,8 @@ enum Who {
     Coordinator,
     Worker(u32),
     Server(u32),
+    FlServer,
+    FlClient(u32),
 }
 
 impl std::fmt::Display for Who {
@@ -52,6 +56,8 @@ impl std::fmt::Display for Who {
             Who::Coordinator => write!(f, "the coordinator"),
             Who::Worker(r) => write!(f, "worker rank {r}"),
             Who::Server(s) => write!(f, "server {s}"),
+            Who::FlServer => write!(f, "the federation's server"),
+            Who::FlClient(i) => write!(f, "federation client {i}"),
         }
     }
 }
@@ -467,6 +473,8 @@ impl LocalCluster {
                         on_server_line(shard, v);
                     }
                 }
+                // A cluster starts no federation's processes (`federation` supervises those).
+                Msg::Line(Who::FlServer | Who::FlClient(_), _) => {}
                 Msg::Line(Who::Coordinator, line) => {
                     if let Some(failure) = coordinator_failure(&line) {
                         self.children.stop_all();
@@ -508,6 +516,7 @@ impl LocalCluster {
                         Who::Worker(_) => finished += 1,
                         Who::Server(_) => servers_done += 1,
                         Who::Coordinator => coordinator_done = Some(Instant::now()),
+                        Who::FlServer | Who::FlClient(_) => {}
                     }
                     if finished + lost == self.workers && servers_done == self.servers && coordinator_done.is_some() {
                         return Ok(());
@@ -530,6 +539,7 @@ impl LocalCluster {
                 Who::Server(server) => JobError::Server { server, why },
                 // Killed, or gone without saying why the job failed.
                 Who::Coordinator => JobError::CoordinatorLost(why),
+                Who::FlServer | Who::FlClient(_) => JobError::Federation(why),
             }
         };
         if status.signal().is_some() {

@@ -157,6 +157,29 @@ fn a_federation_survives_killed_and_stopped_clients_and_takes_a_latecomer() {
     }
 }
 
+/// `sinter train` with an `[fl]` section starts a server and `fl.clients` client processes and ends with them.
+#[test]
+fn train_with_an_fl_section_runs_a_local_federation_of_processes() {
+    let dir = temp_dir();
+    let d = dir.path();
+    dense_federation(
+        d,
+        "rounds = 2\nclients = 3\nstart_clients = 3\nmin_clients = 2\nmin_updates = 2\npartition = \"iid\"",
+    );
+    let f = run("train", sinter(d).args(["train", "fl.toml", "--json"]), RUN_TIMEOUT);
+    f.assert_success().assert_no_panic();
+    let lines = f.json_lines();
+    let rounds: Vec<&Value> = lines.iter().filter(|v| event(v) == Some("round")).collect();
+    assert_eq!(rounds.len(), 2, "{lines:?}");
+    assert!(rounds.iter().all(|r| r["updates"] == 3), "{rounds:?}");
+    let done = lines.iter().find(|v| event(v) == Some("done")).expect("a done line");
+    assert_eq!(
+        (done["rounds"].as_u64(), done["clients"].as_u64()),
+        (Some(2), Some(3)),
+        "{done}"
+    );
+}
+
 /// A client whose server never answers gives up at its deadline, naming the server (exit 3).
 #[test]
 fn a_client_without_a_server_gives_up_at_its_deadline_naming_it() {
