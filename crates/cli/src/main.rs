@@ -588,32 +588,8 @@ fn train(a: TrainArgs) -> Result<()> {
 /// `sinter train` with an `[fl]` section: a server and `fl.clients` client processes on loopback.
 fn train_federation(cfg: &JobConfig, json: bool) -> Result<()> {
     let rounds = cfg.fl.as_ref().map_or(0, |f| f.rounds);
-    let done = launch::federation::run(cfg, &mut |v| {
-        if json {
-            out!("{v}");
-        } else if v["event"] == "round" {
-            out!(
-                "round {}/{rounds}  clients {}  updates {}  dropped {}  test_acc {}  {:.2} s",
-                v["round"],
-                v["clients"],
-                v["updates"],
-                v["dropped"],
-                v["test_acc"],
-                v["wall_s"].as_f64().unwrap_or(0.0)
-            );
-        }
-    })?;
-    if json {
-        out!("{done}");
-    } else {
-        out!(
-            "done: {} rounds, {} clients, test_acc {}, {:.2} s",
-            done["rounds"],
-            done["clients"],
-            done["test_acc"],
-            done["wall_s"].as_f64().unwrap_or(0.0)
-        );
-    }
+    let done = launch::federation::run(cfg, &mut |v| print_fl_line(v, rounds, json))?;
+    print_fl_line(&done, rounds, json);
     Ok(())
 }
 
@@ -1113,41 +1089,11 @@ fn fl_command(f: FlCommand) -> Result<()> {
             };
             let rounds = cfg.fl.as_ref().map_or(0, |f| f.rounds);
             let summary = node::fl::sim::run(&cfg, &spec, &mut |line| {
-                if a.json {
-                    let mut v = serde_json::to_value(line).unwrap_or_default();
-                    v["event"] = "round".into();
-                    out!("{v}");
-                } else {
-                    let metric = match (line.test_acc, line.test_auc) {
-                        (_, Some(auc)) => format!("  test_auc {auc:.4}"),
-                        (Some(acc), None) => format!("  test_acc {acc:.4}"),
-                        _ => String::new(),
-                    };
-                    out!(
-                        "round {}/{rounds}  clients {}  updates {}  dropped {}  loss {:.4}{metric}  {:.2} s",
-                        line.round,
-                        line.clients,
-                        line.updates,
-                        line.dropped,
-                        line.train_loss,
-                        line.wall_s
-                    );
-                }
+                let mut v = serde_json::to_value(line).unwrap_or_default();
+                v["event"] = "round".into();
+                print_fl_line(&v, rounds, a.json);
             })?;
-            if a.json {
-                let mut v = serde_json::to_value(&summary).context("summary to JSON")?;
-                v["event"] = "done".into();
-                out!("{v}");
-            } else {
-                out!(
-                    "done: {} rounds, {} clients, {:.2} s ({:.2} s training clients), peak RSS {:.1} MiB",
-                    summary.rounds,
-                    summary.clients,
-                    summary.wall_s,
-                    summary.train_s,
-                    summary.peak_rss_mb
-                );
-            }
+            print_fl_line(&fl_done(&summary)?, rounds, a.json);
             Ok(())
         }
     }
@@ -1199,19 +1145,53 @@ fn fl_server(a: FlServerArgs) -> Result<()> {
             }
         }
     })?;
-    let mut v = serde_json::to_value(&summary).context("summary to JSON")?;
-    v["event"] = "done".into();
-    if a.json {
-        out!("{v}");
-    } else {
-        out!(
-            "done: {} rounds, {} clients, {:.2} s",
-            summary.rounds,
-            summary.clients,
-            summary.wall_s
-        );
-    }
+    print_fl_line(&fl_done(&summary)?, rounds, a.json);
     Ok(())
+}
+
+fn fl_done(summary: &node::fl::FlSummary) -> Result<serde_json::Value> {
+    let mut v = serde_json::to_value(summary).context("summary to JSON")?;
+    v["event"] = "done".into();
+    Ok(v)
+}
+
+/// One line of a federation's server: as it is with `--json`, else as text
+/// for the rounds, the address and the end (the rest to the log).
+fn print_fl_line(v: &serde_json::Value, rounds: u32, json: bool) {
+    if json {
+        out!("{v}");
+        return;
+    }
+    let f = |key: &str| v[key].as_f64().unwrap_or(0.0);
+    match v["event"].as_str() {
+        Some("round") => {
+            let metric = match (v["test_acc"].as_f64(), v["test_auc"].as_f64()) {
+                (_, Some(auc)) => format!("  test_auc {auc:.4}"),
+                (Some(acc), None) => format!("  test_acc {acc:.4}"),
+                _ => String::new(),
+            };
+            out!(
+                "round {}/{rounds}  clients {}  updates {}  dropped {}  loss {:.4}{metric}  {:.2} s",
+                v["round"],
+                v["clients"],
+                v["updates"],
+                v["dropped"],
+                f("train_loss"),
+                f("wall_s")
+            );
+        }
+        Some("listening") => out!("listening on {}", v["addr"]),
+        Some("done") => out!(
+            "done: {} rounds, {} clients, test_acc {}, {:.2} s ({:.2} s in the clients' training), peak RSS {:.1} MiB",
+            v["rounds"],
+            v["clients"],
+            v["test_acc"],
+            f("wall_s"),
+            f("train_s"),
+            f("peak_rss_mb")
+        ),
+        _ => tracing::info!("{v}"),
+    }
 }
 
 fn fl_client(a: FlClientArgs) -> Result<()> {

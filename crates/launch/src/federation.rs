@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use node::config::JobConfig;
 use node::error::JobError;
 
-use super::{Children, INTERRUPTED, Msg, RemoveOnDrop, STOP_GRACE_MS, SUPERVISE_TICK_MS, Who, describe, on_signal};
+use super::{Children, INTERRUPTED, Msg, STOP_GRACE_MS, SUPERVISE_TICK_MS, Who, describe};
 
 /// The longest the server may take to say where it listens.
 const SERVER_START_TIMEOUT_MS: u64 = 30_000;
@@ -27,22 +27,8 @@ pub fn run(cfg: &JobConfig, on_line: &mut dyn FnMut(&serde_json::Value)) -> Resu
         path: "<config>".into(),
         why: "a federation needs an [fl] section".into(),
     })?;
-    let run_dir = std::env::temp_dir().join(format!("sinter-fl-{}", std::process::id()));
-    std::fs::create_dir_all(&run_dir).map_err(|e| JobError::io(format!("creating {}", run_dir.display()), e))?;
-    let _cleanup = RemoveOnDrop(run_dir.clone());
-    let job_file = run_dir.join("job.toml");
-    let text = toml::to_string(cfg).map_err(|e| JobError::Config {
-        path: job_file.clone(),
-        why: e.to_string(),
-    })?;
-    std::fs::write(&job_file, text).map_err(|e| JobError::io(format!("writing {}", job_file.display()), e))?;
-    let exe = std::env::current_exe().map_err(|e| JobError::io("locating the sinter binary", e))?;
-    let secret_hex: String = node::net::nonce()?.iter().map(|b| format!("{b:02x}")).collect();
-    // SAFETY: installing a handler that only stores to an atomic.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
+    let (_cleanup, job_file) = super::write_job_file(cfg, "sinter-fl")?;
+    let (exe, secret_hex) = super::prepare_children()?;
     let (tx, rx) = mpsc::channel::<Msg>();
     let mut children = Children { procs: Vec::new() };
     let mut server = Command::new(&exe);

@@ -196,6 +196,20 @@ impl Drop for Children {
     }
 }
 
+/// What every launch needs before its first child: the `sinter` binary, a
+/// fresh shared secret (hex) for the children, and Ctrl-C and SIGTERM turned
+/// into [`INTERRUPTED`], so the launcher stops its children before it exits.
+fn prepare_children() -> Result<(PathBuf, String), JobError> {
+    let exe = std::env::current_exe().map_err(|e| JobError::io("locating the sinter binary", e))?;
+    let secret_hex: String = node::net::nonce()?.iter().map(|b| format!("{b:02x}")).collect();
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    Ok((exe, secret_hex))
+}
+
 fn describe(status: ExitStatus) -> String {
     match (status.code(), status.signal()) {
         (Some(c), _) => format!("exited with code {c}"),
@@ -285,13 +299,7 @@ impl LocalCluster {
         elastic: Option<Elasticity>,
     ) -> Result<Self, JobError> {
         let replicas = replicas.max(1);
-        let exe = std::env::current_exe().map_err(|e| JobError::io("locating the sinter binary", e))?;
-        let secret_hex: String = node::net::nonce()?.iter().map(|b| format!("{b:02x}")).collect();
-        // SAFETY: installing a handler that only stores to an atomic.
-        unsafe {
-            libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-            libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-        }
+        let (exe, secret_hex) = prepare_children()?;
         let (tx, rx) = mpsc::channel::<Msg>();
         let mut children = Children { procs: Vec::new() };
         let mut coord = Command::new(&exe);
@@ -591,15 +599,7 @@ pub fn run(cfg: JobConfig, resume: Option<&Path>, obs: &mut dyn Observer) -> Res
 
 /// Runs a whole local cluster for `cfg` and returns rank 0's summary.
 fn run_cluster(cfg: &JobConfig, resume: Option<&Path>, obs: &mut dyn Observer) -> Result<Summary, JobError> {
-    let run_dir = std::env::temp_dir().join(format!("sinter-launch-{}", std::process::id()));
-    std::fs::create_dir_all(&run_dir).map_err(|e| JobError::io(format!("creating {}", run_dir.display()), e))?;
-    let _cleanup = RemoveOnDrop(run_dir.clone());
-    let job_file = run_dir.join("job.toml");
-    let text = toml::to_string(cfg).map_err(|e| JobError::Config {
-        path: job_file.clone(),
-        why: e.to_string(),
-    })?;
-    std::fs::write(&job_file, text).map_err(|e| JobError::io(format!("writing {}", job_file.display()), e))?;
+    let (_cleanup, job_file) = write_job_file(cfg, "sinter-launch")?;
     let mut resume = resume.map(Path::to_path_buf);
     let mut restarts_left = cfg.cluster.max_restarts;
     loop {
@@ -720,6 +720,21 @@ fn wait_for_address(rx: &mpsc::Receiver<Msg>) -> Result<String, JobError> {
             )));
         }
     }
+}
+
+/// Writes the effective config where the children read it: a private
+/// directory that goes away with the returned guard.
+fn write_job_file(cfg: &JobConfig, prefix: &str) -> Result<(RemoveOnDrop, PathBuf), JobError> {
+    let run_dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+    std::fs::create_dir_all(&run_dir).map_err(|e| JobError::io(format!("creating {}", run_dir.display()), e))?;
+    let guard = RemoveOnDrop(run_dir.clone());
+    let job_file = run_dir.join("job.toml");
+    let text = toml::to_string(cfg).map_err(|e| JobError::Config {
+        path: job_file.clone(),
+        why: e.to_string(),
+    })?;
+    std::fs::write(&job_file, text).map_err(|e| JobError::io(format!("writing {}", job_file.display()), e))?;
+    Ok((guard, job_file))
 }
 
 struct RemoveOnDrop(PathBuf);
