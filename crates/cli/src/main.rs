@@ -370,6 +370,9 @@ struct FlServerArgs {
     /// One JSON object per event (listening, joined, left, round_start, round, refused) and `done`.
     #[arg(long)]
     json: bool,
+    /// Continue from the newest good checkpoint in this directory (`checkpoint.dir` writes them).
+    #[arg(long, value_name = "DIR")]
+    resume: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -1106,6 +1109,7 @@ fn fl_server(a: FlServerArgs) -> Result<()> {
     let opts = node::fl::server::ServerOptions {
         listen: a.listen.clone(),
         secret: load_secret(a.secret_file.as_deref())?,
+        resume: a.resume.clone(),
     };
     let rounds = cfg.fl.as_ref().map_or(0, |f| f.rounds);
     let summary = node::fl::server::run(&cfg, &opts, &mut |ev| {

@@ -132,6 +132,9 @@ pub struct Rounds {
     /// Rounds open only after [`Rounds::start`], so a runtime can admit a known
     /// set of clients first.
     started: bool,
+    /// Whether this engine has opened a round (the first waits for `start_clients`,
+    /// after a resume too, so that a restarted server samples from the same clients).
+    opened_any: bool,
     finished: bool,
 }
 
@@ -151,6 +154,7 @@ impl Rounds {
             late: 0,
             now_ms: 0,
             started: false,
+            opened_any: false,
             finished: false,
         }
     }
@@ -303,7 +307,7 @@ impl Rounds {
         let since = *self.idle_since_ms.get_or_insert(now);
         let timed_out = now >= since + self.cfg.round_timeout_ms;
         // The first round waits for `start_clients`, until its deadline.
-        let wanted = if self.rounds_done == 0 && !timed_out {
+        let wanted = if !self.opened_any && !timed_out {
             needed.max(self.cfg.start_clients as usize)
         } else {
             needed
@@ -320,6 +324,7 @@ impl Rounds {
             return;
         }
         self.idle_since_ms = None;
+        self.opened_any = true;
         self.open_next(now, out);
     }
 

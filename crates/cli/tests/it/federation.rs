@@ -157,6 +157,67 @@ fn a_federation_survives_killed_and_stopped_clients_and_takes_a_latecomer() {
     }
 }
 
+/// A federation's server killed mid-federation resumes from its checkpoint
+/// (`--resume`), its clients reconnect by themselves, and the model it ends
+/// with is bitwise the one of a federation that was never interrupted.
+#[test]
+fn a_killed_server_resumes_from_its_checkpoint_to_the_same_model() {
+    let dir = temp_dir();
+    let d = dir.path();
+    dense_federation(
+        d,
+        "rounds = 4\nfraction = 1.0\nmin_clients = 3\nstart_clients = 3\nmin_updates = 3\nlocal_epochs = 2\npartition = \"iid\"",
+    );
+    let server = |ck: &str, listen: &str, resume: bool| {
+        let mut cmd = sinter(d);
+        cmd.args(["fl", "server", "fl.toml", "--listen", listen, "--json", "--set"])
+            .arg(format!("checkpoint.dir=\"{ck}\""))
+            .env("SINTER_SECRET", SECRET);
+        if resume {
+            cmd.args(["--resume", ck]);
+        }
+        Proc::spawn(&format!("server ({ck})"), &mut cmd)
+    };
+    let listening = |p: &mut Proc| {
+        p.wait_json("listening", RUN_TIMEOUT, |v| event(v) == Some("listening"))["addr"]
+            .as_str()
+            .expect("an address")
+            .to_string()
+    };
+    // Uninterrupted.
+    let mut a = server("ck-a", "127.0.0.1:0", false);
+    let addr = listening(&mut a);
+    let clients: Vec<Proc> = (0..3).map(|i| client(d, &addr, i, 3)).collect();
+    a.wait(RUN_TIMEOUT).assert_success();
+    for c in clients {
+        c.wait(RUN_TIMEOUT).assert_success();
+    }
+    // Killed once round 2 is saved (round 3's start comes after its save), then resumed on the same port.
+    let mut b = server("ck-b", "127.0.0.1:0", false);
+    let addr = listening(&mut b);
+    let clients: Vec<Proc> = (0..3).map(|i| client(d, &addr, i, 3)).collect();
+    b.wait_json("round 3 starts", RUN_TIMEOUT, |v| event(v) == Some("round_start") && v["round"] == 3);
+    b.signal(libc::SIGKILL);
+    drop(b);
+    let mut resumed = server("ck-b", &addr, true);
+    let r3 = resumed.wait_json("round 3", RUN_TIMEOUT, |v| event(v) == Some("round") && v["round"] == 3);
+    assert_eq!(r3["updates"].as_u64(), Some(3), "{r3}");
+    resumed.wait(RUN_TIMEOUT).assert_success();
+    for c in clients {
+        let f = c.wait(RUN_TIMEOUT);
+        f.assert_success();
+        assert!(
+            f.json_lines().iter().any(|v| event(v) == Some("lost")),
+            "{} never lost its server",
+            f.name
+        );
+    }
+    let params = |ck: &str| std::fs::read(d.join(ck).join("step-000000000004/params.safetensors"));
+    let (pa, pb) = (params("ck-a"), params("ck-b"));
+    assert!(pa.is_ok(), "no checkpoint of round 4 in ck-a: {:?}", std::fs::read_dir(d.join("ck-a")).map(|r| r.count()));
+    assert!(pa.ok() == pb.ok(), "the resumed federation ended with another model");
+}
+
 /// `sinter train` with an `[fl]` section starts a server and `fl.clients` client processes and ends with them.
 #[test]
 fn train_with_an_fl_section_runs_a_local_federation_of_processes() {
@@ -178,6 +239,47 @@ fn train_with_an_fl_section_runs_a_local_federation_of_processes() {
         (Some(2), Some(3)),
         "{done}"
     );
+}
+
+/// Strangers never stop a federation: garbage on the server's port and a
+/// client with the wrong secret are refused, and the clients with the right
+/// one train every round.
+#[test]
+fn strangers_and_wrong_secrets_do_not_stop_a_federation() {
+    use std::io::Write as _;
+    let dir = temp_dir();
+    let d = dir.path();
+    dense_federation(d, "rounds = 3\nmin_clients = 2\nstart_clients = 2\nmin_updates = 2\npartition = \"iid\"");
+    let mut server = Proc::spawn(
+        "server",
+        sinter(d)
+            .args(["fl", "server", "fl.toml", "--listen", "127.0.0.1:0", "--json"])
+            .env("SINTER_SECRET", SECRET),
+    );
+    let addr = server.wait_json("listening", RUN_TIMEOUT, |v| event(v) == Some("listening"))["addr"]
+        .as_str()
+        .expect("an address")
+        .to_string();
+    let mut garbage = std::net::TcpStream::connect(&addr).expect("connecting");
+    garbage.write_all(&[0xAB; 4096]).expect("writing garbage");
+    let wrong = run(
+        "client with the wrong secret",
+        sinter(d)
+            .args(["fl", "client", "--server", &addr, "--config", "fl.toml", "--connect-timeout-ms", "1000"])
+            .env("SINTER_SECRET", "not-the-federation-secret-000000"),
+        RUN_TIMEOUT,
+    );
+    assert_ne!(wrong.code(), Some(0), "{}", wrong.shown());
+    let clients: Vec<Proc> = (0..2).map(|i| client(d, &addr, i, 2)).collect();
+    let done = server.wait(RUN_TIMEOUT);
+    done.assert_success();
+    let rounds: Vec<Value> = done.json_lines().into_iter().filter(|v| event(v) == Some("round")).collect();
+    assert_eq!(rounds.len(), 3);
+    assert!(rounds.iter().all(|r| r["updates"] == 2), "{rounds:?}");
+    for c in clients {
+        c.wait(RUN_TIMEOUT).assert_success();
+    }
+    drop(garbage);
 }
 
 /// A client whose server never answers gives up at its deadline, naming the server (exit 3).

@@ -145,6 +145,95 @@ pub fn split_clients(
     Ok(split.split(train, clients, cfg.train.seed)?)
 }
 
+/// Checkpoint groups of a federation's server: the global model (named like
+/// a training checkpoint's `params`, so the same tools read it) and the
+/// strategy's state.
+const PARAMS: &str = "params";
+const SERVER: &str = "server";
+
+/// Where a federation's server stands, in its checkpoint's manifest.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct FlPosition {
+    fl_rounds_done: u32,
+}
+
+/// Writes the server's state after `state.rounds_done` rounds into `dir`
+/// (`step-{rounds}`, atomically) and keeps the newest `keep_last`.
+pub fn save_state(
+    dir: &std::path::Path,
+    keep_last: usize,
+    cfg: &JobConfig,
+    layout: &tensor::Layout,
+    state: &fl::RoundsState,
+) -> Result<std::path::PathBuf, JobError> {
+    let position = serde_json::to_value(FlPosition {
+        fl_rounds_done: state.rounds_done,
+    })
+    .unwrap_or_default();
+    let config = serde_json::to_value(cfg).unwrap_or_default();
+    let mut snap = checkpoint::Snapshot::new(checkpoint::Manifest::new(
+        u64::from(state.rounds_done),
+        0,
+        position,
+        config,
+    ));
+    let params = layout
+        .tensors()
+        .iter()
+        .map(|t| checkpoint::NamedTensor::new(&t.name, &t.shape, state.global[t.range()].to_vec()))
+        .collect();
+    snap.files.insert(PARAMS.into(), params);
+    snap.files.insert(
+        SERVER.into(),
+        vec![
+            checkpoint::NamedTensor::vector("strategy.m", &state.strategy.m),
+            checkpoint::NamedTensor::vector("strategy.v", &state.strategy.v),
+        ],
+    );
+    let path = checkpoint::write(dir, &snap)?;
+    checkpoint::prune(dir, keep_last)?;
+    Ok(path)
+}
+
+/// The server's state from the newest good checkpoint in `dir`, checked against the model's layout.
+pub fn load_state(dir: &std::path::Path, layout: &tensor::Layout) -> Result<fl::RoundsState, JobError> {
+    let (snap, skipped) = checkpoint::load_latest(dir)?;
+    for s in &skipped {
+        tracing::warn!(path = %s.path.display(), error = %s.error, "skipped a damaged checkpoint");
+    }
+    let path = dir.join(checkpoint::dir_name(snap.manifest.step));
+    let bad = |why: String| JobError::Resume {
+        path: path.clone(),
+        why,
+    };
+    let position: FlPosition = serde_json::from_value(snap.manifest.data_position.clone())
+        .map_err(|e| bad(format!("not a federation's checkpoint: {e}")))?;
+    let mut global = vec![0.0f32; layout.len()];
+    for t in layout.tensors() {
+        let saved = snap
+            .tensor(PARAMS, &t.name)
+            .ok_or_else(|| bad(format!("{PARAMS} has no tensor {}", t.name)))?;
+        if saved.data.len() != t.len() {
+            return Err(bad(format!(
+                "tensor {} holds {} values, the model's {}",
+                t.name,
+                saved.data.len(),
+                t.len()
+            )));
+        }
+        global[t.range()].copy_from_slice(&saved.data);
+    }
+    let vector = |name: &str| snap.tensor(SERVER, name).map(|t| t.data.clone()).unwrap_or_default();
+    Ok(fl::RoundsState {
+        rounds_done: position.fl_rounds_done,
+        global,
+        strategy: fl::StrategyState {
+            m: vector("strategy.m"),
+            v: vector("strategy.v"),
+        },
+    })
+}
+
 /// The peak resident set of this process in MiB (VmHWM), 0 where /proc does not say.
 pub fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")

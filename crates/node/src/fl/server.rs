@@ -33,6 +33,8 @@ use crate::net;
 pub struct ServerOptions {
     pub listen: String,
     pub secret: Secret,
+    /// Continue the federation from the newest good checkpoint in this directory.
+    pub resume: Option<std::path::PathBuf>,
 }
 
 /// A client's hello must arrive this soon after its handshake.
@@ -142,7 +144,18 @@ pub fn run(
     let bytes_down = Arc::new(AtomicU64::new(0));
     let acceptor = spawn_acceptor(gate, ev_tx, stop.clone(), model_len)?;
 
-    let mut engine = Rounds::new(flc.clone(), cfg.train.seed, global);
+    let layout = evaluator.model().layout().clone();
+    let mut engine = match &opts.resume {
+        Some(dir) => {
+            let state = super::load_state(dir, &layout)?;
+            tracing::info!(rounds_done = state.rounds_done, dir = %dir.display(), "resuming the federation");
+            Rounds::resume(flc.clone(), cfg.train.seed, state).map_err(|why| JobError::Resume {
+                path: dir.clone(),
+                why,
+            })?
+        }
+        None => Rounds::new(flc.clone(), cfg.train.seed, global),
+    };
     let clock = Instant::now();
     let now_ms = || clock.elapsed().as_millis() as u64;
     let mut state = State {
@@ -218,6 +231,16 @@ pub fn run(
                     };
                     summary.add(&line);
                     on_event(ServerEvent::Round(&line));
+                    let every = cfg.checkpoint.every_epochs.max(1);
+                    if let Some(dir) = &cfg.checkpoint.dir
+                        && (last || report.round % every == 0)
+                    {
+                        match super::save_state(dir, cfg.checkpoint.keep_last, cfg, &layout, &engine.state()) {
+                            Ok(path) => tracing::info!(round = report.round, path = %path.display(), "saved the federation"),
+                            // A checkpoint that cannot be written ends the federation, as it ends a training job.
+                            Err(e) => outcome = Some(Err(e)),
+                        }
+                    }
                 }
                 Command::Starved {
                     round,
@@ -268,6 +291,14 @@ pub fn run(
     summary.wall_s = started.elapsed().as_secs_f64();
     summary.peak_rss_mb = super::peak_rss_mb();
     Ok(summary)
+}
+
+/// A client's id: the 64-bit FNV-1a hash of its name, a fixed function, so
+/// the same names give the same ids (and the same samples) in every run.
+fn client_id(name: &str) -> ClientId {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 fn with_time(event: Event, now_ms: u64) -> Event {
@@ -346,8 +377,15 @@ impl State {
                     self.spawn_writer(writer, rx);
                     return Vec::new();
                 }
-                let next = self.names.len() as ClientId;
-                let client = *self.names.entry(name.clone()).or_insert(next);
+                // A client's id is its name's, so a restarted server numbers (and samples) them alike.
+                let client = client_id(&name);
+                if let Some((other, _)) = self.names.iter().find(|(n, id)| **id == client && **n != name) {
+                    let why = format!("its name's id collides with client {other:?}'s; choose another name");
+                    let _ = tx.try_send(Out::Control(ToClient::Rejected { why }));
+                    self.spawn_writer(writer, rx);
+                    return Vec::new();
+                }
+                self.names.insert(name.clone(), client);
                 let mut events = Vec::new();
                 if let Some(old) = self.current.insert(client, conn)
                     && let Some(c) = self.conns.remove(&old)
