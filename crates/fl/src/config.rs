@@ -45,6 +45,12 @@ pub struct FlConfig {
     pub update_norm_max: f64,
     /// Evaluate the global model on the test set every this many rounds (and after the last).
     pub eval_every_rounds: u32,
+    /// How a client's update crosses the wire: a `codec` spec (`none`, `fp16`,
+    /// `int8`, `qsgd:15`, `sign`, `topk:0.01`, ...; PowerSGD's two rounds are not
+    /// supported), with each client's compression error carried to its next
+    /// update when `error_feedback` is on.
+    pub codec: String,
+    pub error_feedback: bool,
     pub strategy: StrategyConfig,
 }
 
@@ -63,6 +69,8 @@ impl Default for FlConfig {
             proximal_mu: 0.0,
             update_norm_max: 0.0,
             eval_every_rounds: 1,
+            codec: "none".into(),
+            error_feedback: true,
             strategy: StrategyConfig::default(),
         }
     }
@@ -207,6 +215,16 @@ impl FlConfig {
         }
         if self.eval_every_rounds == 0 {
             return bad("eval_every_rounds", "must be at least 1".into());
+        }
+        match self.codec.parse::<codec::CodecSpec>() {
+            Ok(codec::CodecSpec::PowerSgd { .. }) => {
+                return bad(
+                    "codec",
+                    "PowerSGD needs two rounds of messages; choose another codec".into(),
+                );
+            }
+            Ok(_) => {}
+            Err(e) => return bad("codec", e.to_string()),
         }
         let s = &self.strategy;
         if !(s.server_lr > 0.0 && s.server_lr.is_finite()) {

@@ -57,7 +57,9 @@ mod update;
 
 pub use config::{CLIENTS_MAX, FlConfig, ROUNDS_MAX, StrategyConfig, StrategyKind};
 pub use error::FlError;
-pub use local::{EVAL_BATCH_ROWS, LocalSpec, LocalTrainer, Metrics, TrainResult, metrics, predict_rows};
+pub use local::{
+    EVAL_BATCH_ROWS, LocalSpec, LocalTrainer, Metrics, TrainResult, UpdateEncoder, decode_update, metrics, predict_rows,
+};
 pub use privacy::{RdpAccountant, add_gaussian, central_noise_stddev, clip_l2, distributed_noise_stddev};
 pub use round::{Closing, Command, Event, RoundReport, Rounds, RoundsState};
 pub use strategy::{Aggregated, Strategy, StrategyState};

@@ -133,6 +133,42 @@ impl LocalTrainer {
     }
 }
 
+/// A client's side of a compressed update: the codec and, with error
+/// feedback, what compression left out of its earlier updates.
+pub struct UpdateEncoder {
+    spec: codec::CodecSpec,
+    feedback: Option<codec::ErrorFeedback>,
+}
+
+impl UpdateEncoder {
+    /// `spec` must have passed `FlConfig::validate` (no PowerSGD).
+    pub fn new(spec: codec::CodecSpec, error_feedback: bool, model_len: usize) -> Self {
+        let feedback = (error_feedback && spec != codec::CodecSpec::None).then(|| codec::ErrorFeedback::new(model_len));
+        Self { spec, feedback }
+    }
+
+    /// `None` when updates go as plain `f32` (the `none` codec).
+    pub fn is_plain(&self) -> bool {
+        self.spec == codec::CodecSpec::None
+    }
+
+    /// Encodes `delta` into `out` (a self-describing codec message).
+    pub fn encode(&mut self, delta: &[f32], seed: u64, out: &mut Vec<u8>) -> Result<(), FlError> {
+        let r = match &mut self.feedback {
+            Some(f) => f.compress(&self.spec, delta, seed, out),
+            None => codec::encode(&self.spec, delta, seed, out),
+        };
+        r.map_err(|e| FlError::Model(format!("compressing the update: {e}")))
+    }
+}
+
+/// A compressed update's values, `model_len` of them; a malformed message is an error saying what.
+pub fn decode_update(bytes: &[u8], model_len: usize) -> Result<Vec<f32>, String> {
+    let mut out = vec![0.0f32; model_len];
+    codec::decode(bytes, &mut out).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
 /// Test metrics of a model.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Metrics {

@@ -20,17 +20,34 @@ pub struct TrainSpec {
     pub optim_json: String,
     /// Seed of the federation: a client's shuffles are drawn from it, the round and the client.
     pub seed: u64,
+    /// How updates are compressed (`fl.codec`, `fl.error_feedback`).
+    pub codec: String,
+    pub error_feedback: bool,
 }
 
 impl TrainSpec {
-    pub fn new(local: &LocalSpec, seed: u64) -> Self {
+    pub fn new(local: &LocalSpec, seed: u64, codec: &str, error_feedback: bool) -> Self {
         Self {
             epochs: local.epochs,
             batch_size: local.batch_size as u64,
             proximal_mu: local.proximal_mu,
             optim_json: serde_json::to_string(&local.optim).unwrap_or_default(),
             seed,
+            codec: codec.to_string(),
+            error_feedback,
         }
+    }
+
+    /// The client's update encoder; a codec it cannot read is an error naming it.
+    pub fn encoder(&self, model_len: usize) -> Result<crate::UpdateEncoder, String> {
+        let spec: codec::CodecSpec = self
+            .codec
+            .parse()
+            .map_err(|e| format!("the server's codec {:?}: {e}", self.codec))?;
+        if matches!(spec, codec::CodecSpec::PowerSgd { .. }) {
+            return Err("the server asks for PowerSGD, which federated updates do not support".into());
+        }
+        Ok(crate::UpdateEncoder::new(spec, self.error_feedback, model_len))
     }
 
     /// The spec a client trains by; an optimizer config it cannot read is an error naming it.
@@ -53,8 +70,9 @@ pub enum ToServer {
     /// a reconnection, so that it keeps its place in an open round) and how
     /// many training rows it holds.
     Hello { name: String, samples: u64 },
-    /// The client's update for `round`; a `Tensor` frame of the model's length
-    /// with tag `round` follows (local model − global model).
+    /// The client's update for `round` (local model − global model); it
+    /// follows with tag `round` as a `Tensor` frame of the model's length, or,
+    /// with a codec, as a `Ps` frame holding the codec's message.
     Update { round: u32, samples: u64, train_loss: f32 },
 }
 
@@ -115,7 +133,7 @@ mod tests {
         let msg = ToClient::Welcome {
             client: 3,
             model_len: 10,
-            spec: TrainSpec::new(&local, 7),
+            spec: TrainSpec::new(&local, 7, "topk:0.01", true),
         };
         let bytes = postcard::to_allocvec(&msg).unwrap();
         let back: ToClient = postcard::from_bytes(&bytes).unwrap();
@@ -123,6 +141,7 @@ mod tests {
             panic!("{back:?}")
         };
         assert_eq!(spec.local().unwrap(), local);
+        assert!(!spec.encoder(10).unwrap().is_plain());
     }
 
     #[test]

@@ -275,10 +275,21 @@ impl ControlReader {
 
 /// Writes a tensor frame: header, then the payload straight from the buffer.
 pub fn write_tensor(s: &mut TcpStream, tag: u64, sender: u32, values: &[f32]) -> Result<(), io::Error> {
-    let bytes = as_bytes(values);
-    let header = FrameHeader::tensor(tag, sender, bytes).map_err(io::Error::other)?;
+    write_frame(s, MessageType::Tensor, tag, sender, as_bytes(values))
+}
+
+/// Writes one frame of `kind` with its header and payload in one vectored
+/// call (no Nagle split between them).
+pub fn write_frame(
+    s: &mut TcpStream,
+    kind: MessageType,
+    tag: u64,
+    sender: u32,
+    payload: &[u8],
+) -> Result<(), io::Error> {
+    let header = FrameHeader::new(kind, tag, sender, payload).map_err(io::Error::other)?;
     let h = header.encode();
-    let mut bufs = [io::IoSlice::new(&h), io::IoSlice::new(bytes)];
+    let mut bufs = [io::IoSlice::new(&h), io::IoSlice::new(payload)];
     let mut slices: &mut [io::IoSlice] = &mut bufs;
     while !slices.is_empty() {
         let n = s.write_vectored(slices)?;

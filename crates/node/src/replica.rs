@@ -570,19 +570,7 @@ fn read_ps(s: &mut TcpStream, payload: &mut Vec<u8>) -> Result<Option<FrameHeade
 
 /// Writes one `Ps` frame with a tag, header and payload in one call (no Nagle split).
 fn write_ps(s: &mut TcpStream, tag: u64, sender: u32, payload: &[u8]) -> Result<(), std::io::Error> {
-    let h = FrameHeader::new(MessageType::Ps, tag, sender, payload)
-        .map_err(std::io::Error::other)?
-        .encode();
-    let mut bufs = [std::io::IoSlice::new(&h), std::io::IoSlice::new(payload)];
-    let mut slices: &mut [std::io::IoSlice] = &mut bufs;
-    while !slices.is_empty() {
-        let n = s.write_vectored(slices)?;
-        if n == 0 {
-            return Err(std::io::Error::from(std::io::ErrorKind::WriteZero));
-        }
-        std::io::IoSlice::advance_slices(&mut slices, n);
-    }
-    Ok(())
+    crate::net::write_frame(s, MessageType::Ps, tag, sender, payload)
 }
 
 /// Serves one connection of `worker` until it closes, or until a newer

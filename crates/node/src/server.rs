@@ -28,7 +28,7 @@
 //! asked for it: a thread of a replaced connection writes nothing to its
 //! rank's new stream (each writer carries the epoch of its connection).
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::TcpStream;
 use std::sync::atomic::AtomicU64;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -40,7 +40,7 @@ use ps::{Output, Placement, PlacementSpec, Request, Shard, ShardStats};
 use serde::{Deserialize, Serialize};
 use tensor::Layout;
 use wire::msg::PeerHello;
-use wire::{FrameHeader, MessageType, PeerInfo, Role, Secret};
+use wire::{MessageType, PeerInfo, Role, Secret};
 
 use crate::env::ClusterEnv;
 use crate::error::JobError;
@@ -586,17 +586,5 @@ fn wait_for_end(ended: &Receiver<Ended>, shutdown: &Receiver<()>, shard: u32, el
 
 /// Writes one `Ps` frame: header, then payload.
 pub fn write_frame(s: &mut TcpStream, sender: u32, payload: &[u8]) -> Result<(), std::io::Error> {
-    let h = FrameHeader::new(MessageType::Ps, 0, sender, payload)
-        .map_err(std::io::Error::other)?
-        .encode();
-    let mut bufs = [std::io::IoSlice::new(&h), std::io::IoSlice::new(payload)];
-    let mut slices: &mut [std::io::IoSlice] = &mut bufs;
-    while !slices.is_empty() {
-        let n = s.write_vectored(slices)?;
-        if n == 0 {
-            return Err(std::io::Error::from(std::io::ErrorKind::WriteZero));
-        }
-        std::io::IoSlice::advance_slices(&mut slices, n);
-    }
-    Ok(())
+    crate::net::write_frame(s, MessageType::Ps, 0, sender, payload)
 }

@@ -196,7 +196,9 @@ fn a_killed_server_resumes_from_its_checkpoint_to_the_same_model() {
     let mut b = server("ck-b", "127.0.0.1:0", false);
     let addr = listening(&mut b);
     let clients: Vec<Proc> = (0..3).map(|i| client(d, &addr, i, 3)).collect();
-    b.wait_json("round 3 starts", RUN_TIMEOUT, |v| event(v) == Some("round_start") && v["round"] == 3);
+    b.wait_json("round 3 starts", RUN_TIMEOUT, |v| {
+        event(v) == Some("round_start") && v["round"] == 3
+    });
     b.signal(libc::SIGKILL);
     drop(b);
     let mut resumed = server("ck-b", &addr, true);
@@ -214,7 +216,11 @@ fn a_killed_server_resumes_from_its_checkpoint_to_the_same_model() {
     }
     let params = |ck: &str| std::fs::read(d.join(ck).join("step-000000000004/params.safetensors"));
     let (pa, pb) = (params("ck-a"), params("ck-b"));
-    assert!(pa.is_ok(), "no checkpoint of round 4 in ck-a: {:?}", std::fs::read_dir(d.join("ck-a")).map(|r| r.count()));
+    assert!(
+        pa.is_ok(),
+        "no checkpoint of round 4 in ck-a: {:?}",
+        std::fs::read_dir(d.join("ck-a")).map(|r| r.count())
+    );
     assert!(pa.ok() == pb.ok(), "the resumed federation ended with another model");
 }
 
@@ -249,7 +255,11 @@ fn strangers_and_wrong_secrets_do_not_stop_a_federation() {
     use std::io::Write as _;
     let dir = temp_dir();
     let d = dir.path();
-    dense_federation(d, "rounds = 3\nmin_clients = 2\nstart_clients = 2\nmin_updates = 2\npartition = \"iid\"");
+    // The clients' updates cross the wire compressed (int8 with error feedback).
+    dense_federation(
+        d,
+        "rounds = 3\nmin_clients = 2\nstart_clients = 2\nmin_updates = 2\npartition = \"iid\"\ncodec = \"int8\"",
+    );
     let mut server = Proc::spawn(
         "server",
         sinter(d)
@@ -265,7 +275,16 @@ fn strangers_and_wrong_secrets_do_not_stop_a_federation() {
     let wrong = run(
         "client with the wrong secret",
         sinter(d)
-            .args(["fl", "client", "--server", &addr, "--config", "fl.toml", "--connect-timeout-ms", "1000"])
+            .args([
+                "fl",
+                "client",
+                "--server",
+                &addr,
+                "--config",
+                "fl.toml",
+                "--connect-timeout-ms",
+                "1000",
+            ])
             .env("SINTER_SECRET", "not-the-federation-secret-000000"),
         RUN_TIMEOUT,
     );
@@ -273,9 +292,20 @@ fn strangers_and_wrong_secrets_do_not_stop_a_federation() {
     let clients: Vec<Proc> = (0..2).map(|i| client(d, &addr, i, 2)).collect();
     let done = server.wait(RUN_TIMEOUT);
     done.assert_success();
-    let rounds: Vec<Value> = done.json_lines().into_iter().filter(|v| event(v) == Some("round")).collect();
+    let rounds: Vec<Value> = done
+        .json_lines()
+        .into_iter()
+        .filter(|v| event(v) == Some("round"))
+        .collect();
     assert_eq!(rounds.len(), 3);
     assert!(rounds.iter().all(|r| r["updates"] == 2), "{rounds:?}");
+    // int8: about a quarter of the f32 bytes down (models go as f32).
+    let (up, down) = (
+        rounds[0]["bytes_up"].as_f64().unwrap_or(0.0),
+        rounds[0]["bytes_down"].as_f64().unwrap_or(0.0),
+    );
+    assert!(up > 0.0 && up < 0.3 * down, "up {up} down {down}");
+    assert!(rounds[2]["test_acc"].as_f64().unwrap_or(0.0) > 0.6, "{rounds:?}");
     for c in clients {
         c.wait(RUN_TIMEOUT).assert_success();
     }

@@ -237,6 +237,10 @@ impl Session<'_> {
         };
         on_event(ClientEvent::Connected { client });
         let local = spec.local().map_err(JobError::Federation)?;
+        let model_len = self.trainer.model().layout().len();
+        // One encoder per session; its residual starts afresh when the server is new to this client.
+        let mut encoder = spec.encoder(model_len).map_err(JobError::Federation)?;
+        let mut coded = Vec::new();
         if let Err(e) = s.set_read_timeout(Some(Duration::from_millis(self.opts.idle_timeout_ms.max(1)))) {
             return lost(e.to_string());
         }
@@ -287,10 +291,18 @@ impl Session<'_> {
                         samples: r.samples,
                         train_loss: r.train_loss,
                     };
+                    if !encoder.is_plain() {
+                        encoder
+                            .encode(&delta, seed, &mut coded)
+                            .map_err(|e| JobError::Federation(e.to_string()))?;
+                    }
                     let sent = wire::encode_control(0, &update)
                         .map_err(|e| std::io::Error::other(e.to_string()))
                         .and_then(|b| s.write_all(&b))
-                        .and_then(|()| net::write_tensor(&mut s, round as u64, 0, &delta));
+                        .and_then(|()| match encoder.is_plain() {
+                            true => net::write_tensor(&mut s, round as u64, 0, &delta),
+                            false => net::write_frame(&mut s, MessageType::Ps, round as u64, 0, &coded),
+                        });
                     if let Err(e) = sent {
                         return lost(format!("sending the update for round {round}: {e}"));
                     }

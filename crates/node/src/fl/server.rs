@@ -126,7 +126,12 @@ pub fn run(
     evaluator
         .model()
         .init(&mut global, &mut Rng::derive(cfg.train.seed, 0x1417));
-    let spec = TrainSpec::new(&super::local_spec(cfg, &flc), cfg.train.seed);
+    let spec = TrainSpec::new(
+        &super::local_spec(cfg, &flc),
+        cfg.train.seed,
+        &flc.codec,
+        flc.error_feedback,
+    );
 
     let listener = net::listen(&opts.listen)?;
     let addr = listener
@@ -149,10 +154,8 @@ pub fn run(
         Some(dir) => {
             let state = super::load_state(dir, &layout)?;
             tracing::info!(rounds_done = state.rounds_done, dir = %dir.display(), "resuming the federation");
-            Rounds::resume(flc.clone(), cfg.train.seed, state).map_err(|why| JobError::Resume {
-                path: dir.clone(),
-                why,
-            })?
+            Rounds::resume(flc.clone(), cfg.train.seed, state)
+                .map_err(|why| JobError::Resume { path: dir.clone(), why })?
         }
         None => Rounds::new(flc.clone(), cfg.train.seed, global),
     };
@@ -236,7 +239,9 @@ pub fn run(
                         && (last || report.round % every == 0)
                     {
                         match super::save_state(dir, cfg.checkpoint.keep_last, cfg, &layout, &engine.state()) {
-                            Ok(path) => tracing::info!(round = report.round, path = %path.display(), "saved the federation"),
+                            Ok(path) => {
+                                tracing::info!(round = report.round, path = %path.display(), "saved the federation")
+                            }
                             // A checkpoint that cannot be written ends the federation, as it ends a training job.
                             Err(e) => outcome = Some(Err(e)),
                         }
@@ -579,20 +584,29 @@ fn read_client(conn: u64, stream: &mut TcpStream, tx: &Sender<Ev>, model_len: us
         let Some(t) = net::read_frame(stream, &mut payload, STALL_MS)? else {
             return Err("the connection closed between an update and its values".into());
         };
-        if t.kind != MessageType::Tensor || t.tag != round as u64 || payload.len() != 4 * model_len {
+        if t.tag != round as u64 {
             return Err(format!(
-                "the values of the update for round {round} came as a {} frame with tag {} and {} bytes; expected a tensor frame with tag {round} and {} bytes",
-                t.kind,
-                t.tag,
-                payload.len(),
-                4 * model_len
+                "the values of the update for round {round} came with tag {}",
+                t.tag
             ));
         }
         bytes += (wire::HEADER_BYTES + payload.len()) as u64;
-        let delta = payload
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let delta = match t.kind {
+            MessageType::Tensor if payload.len() == 4 * model_len => payload
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            // A compressed update: the codec's message, whose decoder never panics.
+            MessageType::Ps => fl::decode_update(&payload, model_len)
+                .map_err(|e| format!("the compressed update for round {round} does not decode: {e}"))?,
+            kind => {
+                return Err(format!(
+                    "the values of the update for round {round} came as a {kind} frame of {} bytes; expected {} bytes of f32 or a codec's message",
+                    payload.len(),
+                    4 * model_len
+                ));
+            }
+        };
         let update = Update {
             client: 0,
             round,

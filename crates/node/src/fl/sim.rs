@@ -82,6 +82,10 @@ pub fn run(cfg: &JobConfig, spec: &SimSpec, on_round: &mut dyn FnMut(&RoundLine)
     let mut round_started = Instant::now();
     // The open round's time in the clients' training and in the engine.
     let (mut train_s, mut aggregate_s) = (0.0, 0.0);
+    // With a codec, each update goes through it (with the client's own error
+    // feedback) as it would cross the wire, and is counted at its coded size.
+    let mut coded = Coded::new(&flc, len)?;
+    let mut up_bytes = 0u64;
     loop {
         let asked: Vec<(u64, u32)> = commands
             .iter()
@@ -121,7 +125,10 @@ pub fn run(cfg: &JobConfig, spec: &SimSpec, on_round: &mut dyn FnMut(&RoundLine)
                         train_s,
                         aggregate_s,
                         eval_s,
-                        bytes_up: (report.updates + report.refused) as u64 * message_bytes,
+                        bytes_up: match coded {
+                            Some(_) => std::mem::take(&mut up_bytes),
+                            None => (report.updates + report.refused) as u64 * message_bytes,
+                        },
                         bytes_down: report.sampled as u64 * message_bytes,
                     };
                     on_round(&line);
@@ -154,7 +161,7 @@ pub fn run(cfg: &JobConfig, spec: &SimSpec, on_round: &mut dyn FnMut(&RoundLine)
         let mut asked = asked;
         asked.sort_by_key(|&(client, _)| std::cmp::Reverse(parts[client as usize].len()));
         let train_started = Instant::now();
-        let updates = train_clients(
+        let mut updates = train_clients(
             &mut trainers,
             engine.global(),
             train,
@@ -163,6 +170,9 @@ pub fn run(cfg: &JobConfig, spec: &SimSpec, on_round: &mut dyn FnMut(&RoundLine)
             &local,
             cfg.train.seed,
         )?;
+        if let Some(c) = &mut coded {
+            up_bytes = c.pass(&mut updates, cfg.train.seed)?;
+        }
         train_s = train_started.elapsed().as_secs_f64();
         let aggregate_started = Instant::now();
         for update in updates {
@@ -243,4 +253,49 @@ fn evaluate(
     });
     let probs: Vec<f32> = outs.concat();
     Some(fl::metrics(&probs, classes, test))
+}
+
+/// The clients' codec in a simulation: an encoder per client that has sent
+/// an update (its residual lives as long as the simulation).
+struct Coded {
+    spec: codec::CodecSpec,
+    error_feedback: bool,
+    model_len: usize,
+    encoders: std::collections::HashMap<u64, fl::UpdateEncoder>,
+    buf: Vec<u8>,
+}
+
+impl Coded {
+    fn new(flc: &fl::FlConfig, model_len: usize) -> Result<Option<Self>, JobError> {
+        let spec: codec::CodecSpec = flc.codec.parse().map_err(|e| JobError::Config {
+            path: "<config>".into(),
+            why: format!("fl.codec: {e}"),
+        })?;
+        Ok((spec != codec::CodecSpec::None).then(|| Self {
+            spec,
+            error_feedback: flc.error_feedback,
+            model_len,
+            encoders: std::collections::HashMap::new(),
+            buf: Vec::new(),
+        }))
+    }
+
+    /// Replaces each update's values by what its coded message decodes to; returns the bytes sent.
+    fn pass(&mut self, updates: &mut [Update], seed: u64) -> Result<u64, JobError> {
+        let mut bytes = 0;
+        for u in updates {
+            let (spec, feedback, len) = (self.spec.clone(), self.error_feedback, self.model_len);
+            let encoder = self
+                .encoders
+                .entry(u.client)
+                .or_insert_with(|| fl::UpdateEncoder::new(spec, feedback, len));
+            let client_seed = Rng::derive(seed, (u.round as u64) << 32 | u.client).next_u64();
+            encoder
+                .encode(&u.delta, client_seed, &mut self.buf)
+                .map_err(|e| JobError::Federation(format!("client {}: {e}", u.client)))?;
+            u.delta = fl::decode_update(&self.buf, len).map_err(JobError::Federation)?;
+            bytes += self.buf.len() as u64 + MESSAGE_OVERHEAD_BYTES;
+        }
+        Ok(bytes)
+    }
 }
