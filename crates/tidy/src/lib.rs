@@ -7,7 +7,7 @@
 //! - every file starts with a `//!` line that says what it owns (after nothing
 //!   but blank lines);
 //! - only `node`, the crates that use it as a job does (`launch`, `bench`),
-//!   `cli`, and the file-format crates `data` and `checkpoint` use sockets,
+//!   the binaries `cli` and `edge`, and the file-format crates `data` and `checkpoint` use sockets,
 //!   threads, processes or clocks: the other crates' non-test code
 //!   (outside `#[cfg(test)]` modules, `tests/`, `benches/` and `examples/`)
 //!   names none of `std::net`, `TcpStream`, `std::thread`, `std::process`,

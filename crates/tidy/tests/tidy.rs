@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 /// the crates that use it as a job does (`launch` starts and supervises
 /// processes, `bench` times the runtime), the binary, and the file-format
 /// crates that read and write their own files.
-const IO_CRATES: &[&str] = &["node", "launch", "bench", "cli", "data", "checkpoint"];
+const IO_CRATES: &[&str] = &["node", "launch", "bench", "cli", "edge", "data", "checkpoint"];
 
 /// What the crates outside `IO_CRATES` must not name in their non-test code.
 const IO_TOKENS: &[&str] = &[
