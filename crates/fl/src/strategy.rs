@@ -152,8 +152,8 @@ impl Strategy {
         Aggregated { delta_norm, chosen }
     }
 
-    /// DP-FedAvg: Δ_j = (Σ_k update_k[j] + stddev·z_j) / expected_clients, with
-    /// z_j the `j`-th standard normal of `noise.rng` and the sum unweighted
+    /// DP-FedAvg: `Δ[j] = (Σ_k update_k[j] + stddev·z[j]) / expected_clients`, with
+    /// `z[j]` the `j`-th standard normal of `noise.rng` and the sum unweighted
     /// over `updates` (checked, clipped, in ascending client order; possibly
     /// none, when Δ is the noise alone); then applied as the strategy applies
     /// its mean.
