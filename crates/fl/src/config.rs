@@ -1,5 +1,6 @@
-//! The typed `[fl]` section of a job config: rounds, sampling, deadlines and
-//! the aggregation strategy, with validation that names the offending key.
+//! The typed `[fl]` section of a job config: rounds, sampling, deadlines, the
+//! aggregation strategy and differential privacy (`[fl.dp]`), with validation
+//! that names the offending key.
 
 use serde::{Deserialize, Serialize};
 
@@ -52,6 +53,8 @@ pub struct FlConfig {
     pub codec: String,
     pub error_feedback: bool,
     pub strategy: StrategyConfig,
+    /// `[fl.dp]`: DP-FedAvg (absent: no differential privacy).
+    pub dp: Option<DpConfig>,
 }
 
 impl Default for FlConfig {
@@ -72,8 +75,58 @@ impl Default for FlConfig {
             codec: "none".into(),
             error_feedback: true,
             strategy: StrategyConfig::default(),
+            dp: None,
         }
     }
+}
+
+/// `[fl.dp]`: client-level differential privacy by DP-FedAvg (McMahan,
+/// Ramage, Talwar, Zhang 2018), with central noise.
+///
+/// ```toml
+/// [fl.dp]
+/// noise_multiplier = 1.0    # σ: the noise's stddev is σ·clip_norm
+/// clip_norm = 0.5           # C: every update is clipped to this L2 norm
+/// delta = 1e-5              # the δ the reported ε holds for
+/// mode = "central"
+/// ```
+///
+/// With it a round samples each connected client independently with
+/// probability `fl.fraction` (Poisson sampling, which the accountant
+/// assumes), the clients clip their updates to `clip_norm`, and the server
+/// releases `(Σ clipped updates + N(0, (σC)²)) / (q·N)` per coordinate as
+/// the round's mean update, unweighted (see `crate::Rounds`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpConfig {
+    /// σ, the noise's stddev over the clip norm (0: no noise, and ε is infinite).
+    pub noise_multiplier: f64,
+    /// C: the L2 norm each client clips its update to, and the server's bound.
+    pub clip_norm: f64,
+    /// The δ of the (ε, δ) guarantee each round reports ε for.
+    #[serde(default = "DpConfig::default_delta")]
+    pub delta: f64,
+    #[serde(default)]
+    pub mode: DpMode,
+}
+
+impl DpConfig {
+    fn default_delta() -> f64 {
+        1e-5
+    }
+}
+
+/// `fl.dp.mode`: who adds the noise.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DpMode {
+    /// The server, trusted to see the clipped updates, noises their sum.
+    #[default]
+    Central,
+    /// Each client noises its own update and secure aggregation shows the
+    /// server only the sum. Refused by the config check until secure
+    /// aggregation is part of a federation's rounds.
+    Distributed,
 }
 
 /// Most clients a federation admits, and most sampled per round: each sampled
@@ -247,6 +300,9 @@ impl FlConfig {
                 format!("{} is not in [0, 0.5)", s.trim_fraction),
             );
         }
+        if let Some(dp) = &self.dp {
+            self.validate_dp(dp)?;
+        }
         if s.kind == StrategyKind::Krum && self.min_updates <= 2 * s.byzantine + 2 {
             return bad(
                 "min_updates",
@@ -260,8 +316,76 @@ impl FlConfig {
         Ok(())
     }
 
+    fn validate_dp(&self, dp: &DpConfig) -> Result<(), FlError> {
+        let bad = |key: &str, why: String| {
+            Err(FlError::Config {
+                key: format!("fl.{key}"),
+                why,
+            })
+        };
+        if !(dp.noise_multiplier >= 0.0 && dp.noise_multiplier.is_finite()) {
+            return bad(
+                "dp.noise_multiplier",
+                format!("{} is not a finite value >= 0", dp.noise_multiplier),
+            );
+        }
+        if !(dp.clip_norm > 0.0 && dp.clip_norm.is_finite()) {
+            return bad("dp.clip_norm", format!("{} is not a finite value > 0", dp.clip_norm));
+        }
+        if !(dp.delta > 0.0 && dp.delta < 1.0) {
+            return bad("dp.delta", format!("{} is not in (0, 1)", dp.delta));
+        }
+        if dp.mode == DpMode::Distributed {
+            return bad(
+                "dp.mode",
+                "\"distributed\" has every client noise its own update, which protects it only if \
+                 secure aggregation hides each update from the server, and secure aggregation is not \
+                 wired into a federation's rounds yet; use \"central\""
+                    .into(),
+            );
+        }
+        // The noise is scaled to one client's largest effect on a mean, C/(qN);
+        // a median, a trimmed mean or Krum's choice has no such bound.
+        if !matches!(
+            self.strategy.kind,
+            StrategyKind::FedAvg
+                | StrategyKind::FedAvgM
+                | StrategyKind::FedAdam
+                | StrategyKind::FedYogi
+                | StrategyKind::FedAdagrad
+        ) {
+            return bad(
+                "strategy.kind",
+                format!(
+                    "\"{}\" does not combine with [fl.dp]: the noise is scaled to a mean of clipped updates; \
+                     use fedavg, fedavgm, fedadam, fedyogi or fedadagrad",
+                    self.strategy.kind.name()
+                ),
+            );
+        }
+        if self.update_norm_max != 0.0 && self.update_norm_max != dp.clip_norm {
+            return bad(
+                "update_norm_max",
+                format!(
+                    "{} differs from fl.dp.clip_norm ({}): with [fl.dp] the server refuses updates above the \
+                     clip norm; leave fl.update_norm_max at 0",
+                    self.update_norm_max, dp.clip_norm
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// The L2 norm above which the server refuses an update (0: none): with
+    /// `[fl.dp]` the clip norm, held exactly; else `update_norm_max`, with
+    /// [`crate::check_update`]'s 0.1% slack.
+    pub fn norm_bound(&self) -> f64 {
+        self.dp.as_ref().map_or(self.update_norm_max, |dp| dp.clip_norm)
+    }
+
     /// How many of `connected` clients a round samples: `fraction` of them,
     /// rounded down, but at least `min_clients` (the caller checks there are that many).
+    /// Without `[fl.dp]` only; with it each client is drawn with probability `fraction`.
     pub fn sample_size(&self, connected: usize) -> usize {
         let k = (connected as f64 * self.fraction).floor() as usize;
         k.max(self.min_clients as usize).min(connected)
@@ -311,5 +435,89 @@ mod tests {
         assert_eq!(cfg.strategy.kind, StrategyKind::FedAdam);
         assert_eq!(cfg.strategy.server_lr, 0.01);
         assert!(toml::from_str::<FlConfig>("strategy = { kind = \"fedsgd\" }").is_err());
+    }
+
+    #[test]
+    fn dp_is_written_as_in_the_docs_with_delta_and_mode_defaulted() {
+        let cfg: FlConfig = toml::from_str("fraction = 0.1\n[dp]\nnoise_multiplier = 1.0\nclip_norm = 0.5\n").unwrap();
+        cfg.validate().unwrap();
+        let dp = cfg.dp.as_ref().unwrap();
+        assert_eq!(
+            (dp.noise_multiplier, dp.clip_norm, dp.delta, dp.mode),
+            (1.0, 0.5, 1e-5, DpMode::Central)
+        );
+        assert_eq!(cfg.norm_bound(), 0.5);
+        assert_eq!(FlConfig::default().norm_bound(), 0.0);
+        // σ and C have no default; an unknown key is refused, and each is named.
+        let err = toml::from_str::<FlConfig>("[dp]\nnoise_multiplier = 1.0\n").unwrap_err();
+        assert!(err.to_string().contains("clip_norm"), "{err}");
+        let err =
+            toml::from_str::<FlConfig>("[dp]\nnoise_multiplier = 1.0\nclip_norm = 1.0\nepsilon = 8\n").unwrap_err();
+        assert!(err.to_string().contains("epsilon"), "{err}");
+        assert!(
+            toml::from_str::<FlConfig>("[dp]\nnoise_multiplier = 1.0\nclip_norm = 1.0\nmode = \"local\"\n").is_err()
+        );
+    }
+
+    #[test]
+    fn dp_errors_name_the_key() {
+        let dp = DpConfig {
+            noise_multiplier: 1.0,
+            clip_norm: 0.5,
+            delta: 1e-5,
+            mode: DpMode::Central,
+        };
+        let with = |f: &dyn Fn(&mut FlConfig)| {
+            let mut cfg = FlConfig {
+                dp: Some(dp.clone()),
+                ..FlConfig::default()
+            };
+            f(&mut cfg);
+            cfg.validate().map_err(|e| e.to_string())
+        };
+        with(&|_| {}).unwrap();
+        // σ = 0 is allowed (no noise; ε is infinite), and the bound may be spelt out.
+        with(&|c| c.dp.as_mut().unwrap().noise_multiplier = 0.0).unwrap();
+        with(&|c| c.update_norm_max = 0.5).unwrap();
+        let dp_cases: [(&str, f64); 7] = [
+            ("noise_multiplier", -1.0),
+            ("noise_multiplier", f64::NAN),
+            ("noise_multiplier", f64::INFINITY),
+            ("clip_norm", 0.0),
+            ("clip_norm", f64::INFINITY),
+            ("delta", 0.0),
+            ("delta", 1.0),
+        ];
+        for (key, value) in dp_cases {
+            let err = with(&|c| {
+                let dp = c.dp.as_mut().unwrap();
+                match key {
+                    "noise_multiplier" => dp.noise_multiplier = value,
+                    "clip_norm" => dp.clip_norm = value,
+                    _ => dp.delta = value,
+                }
+            })
+            .unwrap_err();
+            assert!(
+                err.contains(&format!("fl.dp.{key}")) && err.contains(&value.to_string()),
+                "{err}"
+            );
+        }
+        let err = with(&|c| c.strategy.kind = StrategyKind::Median).unwrap_err();
+        assert!(err.contains("fl.strategy.kind") && err.contains("median"), "{err}");
+        let err = with(&|c| c.strategy.kind = StrategyKind::Krum).unwrap_err();
+        assert!(err.contains("fl.strategy.kind") && err.contains("krum"), "{err}");
+        let err = with(&|c| c.update_norm_max = 2.0).unwrap_err();
+        assert!(
+            err.contains("fl.update_norm_max") && err.contains("fl.dp.clip_norm"),
+            "{err}"
+        );
+        let err = with(&|c| c.dp.as_mut().unwrap().mode = DpMode::Distributed).unwrap_err();
+        assert!(
+            err.contains("fl.dp.mode") && err.contains("secure aggregation"),
+            "{err}"
+        );
+        let err = with(&|c| c.strategy.kind = StrategyKind::TrimmedMean).unwrap_err();
+        assert!(err.contains("trimmed_mean") && err.contains("fl.dp"), "{err}");
     }
 }

@@ -14,10 +14,15 @@
 //! server`), behind thousands of virtual clients in one process (`sinter fl
 //! sim`), and in tests that assert the exact commands.
 //!
-//! Differential privacy (DP-FedAvg) is a set of pure functions beside the
-//! engine: clients clip their updates with [`clip_l2`], Gaussian noise lands
-//! on the sum ([`add_gaussian`], centrally or spread over the clients), and
-//! [`RdpAccountant`] reports the ε spent so far.
+//! Differential privacy (DP-FedAvg, `[fl.dp]`, [`DpConfig`]) is a set of
+//! pure functions beside the engine, which the engine and the clients' local
+//! training use: clients clip their updates with [`clip_l2`] (through
+//! [`LocalSpec::clip_norm`]), Gaussian noise lands on the sum
+//! ([`add_gaussian`], centrally or spread over the clients), and
+//! [`RdpAccountant`] reports the ε spent so far. With `[fl.dp]` the engine
+//! samples clients by Poisson sampling, holds updates to the clip norm,
+//! noises their unweighted mean and reports ε after every round (see
+//! `round.rs` for why each is so).
 //!
 //! # What the runtime must guarantee
 //!
@@ -35,14 +40,16 @@
 //! In return the engine guarantees:
 //!
 //! - every round ends: when all its sampled clients have answered or left,
-//!   or at its deadline, whichever comes first; a dropout never hangs it;
+//!   or at its deadline, whichever comes first (a round that sampled nobody
+//!   ends as it opens); a dropout never hangs it;
 //! - an update is folded in only for the round it was asked for, only from a
 //!   client sampled for that round, at most once per client, and only after
 //!   [`check_update`] accepted it (shape, finite values, norm bound); late,
 //!   unasked and refused updates are counted in the round's report, and a
 //!   refusal names the client;
-//! - the choice of clients is a pure function of the seed, the round and the
-//!   set of connected clients, so a federation replays exactly;
+//! - the choice of clients, and with `[fl.dp]` the noise, is a pure function
+//!   of the seed, the round and the set of connected clients, so a
+//!   federation replays exactly;
 //! - aggregation folds updates in ascending client order, so the same
 //!   updates give bitwise the same model whatever order they arrived in.
 
@@ -55,12 +62,12 @@ mod round;
 mod strategy;
 mod update;
 
-pub use config::{CLIENTS_MAX, FlConfig, ROUNDS_MAX, StrategyConfig, StrategyKind};
+pub use config::{CLIENTS_MAX, DpConfig, DpMode, FlConfig, ROUNDS_MAX, StrategyConfig, StrategyKind};
 pub use error::FlError;
 pub use local::{
     EVAL_BATCH_ROWS, LocalSpec, LocalTrainer, Metrics, TrainResult, UpdateEncoder, decode_update, metrics, predict_rows,
 };
 pub use privacy::{RdpAccountant, add_gaussian, central_noise_stddev, clip_l2, distributed_noise_stddev};
 pub use round::{Closing, Command, Event, RoundReport, Rounds, RoundsState};
-pub use strategy::{Aggregated, Strategy, StrategyState};
+pub use strategy::{Aggregated, PrivateMean, Strategy, StrategyState};
 pub use update::{ClientId, Update, UpdateRefusal, check_update};

@@ -1,7 +1,7 @@
 //! A client's local training (epochs of minibatch steps on its own rows,
-//! from the global model, with FedProx's proximal term) and the evaluation of
-//! a model on a test set: pure computation, run by a client process or by a
-//! virtual client of `fl sim`.
+//! from the global model, with FedProx's proximal term, the update clipped
+//! for DP-FedAvg) and the evaluation of a model on a test set: pure
+//! computation, run by a client process or by a virtual client of `fl sim`.
 
 use data::{Batch, Dataset};
 use model::Model;
@@ -9,6 +9,7 @@ use optim::{OptimConfig, Optimizer};
 use tensor::{Gradient, ParamKind, Rng};
 
 use crate::error::FlError;
+use crate::privacy::clip_l2;
 
 /// How a client trains in a round.
 #[derive(Clone, Debug, PartialEq)]
@@ -18,6 +19,9 @@ pub struct LocalSpec {
     /// FedProx's μ: each step adds μ·(w − w_global) to the dense gradient.
     pub proximal_mu: f32,
     pub optim: OptimConfig,
+    /// DP-FedAvg's C (`fl.dp.clip_norm`): the update is clipped to this L2
+    /// norm before it leaves the trainer, so no caller can send it unclipped.
+    pub clip_norm: Option<f64>,
 }
 
 /// What a client's round of training gave.
@@ -27,6 +31,8 @@ pub struct TrainResult {
     /// Mean batch loss of the last local epoch.
     pub train_loss: f32,
     pub steps: u64,
+    /// The update's L2 norm before clipping (summed in f64; not finite if training diverged).
+    pub delta_norm: f64,
 }
 
 /// A model with its scratch space, reused across the rounds a thread or
@@ -61,8 +67,13 @@ impl LocalTrainer {
     }
 
     /// Trains from `global` on `rows` of `data` and writes `local − global`
-    /// into `delta`. Each epoch visits the rows in an order drawn from
-    /// (`seed`, epoch); the last batch of an epoch may be short.
+    /// into `delta`, clipped to `spec.clip_norm` if set. Each epoch visits the
+    /// rows in an order drawn from (`seed`, epoch); the last batch of an epoch
+    /// may be short.
+    ///
+    /// An update with a non-finite value is left as it is rather than
+    /// clipped (which would zero it): the server's check then refuses it and
+    /// says why, as it does without clipping.
     pub fn train(
         &mut self,
         global: &[f32],
@@ -82,6 +93,16 @@ impl LocalTrainer {
         }
         if rows.is_empty() {
             return Err(FlError::Model("the client holds no training rows".into()));
+        }
+        // A client process takes C from its server: checked, not trusted.
+        if let Some(c) = spec.clip_norm
+            && !(c > 0.0 && c.is_finite())
+        {
+            return Err(FlError::Privacy {
+                name: "clip_norm",
+                value: c,
+                why: "is not a finite value > 0",
+            });
         }
         let mut opt = Optimizer::new(&spec.optim, &layout).map_err(|e| FlError::Model(e.to_string()))?;
         self.params.clear();
@@ -125,10 +146,17 @@ impl LocalTrainer {
         }
         delta.clear();
         delta.extend(self.params.iter().zip(global).map(|(&w, &w0)| w - w0));
+        let delta_norm = delta.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt();
+        if let Some(c) = spec.clip_norm
+            && delta_norm.is_finite()
+        {
+            clip_l2(delta, c);
+        }
         Ok(TrainResult {
             samples: rows.len() as u64,
             train_loss: last_loss,
             steps,
+            delta_norm,
         })
     }
 }
@@ -247,6 +275,7 @@ mod tests {
                 lr: 0.1,
                 ..Default::default()
             }),
+            clip_norm: None,
         }
     }
 
@@ -290,5 +319,56 @@ mod tests {
         let mut d = Vec::new();
         assert!(trainer(&ds).train(&[0.0; 6], &ds, &[], &spec(0.0), 1, &mut d).is_err());
         assert!(trainer(&ds).train(&[0.0; 5], &ds, &[0], &spec(0.0), 1, &mut d).is_err());
+    }
+
+    #[test]
+    fn a_clipped_update_leaves_within_the_bound_and_keeps_its_direction() {
+        let ds = blobs(200, 4);
+        let rows: Vec<usize> = (0..200).collect();
+        let global = vec![0.0; trainer(&ds).model().layout().len()];
+        let (mut free, mut clipped) = (Vec::new(), Vec::new());
+        let r = trainer(&ds)
+            .train(&global, &ds, &rows, &spec(0.0), 5, &mut free)
+            .unwrap();
+        let norm = |v: &[f32]| v.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt();
+        assert_eq!(r.delta_norm, norm(&free));
+        let c = r.delta_norm / 4.0;
+        let bounded = LocalSpec {
+            clip_norm: Some(c),
+            ..spec(0.0)
+        };
+        let rc = trainer(&ds)
+            .train(&global, &ds, &rows, &bounded, 5, &mut clipped)
+            .unwrap();
+        // The norm before clipping is reported; the update itself is within C, exactly.
+        assert_eq!(rc.delta_norm, r.delta_norm);
+        assert!(
+            norm(&clipped) <= c && norm(&clipped) > c * (1.0 - 1e-5),
+            "{} vs {c}",
+            norm(&clipped)
+        );
+        for (a, b) in free.iter().zip(&clipped) {
+            assert!((f64::from(*a) / 4.0 - f64::from(*b)).abs() < 1e-6, "{a} {b}");
+        }
+        // A bound above the norm leaves the update bitwise alone.
+        let loose = LocalSpec {
+            clip_norm: Some(r.delta_norm * 2.0),
+            ..spec(0.0)
+        };
+        trainer(&ds)
+            .train(&global, &ds, &rows, &loose, 5, &mut clipped)
+            .unwrap();
+        assert_eq!(clipped, free);
+        // A bound that came over the wire broken is an error, not a panic.
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let broken = LocalSpec {
+                clip_norm: Some(bad),
+                ..spec(0.0)
+            };
+            let err = trainer(&ds)
+                .train(&global, &ds, &rows, &broken, 5, &mut clipped)
+                .unwrap_err();
+            assert!(err.to_string().contains("clip_norm"), "{err}");
+        }
     }
 }

@@ -23,6 +23,8 @@ pub struct TrainSpec {
     /// How updates are compressed (`fl.codec`, `fl.error_feedback`).
     pub codec: String,
     pub error_feedback: bool,
+    /// DP-FedAvg's clipping bound (`fl.dp.clip_norm`): the client clips its update to it.
+    pub clip_norm: Option<f64>,
 }
 
 impl TrainSpec {
@@ -35,6 +37,7 @@ impl TrainSpec {
             seed,
             codec: codec.to_string(),
             error_feedback,
+            clip_norm: local.clip_norm,
         }
     }
 
@@ -59,6 +62,7 @@ impl TrainSpec {
             batch_size: usize::try_from(self.batch_size).unwrap_or(usize::MAX),
             proximal_mu: self.proximal_mu,
             optim,
+            clip_norm: self.clip_norm,
         })
     }
 }
@@ -129,6 +133,7 @@ mod tests {
                 momentum: 0.9,
                 ..Default::default()
             }),
+            clip_norm: Some(0.5),
         };
         let msg = ToClient::Welcome {
             client: 3,

@@ -34,11 +34,12 @@
 //!
 //! # What this does not cover
 //!
-//! - The accountant's ε holds for Poisson sampling. A round that samples a
-//!   fixed number of clients ([`crate::FlConfig::sample_size`]) is sampling
-//!   without replacement, a different mechanism (Wang, Balle, Kasiviswanathan
-//!   2019 analyse it under replace-one neighbours); reporting this ε for it is
-//!   the customary approximation, not a proof.
+//! - The accountant's ε holds for Poisson sampling, which is how the engine
+//!   samples under `[fl.dp]`. A round that samples a fixed number of clients
+//!   ([`crate::FlConfig::sample_size`], the engine's way without `[fl.dp]`)
+//!   is sampling without replacement, a different mechanism (Wang, Balle,
+//!   Kasiviswanathan 2019 analyse it under replace-one neighbours), which
+//!   this ε does not cover.
 //! - The noise comes from [`tensor::Rng`] (xoshiro256++, Box-Muller in f64,
 //!   rounded to f32): right in distribution, but not cryptographic, and
 //!   floating-point samples can leak through their low bits (Mironov 2012,

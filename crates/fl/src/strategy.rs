@@ -8,10 +8,16 @@
 //! FedYogi, FedAdagrad; Reddi et al. 2021, Algorithm 2, without bias
 //! correction, with `v` starting at zero).
 //!
+//! Under differential privacy ([`Strategy::aggregate_private`]) Δ is instead
+//! the noised, unweighted mean of DP-FedAvg, `(Σ updates + noise) / (q·N)`,
+//! and only the strategies that apply a mean (FedAvg, FedAvgM and the
+//! adaptive ones) take it; the config check refuses the others.
+//!
 //! Sums run in `f64` over the updates in the order given (ascending client),
 //! so the same updates give bitwise the same model in any arrival order.
 
 use serde::{Deserialize, Serialize};
+use tensor::Rng;
 
 use crate::config::{StrategyConfig, StrategyKind};
 use crate::update::Update;
@@ -43,6 +49,17 @@ pub struct Aggregated {
     pub delta_norm: f64,
     /// Krum: the client whose update was taken.
     pub chosen: Option<u64>,
+}
+
+/// DP-FedAvg's noise and denominator for one round.
+#[derive(Clone, Debug)]
+pub struct PrivateMean {
+    /// Per coordinate, on the sum of the updates: σC.
+    pub stddev: f64,
+    /// The denominator q·N: the expected number of clients, not how many answered.
+    pub expected_clients: f64,
+    /// The round's noise stream; one standard normal per coordinate, in order.
+    pub rng: Rng,
 }
 
 impl Strategy {
@@ -133,6 +150,64 @@ impl Strategy {
         let delta_norm = self.delta.iter().map(|d| d * d).sum::<f64>().sqrt();
         self.apply(global);
         Aggregated { delta_norm, chosen }
+    }
+
+    /// DP-FedAvg: `Δ[j] = (Σ_k update_k[j] + stddev·z[j]) / expected_clients`, with
+    /// `z[j]` the `j`-th standard normal of `noise.rng` and the sum unweighted
+    /// over `updates` (checked, clipped, in ascending client order; possibly
+    /// none, when Δ is the noise alone); then applied as the strategy applies
+    /// its mean.
+    ///
+    /// Panics for a strategy that does not apply a mean, or a denominator
+    /// that is not a finite value above 0: the config check refuses both.
+    pub fn aggregate_private(&mut self, global: &mut [f32], updates: &[&Update], mut noise: PrivateMean) -> Aggregated {
+        assert!(
+            matches!(
+                self.cfg.kind,
+                StrategyKind::FedAvg
+                    | StrategyKind::FedAvgM
+                    | StrategyKind::FedAdam
+                    | StrategyKind::FedYogi
+                    | StrategyKind::FedAdagrad
+            ),
+            "{} does not apply a mean, which DP-FedAvg's noise is scaled to",
+            self.cfg.kind.name()
+        );
+        assert!(
+            noise.expected_clients > 0.0 && noise.expected_clients.is_finite(),
+            "DP denominator {} is not a finite value > 0",
+            noise.expected_clients
+        );
+        assert!(
+            noise.stddev >= 0.0 && noise.stddev.is_finite(),
+            "noise stddev {} is not a finite value >= 0",
+            noise.stddev
+        );
+        assert!(
+            updates.windows(2).all(|w| w[0].client < w[1].client),
+            "updates out of client order"
+        );
+        let len = global.len();
+        assert!(
+            updates.iter().all(|u| u.delta.len() == len),
+            "an unchecked update reached the aggregate"
+        );
+        self.delta.clear();
+        self.delta.resize(len, 0.0);
+        for u in updates {
+            for (d, &x) in self.delta.iter_mut().zip(&u.delta) {
+                *d += x as f64;
+            }
+        }
+        for d in self.delta.iter_mut() {
+            *d = (*d + noise.stddev * noise.rng.normal()) / noise.expected_clients;
+        }
+        let delta_norm = self.delta.iter().map(|d| d * d).sum::<f64>().sqrt();
+        self.apply(global);
+        Aggregated {
+            delta_norm,
+            chosen: None,
+        }
     }
 
     fn per_coordinate(&mut self, updates: &[&Update], reduce: impl Fn(&mut [f32]) -> f64) {

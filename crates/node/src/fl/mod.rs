@@ -10,7 +10,7 @@ pub mod client;
 pub mod server;
 pub mod sim;
 
-use serde::Serialize;
+use serde::{Serialize, Serializer};
 
 use crate::config::JobConfig;
 use crate::error::JobError;
@@ -42,6 +42,10 @@ pub struct RoundLine {
     /// down to the sampled clients, updates up from them, frame headers included.
     pub bytes_up: u64,
     pub bytes_down: u64,
+    /// With `[fl.dp]`: the ε for `fl.dp.delta` spent by the rounds so far,
+    /// this one included (the string "inf" without noise).
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "epsilon_json")]
+    pub epsilon: Option<f64>,
 }
 
 /// The federation's final figures (`event: "done"`).
@@ -64,6 +68,19 @@ pub struct FlSummary {
     pub bytes_down: u64,
     /// The process's peak resident set (VmHWM), in MiB.
     pub peak_rss_mb: f64,
+    /// With `[fl.dp]`: the ε of the whole federation, as its last round reported it.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "epsilon_json")]
+    pub epsilon: Option<f64>,
+}
+
+/// ε as a JSON number, or the string "inf" (JSON has no infinity, and
+/// serde_json would write `null`, which reads as "no DP").
+fn epsilon_json<S: Serializer>(epsilon: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+    match epsilon {
+        Some(e) if e.is_infinite() => s.serialize_str("inf"),
+        Some(e) => s.serialize_f64(*e),
+        None => s.serialize_none(),
+    }
 }
 
 impl FlSummary {
@@ -77,6 +94,7 @@ impl FlSummary {
         self.train_s += line.train_s;
         self.aggregate_s += line.aggregate_s;
         self.eval_s += line.eval_s;
+        self.epsilon = line.epsilon.or(self.epsilon);
     }
 }
 
@@ -120,6 +138,8 @@ pub fn local_spec(cfg: &JobConfig, flc: &fl::FlConfig) -> fl::LocalSpec {
         batch_size: cfg.train.batch_size,
         proximal_mu: flc.proximal_mu,
         optim: cfg.optim.clone(),
+        // DP-FedAvg: every client clips its update before it leaves it.
+        clip_norm: flc.dp.as_ref().map(|dp| dp.clip_norm),
     }
 }
 
@@ -155,6 +175,9 @@ const SERVER: &str = "server";
 #[derive(serde::Serialize, serde::Deserialize)]
 struct FlPosition {
     fl_rounds_done: u32,
+    /// With `[fl.dp]`: the privacy spent so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    accountant: Option<fl::RdpAccountant>,
 }
 
 /// Writes the server's state after `state.rounds_done` rounds into `dir`
@@ -168,6 +191,7 @@ pub fn save_state(
 ) -> Result<std::path::PathBuf, JobError> {
     let position = serde_json::to_value(FlPosition {
         fl_rounds_done: state.rounds_done,
+        accountant: state.accountant.clone(),
     })
     .unwrap_or_default();
     let config = serde_json::to_value(cfg).unwrap_or_default();
@@ -231,6 +255,7 @@ pub fn load_state(dir: &std::path::Path, layout: &tensor::Layout) -> Result<fl::
             m: vector("strategy.m"),
             v: vector("strategy.v"),
         },
+        accountant: position.accountant,
     })
 }
 
@@ -244,4 +269,36 @@ pub fn peak_rss_mb() -> f64 {
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         })
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epsilon_is_in_the_lines_only_with_dp_and_infinity_is_spelt_out() {
+        let json = |line: &RoundLine| serde_json::to_value(line).unwrap();
+        assert!(json(&RoundLine::default()).get("epsilon").is_none());
+        let line = RoundLine {
+            epsilon: Some(7.5),
+            ..RoundLine::default()
+        };
+        assert_eq!(json(&line)["epsilon"], 7.5);
+        let line = RoundLine {
+            epsilon: Some(f64::INFINITY),
+            ..RoundLine::default()
+        };
+        assert_eq!(json(&line)["epsilon"], "inf");
+        let done = FlSummary {
+            epsilon: Some(8.0),
+            ..FlSummary::default()
+        };
+        assert_eq!(serde_json::to_value(&done).unwrap()["epsilon"], 8.0);
+        assert!(
+            serde_json::to_value(FlSummary::default())
+                .unwrap()
+                .get("epsilon")
+                .is_none()
+        );
+    }
 }

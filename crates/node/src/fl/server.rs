@@ -231,6 +231,7 @@ pub fn run(
                         eval_s: eval_started.elapsed().as_secs_f64(),
                         bytes_up: std::mem::take(&mut bytes_up),
                         bytes_down: bytes_down.load(Ordering::Relaxed) - down_at_open,
+                        epsilon: report.epsilon,
                     };
                     summary.add(&line);
                     on_event(ServerEvent::Round(&line));

@@ -3,6 +3,11 @@
 //! local training runs on a pool of threads, one model's scratch space per
 //! thread (not per client), so memory grows with the threads and the
 //! sampled clients' updates, not with the number of clients.
+//!
+//! With `[fl.dp]` each virtual client clips its update before the engine
+//! sees it (`fl::LocalSpec::clip_norm`, as a client process does), the
+//! engine samples, noises and accounts as `fl::Rounds` describes, and every
+//! round line carries the ε spent so far.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -130,6 +135,7 @@ pub fn run(cfg: &JobConfig, spec: &SimSpec, on_round: &mut dyn FnMut(&RoundLine)
                             None => (report.updates + report.refused) as u64 * message_bytes,
                         },
                         bytes_down: report.sampled as u64 * message_bytes,
+                        epsilon: report.epsilon,
                     };
                     on_round(&line);
                     summary.add(&line);
@@ -213,12 +219,16 @@ fn train_clients(
                     let client_seed = Rng::derive(seed, (round as u64) << 32 | client).next_u64();
                     let result = trainer
                         .train(global, train, rows, spec, client_seed, &mut delta)
-                        .map(|r| Update {
-                            client,
-                            round,
-                            samples: r.samples,
-                            train_loss: r.train_loss,
-                            delta,
+                        .map(|r| {
+                            // The norm before clipping: what fl.dp.clip_norm is chosen against.
+                            tracing::debug!(client, round, delta_norm = r.delta_norm, "client trained");
+                            Update {
+                                client,
+                                round,
+                                samples: r.samples,
+                                train_loss: r.train_loss,
+                                delta,
+                            }
                         })
                         .map_err(|e| JobError::Federation(format!("client {client}, round {round}: {e}")));
                     done.lock().unwrap_or_else(|p| p.into_inner()).push(result);
@@ -297,5 +307,80 @@ impl Coded {
             bytes += self.buf.len() as u64 + MESSAGE_OVERHEAD_BYTES;
         }
         Ok(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    /// Two Gaussian blobs as CSV (label first), and a job that federates a
+    /// softmax model over them under `[fl.dp]`.
+    fn dp_job(dir: &std::path::Path) -> JobConfig {
+        let mut rng = Rng::new(9);
+        let mut csv = String::new();
+        for _ in 0..400 {
+            let y = rng.below(2);
+            let c = if y == 1 { 1.0 } else { -1.0 };
+            csv += &format!("{y},{},{}\n", c + 0.5 * rng.normal(), c + 0.5 * rng.normal());
+        }
+        let path = dir.join("blobs.csv");
+        std::fs::File::create(&path).unwrap().write_all(csv.as_bytes()).unwrap();
+        let text = format!(
+            "[data]\ntrain = {path:?}\ntest = {path:?}\n[model]\nkind = \"softmax\"\n[optim]\nkind = \"sgd\"\nlr = 0.5\n\
+             [train]\nbatch_size = 8\nseed = 3\n\
+             [fl]\nrounds = 6\nclients = 20\nfraction = 0.3\n\
+             [fl.dp]\nnoise_multiplier = 0.5\nclip_norm = 0.05\n"
+        );
+        JobConfig::parse(&text, std::path::Path::new("<test>"), &[]).expect("config")
+    }
+
+    fn run_lines(cfg: &JobConfig) -> (Vec<RoundLine>, FlSummary) {
+        let mut lines = Vec::new();
+        let spec = SimSpec {
+            clients: None,
+            threads: 2,
+        };
+        let summary = run(cfg, &spec, &mut |l| lines.push(l.clone())).expect("the federation runs");
+        (lines, summary)
+    }
+
+    #[test]
+    fn a_dp_federation_clips_reports_epsilon_every_round_and_replays() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dp_job(dir.path());
+        let (lines, summary) = run_lines(&cfg);
+        assert_eq!(lines.len(), 6);
+        for (i, line) in lines.iter().enumerate() {
+            let mut accountant = fl::RdpAccountant::new(0.3, 0.5).unwrap();
+            accountant.compose(i as u64 + 1);
+            assert_eq!(line.epsilon, Some(accountant.epsilon(1e-5).unwrap().0), "{line:?}");
+            // One local epoch at lr 0.5 moves a client far more than C = 0.05:
+            // none refused means every client clipped before sending.
+            assert_eq!((line.refused, line.dropped), (0, 0), "{line:?}");
+        }
+        // Poisson sampling: the sizes vary around q·N = 6.
+        let sizes: Vec<usize> = lines.iter().map(|l| l.clients).collect();
+        assert!(sizes.iter().any(|&s| s != sizes[0]), "{sizes:?}");
+        assert_eq!(summary.epsilon, lines[5].epsilon);
+        let acc = summary.test_acc.expect("a test set");
+        assert!(acc > 0.8, "test accuracy {acc}");
+        // The same seed replays the same federation, noise included.
+        let (again, _) = run_lines(&cfg);
+        let untimed = |ls: &[RoundLine]| -> Vec<RoundLine> {
+            ls.iter()
+                .map(|l| RoundLine {
+                    wall_s: 0.0,
+                    round_s: 0.0,
+                    train_s: 0.0,
+                    aggregate_s: 0.0,
+                    eval_s: 0.0,
+                    ..l.clone()
+                })
+                .collect()
+        };
+        assert_eq!(untimed(&lines), untimed(&again));
     }
 }
