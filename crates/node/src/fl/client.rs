@@ -110,6 +110,7 @@ pub fn run(
         train: &train,
         rows: &rows,
         summary: &mut summary,
+        encoder: None,
     };
     // Sessions that end before training a round back off like failed connections,
     // and give up at the same deadline.
@@ -193,6 +194,9 @@ struct Session<'a> {
     train: &'a data::Dataset,
     rows: &'a [usize],
     summary: &'a mut ClientSummary,
+    /// The update encoder, with its error-feedback residual, kept across
+    /// reconnections while the server asks for the same codec.
+    encoder: Option<(String, fl::UpdateEncoder)>,
 }
 
 impl Session<'_> {
@@ -238,8 +242,11 @@ impl Session<'_> {
         on_event(ClientEvent::Connected { client });
         let local = spec.local().map_err(JobError::Federation)?;
         let model_len = self.trainer.model().layout().len();
-        // One encoder per session; its residual starts afresh when the server is new to this client.
-        let mut encoder = spec.encoder(model_len).map_err(JobError::Federation)?;
+        // The residual carries over a reconnection; a server that asks for another codec starts it afresh.
+        if self.encoder.as_ref().is_none_or(|(codec, _)| *codec != spec.codec) {
+            let e = spec.encoder(model_len).map_err(JobError::Federation)?;
+            self.encoder = Some((spec.codec.clone(), e));
+        }
         let mut coded = Vec::new();
         if let Err(e) = s.set_read_timeout(Some(Duration::from_millis(self.opts.idle_timeout_ms.max(1)))) {
             return lost(e.to_string());
@@ -290,6 +297,9 @@ impl Session<'_> {
                         round,
                         samples: r.samples,
                         train_loss: r.train_loss,
+                    };
+                    let Some((_, encoder)) = self.encoder.as_mut() else {
+                        return Err(JobError::Federation("no update encoder after the welcome".into()));
                     };
                     if !encoder.is_plain() {
                         encoder
