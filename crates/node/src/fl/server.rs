@@ -15,7 +15,7 @@ use std::io::Write;
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
 use fl::msg::{ToClient, ToServer, TrainSpec};
@@ -49,6 +49,11 @@ const QUEUE_MAX: usize = 8;
 const IDLE_WAKE_MS: u64 = 1_000;
 /// After the last round, how long the writers get to deliver `Done`.
 const FLUSH_MS: u64 = 5_000;
+/// Clients connected at once (each holds a reader and a writer thread); more are refused.
+pub const CONNECTIONS_MAX: usize = 4_096;
+/// Events the readers may queue for the main thread; a full queue makes them
+/// wait (a client that floods updates stalls only its own connection).
+const EVENTS_MAX: usize = 256;
 
 /// What the server reports as it runs, for the binary to print.
 #[derive(Debug)]
@@ -144,7 +149,7 @@ pub fn run(
     let gate = Gate::open(listener, opts.secret.clone(), own, "fl-server")?;
     on_event(ServerEvent::Listening { addr: addr.to_string() });
 
-    let (ev_tx, ev_rx) = mpsc::channel::<Ev>();
+    let (ev_tx, ev_rx) = mpsc::sync_channel::<Ev>(EVENTS_MAX);
     let stop = Arc::new(AtomicBool::new(false));
     let bytes_down = Arc::new(AtomicU64::new(0));
     let acceptor = spawn_acceptor(gate, ev_tx, stop.clone(), model_len)?;
@@ -376,6 +381,9 @@ impl State {
                 let refusal = match fl::msg::check_name(&name) {
                     Err(why) => Some(why),
                     Ok(()) if self.done => Some("the federation is over".into()),
+                    Ok(()) if self.conns.len() >= CONNECTIONS_MAX => {
+                        Some(format!("the server holds its maximum of {CONNECTIONS_MAX} clients"))
+                    }
                     Ok(()) => None,
                 };
                 if let Some(why) = refusal {
@@ -510,7 +518,7 @@ fn write_loop(mut stream: TcpStream, rx: Receiver<Out>, bytes: &AtomicU64) {
 /// Takes admitted connections and starts a reader for each, until `stop`.
 fn spawn_acceptor(
     gate: Gate,
-    ev_tx: Sender<Ev>,
+    ev_tx: SyncSender<Ev>,
     stop: Arc<AtomicBool>,
     model_len: usize,
 ) -> Result<std::thread::JoinHandle<()>, JobError> {
@@ -541,7 +549,7 @@ fn spawn_acceptor(
 
 /// Reads one client's hello, then its updates, and reports them; the end of
 /// the connection, or anything malformed, is its `Closed`.
-fn read_loop(conn: u64, mut stream: TcpStream, tx: &Sender<Ev>, model_len: usize) {
+fn read_loop(conn: u64, mut stream: TcpStream, tx: &SyncSender<Ev>, model_len: usize) {
     let why = match read_client(conn, &mut stream, tx, model_len) {
         Ok(()) => "closed the connection".to_string(),
         Err(why) => why,
@@ -550,7 +558,7 @@ fn read_loop(conn: u64, mut stream: TcpStream, tx: &Sender<Ev>, model_len: usize
     let _ = tx.send(Ev::Closed { conn, why });
 }
 
-fn read_client(conn: u64, stream: &mut TcpStream, tx: &Sender<Ev>, model_len: usize) -> Result<(), String> {
+fn read_client(conn: u64, stream: &mut TcpStream, tx: &SyncSender<Ev>, model_len: usize) -> Result<(), String> {
     let hello: ToServer = net::recv_control_exact(stream, HELLO_TIMEOUT_MS).map_err(|e| e.to_string())?;
     let ToServer::Hello { name, samples } = hello else {
         return Err("its first message was not a hello".into());
