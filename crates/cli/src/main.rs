@@ -1199,7 +1199,6 @@ fn print_fl_line(v: &serde_json::Value, rounds: u32, json: bool) {
 }
 
 fn fl_client(a: FlClientArgs) -> Result<()> {
-    use node::fl::client::ClientEvent;
     let cfg = JobConfig::load(&a.config, &a.overrides)?;
     let part = match &a.part {
         None => None,
@@ -1226,14 +1225,7 @@ fn fl_client(a: FlClientArgs) -> Result<()> {
         part,
     };
     let summary = node::fl::client::run(&cfg, &opts, &mut |ev| {
-        let v = match ev {
-            ClientEvent::Connected { client } => serde_json::json!({"event": "connected", "client": client}),
-            ClientEvent::Trained { round, loss, train_s } => {
-                serde_json::json!({"event": "trained", "round": round, "train_loss": loss, "train_s": train_s})
-            }
-            ClientEvent::Refused { round, why } => serde_json::json!({"event": "refused", "round": round, "why": why}),
-            ClientEvent::Lost { why } => serde_json::json!({"event": "lost", "why": why}),
-        };
+        let v = ev.to_json();
         if a.json {
             out!("{v}");
         } else {

@@ -15,7 +15,7 @@ use anyhow::Result;
 use clap::Parser;
 use node::config::JobConfig;
 use node::error::exit;
-use node::fl::client::{ClientEvent, ClientOptions};
+use node::fl::client::ClientOptions;
 
 #[derive(Parser)]
 #[command(
@@ -87,14 +87,7 @@ fn run(a: &Args) -> Result<()> {
     };
     let json = a.json;
     let summary = node::fl::client::run(&cfg, &opts, &mut |ev| {
-        let v = match ev {
-            ClientEvent::Connected { client } => serde_json::json!({"event": "connected", "client": client}),
-            ClientEvent::Trained { round, loss, train_s } => {
-                serde_json::json!({"event": "trained", "round": round, "train_loss": loss, "train_s": train_s})
-            }
-            ClientEvent::Refused { round, why } => serde_json::json!({"event": "refused", "round": round, "why": why}),
-            ClientEvent::Lost { why } => serde_json::json!({"event": "lost", "why": why}),
-        };
+        let v = ev.to_json();
         if json {
             println!("{v}");
         } else {

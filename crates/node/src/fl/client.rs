@@ -58,6 +58,20 @@ pub enum ClientEvent<'a> {
     Lost { why: &'a str },
 }
 
+impl ClientEvent<'_> {
+    /// The event as its `--json` line.
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            ClientEvent::Connected { client } => serde_json::json!({"event": "connected", "client": client}),
+            ClientEvent::Trained { round, loss, train_s } => {
+                serde_json::json!({"event": "trained", "round": round, "train_loss": loss, "train_s": train_s})
+            }
+            ClientEvent::Refused { round, why } => serde_json::json!({"event": "refused", "round": round, "why": why}),
+            ClientEvent::Lost { why } => serde_json::json!({"event": "lost", "why": why}),
+        }
+    }
+}
+
 const BACKOFF_FIRST_MS: u64 = 100;
 const BACKOFF_MAX_MS: u64 = 2_000;
 const WELCOME_TIMEOUT_MS: u64 = 10_000;

@@ -83,6 +83,31 @@ fn epsilon_json<S: Serializer>(epsilon: &Option<f64>, s: S) -> Result<S::Ok, S::
     }
 }
 
+impl RoundLine {
+    /// A closed round's line as far as the engine and the evaluation tell it;
+    /// the runtime adds its times and bytes.
+    pub fn from_report(report: &fl::RoundReport, metrics: Option<fl::Metrics>) -> Self {
+        Self {
+            round: report.round,
+            clients: report.sampled,
+            updates: report.updates,
+            dropped: report.dropped,
+            refused: report.refused,
+            late: report.late,
+            train_loss: report.train_loss,
+            test_acc: metrics.map(|m| m.acc),
+            test_auc: metrics.and_then(|m| m.auc),
+            epsilon: report.epsilon,
+            ..Self::default()
+        }
+    }
+}
+
+/// Whether round `round` is evaluated: every `fl.eval_every_rounds`, and the last.
+pub fn evaluated(flc: &fl::FlConfig, round: u32) -> bool {
+    round == flc.rounds || round.is_multiple_of(flc.eval_every_rounds)
+}
+
 impl FlSummary {
     /// Adds a closed round's figures.
     pub fn add(&mut self, line: &RoundLine) {

@@ -217,26 +217,17 @@ pub fn run(
                 Command::Closed(report) => {
                     let eval_started = Instant::now();
                     let last = report.round == flc.rounds;
-                    let metrics = (last || report.round % flc.eval_every_rounds == 0)
+                    let metrics = super::evaluated(&flc, report.round)
                         .then(|| super::evaluate_one(&mut evaluator, engine.global(), &test, classes));
                     let line = RoundLine {
-                        round: report.round,
-                        clients: report.sampled,
-                        updates: report.updates,
-                        dropped: report.dropped,
-                        refused: report.refused,
-                        late: report.late,
-                        train_loss: report.train_loss,
-                        test_acc: metrics.map(|m| m.acc),
-                        test_auc: metrics.and_then(|m| m.auc),
                         wall_s: started.elapsed().as_secs_f64(),
                         round_s: round_started.elapsed().as_secs_f64(),
+                        // The round's time open: the clients' training and the network.
                         train_s: (report.closed_ms - report.opened_ms) as f64 / 1e3,
-                        aggregate_s: 0.0,
                         eval_s: eval_started.elapsed().as_secs_f64(),
                         bytes_up: std::mem::take(&mut bytes_up),
                         bytes_down: bytes_down.load(Ordering::Relaxed) - down_at_open,
-                        epsilon: report.epsilon,
+                        ..RoundLine::from_report(&report, metrics)
                     };
                     summary.add(&line);
                     on_event(ServerEvent::Round(&line));

@@ -108,34 +108,23 @@ pub fn run(cfg: &JobConfig, spec: &SimSpec, on_round: &mut dyn FnMut(&RoundLine)
                 }
                 Command::Closed(report) => {
                     let eval_started = Instant::now();
-                    let last = report.round == flc.rounds;
-                    let metrics = if last || report.round % flc.eval_every_rounds == 0 {
+                    let metrics = if super::evaluated(&flc, report.round) {
                         evaluate(&mut trainers, engine.global(), data.test.as_ref(), classes)
                     } else {
                         None
                     };
-                    let eval_s = eval_started.elapsed().as_secs_f64();
                     let line = RoundLine {
-                        round: report.round,
-                        clients: report.sampled,
-                        updates: report.updates,
-                        dropped: report.dropped,
-                        refused: report.refused,
-                        late: report.late,
-                        train_loss: report.train_loss,
-                        test_acc: metrics.map(|m| m.acc),
-                        test_auc: metrics.and_then(|m| m.auc),
                         wall_s: started.elapsed().as_secs_f64(),
                         round_s: round_started.elapsed().as_secs_f64(),
                         train_s,
                         aggregate_s,
-                        eval_s,
+                        eval_s: eval_started.elapsed().as_secs_f64(),
                         bytes_up: match coded {
                             Some(_) => std::mem::take(&mut up_bytes),
                             None => (report.updates + report.refused) as u64 * message_bytes,
                         },
                         bytes_down: report.sampled as u64 * message_bytes,
-                        epsilon: report.epsilon,
+                        ..RoundLine::from_report(&report, metrics)
                     };
                     on_round(&line);
                     summary.add(&line);
