@@ -112,17 +112,7 @@ impl Strategy {
     /// order, at least one) into `global`.
     pub fn aggregate(&mut self, global: &mut [f32], updates: &[&Update]) -> Aggregated {
         assert!(!updates.is_empty(), "aggregate needs at least one update");
-        assert!(
-            updates.windows(2).all(|w| w[0].client < w[1].client),
-            "updates out of client order"
-        );
-        let len = global.len();
-        assert!(
-            updates.iter().all(|u| u.delta.len() == len),
-            "an unchecked update reached the aggregate"
-        );
-        self.delta.clear();
-        self.delta.resize(len, 0.0);
+        self.start(global, updates);
         let mut chosen = None;
         match self.cfg.kind {
             StrategyKind::Median => self.per_coordinate(updates, median),
@@ -183,17 +173,7 @@ impl Strategy {
             "noise stddev {} is not a finite value >= 0",
             noise.stddev
         );
-        assert!(
-            updates.windows(2).all(|w| w[0].client < w[1].client),
-            "updates out of client order"
-        );
-        let len = global.len();
-        assert!(
-            updates.iter().all(|u| u.delta.len() == len),
-            "an unchecked update reached the aggregate"
-        );
-        self.delta.clear();
-        self.delta.resize(len, 0.0);
+        self.start(global, updates);
         for u in updates {
             for (d, &x) in self.delta.iter_mut().zip(&u.delta) {
                 *d += x as f64;
@@ -208,6 +188,22 @@ impl Strategy {
             delta_norm,
             chosen: None,
         }
+    }
+
+    /// Checks what every aggregation assumes of its updates (ascending
+    /// clients, the model's length) and zeroes Δ.
+    fn start(&mut self, global: &[f32], updates: &[&Update]) {
+        assert!(
+            updates.windows(2).all(|w| w[0].client < w[1].client),
+            "updates out of client order"
+        );
+        let len = global.len();
+        assert!(
+            updates.iter().all(|u| u.delta.len() == len),
+            "an unchecked update reached the aggregate"
+        );
+        self.delta.clear();
+        self.delta.resize(len, 0.0);
     }
 
     fn per_coordinate(&mut self, updates: &[&Update], reduce: impl Fn(&mut [f32]) -> f64) {

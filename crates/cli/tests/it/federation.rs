@@ -44,6 +44,22 @@ fn dense_federation(dir: &std::path::Path, fl: &str) -> std::path::PathBuf {
     config
 }
 
+/// `sinter fl server fl.toml` in `dir` with `args` (default `--listen 127.0.0.1:0`), and the address it listens on.
+fn start_server(dir: &std::path::Path, args: &[&str]) -> (Proc, String) {
+    let mut cmd = sinter(dir);
+    cmd.args(["fl", "server", "fl.toml", "--json"])
+        .env("SINTER_SECRET", SECRET);
+    if !args.contains(&"--listen") {
+        cmd.args(["--listen", "127.0.0.1:0"]);
+    }
+    let mut server = Proc::spawn("server", cmd.args(args));
+    let addr = server.wait_json("listening", RUN_TIMEOUT, |v| event(v) == Some("listening"))["addr"]
+        .as_str()
+        .expect("an address")
+        .to_string();
+    (server, addr)
+}
+
 fn client(dir: &std::path::Path, addr: &str, i: usize, n: usize) -> Proc {
     Proc::spawn(
         &format!("client {i}"),
@@ -78,16 +94,7 @@ fn a_federation_survives_killed_and_stopped_clients_and_takes_a_latecomer() {
         d,
         "rounds = 5\nfraction = 1.0\nmin_clients = 5\nstart_clients = 8\nmin_updates = 4\nround_timeout_ms = 4000\nlocal_epochs = 20\npartition = \"iid\"",
     );
-    let mut server = Proc::spawn(
-        "server",
-        sinter(d)
-            .args(["fl", "server", "fl.toml", "--listen", "127.0.0.1:0", "--json"])
-            .env("SINTER_SECRET", SECRET),
-    );
-    let addr = server.wait_json("listening", RUN_TIMEOUT, |v| event(v) == Some("listening"))["addr"]
-        .as_str()
-        .expect("an address")
-        .to_string();
+    let (mut server, addr) = start_server(d, &[]);
     let mut clients: Vec<Proc> = (0..8).map(|i| client(d, &addr, i, 9)).collect();
     let r1 = round_line(&mut server, 1);
     assert_eq!(
@@ -169,39 +176,29 @@ fn a_killed_server_resumes_from_its_checkpoint_to_the_same_model() {
         "rounds = 4\nfraction = 1.0\nmin_clients = 3\nstart_clients = 3\nmin_updates = 3\nlocal_epochs = 2\npartition = \"iid\"",
     );
     let server = |ck: &str, listen: &str, resume: bool| {
-        let mut cmd = sinter(d);
-        cmd.args(["fl", "server", "fl.toml", "--listen", listen, "--json", "--set"])
-            .arg(format!("checkpoint.dir=\"{ck}\""))
-            .env("SINTER_SECRET", SECRET);
+        let checkpoint = format!("checkpoint.dir=\"{ck}\"");
+        let mut args = vec!["--listen", listen, "--set", &checkpoint];
         if resume {
-            cmd.args(["--resume", ck]);
+            args.extend(["--resume", ck]);
         }
-        Proc::spawn(&format!("server ({ck})"), &mut cmd)
-    };
-    let listening = |p: &mut Proc| {
-        p.wait_json("listening", RUN_TIMEOUT, |v| event(v) == Some("listening"))["addr"]
-            .as_str()
-            .expect("an address")
-            .to_string()
+        start_server(d, &args)
     };
     // Uninterrupted.
-    let mut a = server("ck-a", "127.0.0.1:0", false);
-    let addr = listening(&mut a);
+    let (a, addr) = server("ck-a", "127.0.0.1:0", false);
     let clients: Vec<Proc> = (0..3).map(|i| client(d, &addr, i, 3)).collect();
     a.wait(RUN_TIMEOUT).assert_success();
     for c in clients {
         c.wait(RUN_TIMEOUT).assert_success();
     }
     // Killed once round 2 is saved (round 3's start comes after its save), then resumed on the same port.
-    let mut b = server("ck-b", "127.0.0.1:0", false);
-    let addr = listening(&mut b);
+    let (mut b, addr) = server("ck-b", "127.0.0.1:0", false);
     let clients: Vec<Proc> = (0..3).map(|i| client(d, &addr, i, 3)).collect();
     b.wait_json("round 3 starts", RUN_TIMEOUT, |v| {
         event(v) == Some("round_start") && v["round"] == 3
     });
     b.signal(libc::SIGKILL);
     drop(b);
-    let mut resumed = server("ck-b", &addr, true);
+    let (mut resumed, _) = server("ck-b", &addr, true);
     let r3 = resumed.wait_json("round 3", RUN_TIMEOUT, |v| event(v) == Some("round") && v["round"] == 3);
     assert_eq!(r3["updates"].as_u64(), Some(3), "{r3}");
     resumed.wait(RUN_TIMEOUT).assert_success();
@@ -260,16 +257,7 @@ fn strangers_and_wrong_secrets_do_not_stop_a_federation() {
         d,
         "rounds = 3\nmin_clients = 2\nstart_clients = 2\nmin_updates = 2\npartition = \"iid\"\ncodec = \"int8\"",
     );
-    let mut server = Proc::spawn(
-        "server",
-        sinter(d)
-            .args(["fl", "server", "fl.toml", "--listen", "127.0.0.1:0", "--json"])
-            .env("SINTER_SECRET", SECRET),
-    );
-    let addr = server.wait_json("listening", RUN_TIMEOUT, |v| event(v) == Some("listening"))["addr"]
-        .as_str()
-        .expect("an address")
-        .to_string();
+    let (server, addr) = start_server(d, &[]);
     let mut garbage = std::net::TcpStream::connect(&addr).expect("connecting");
     garbage.write_all(&[0xAB; 4096]).expect("writing garbage");
     let wrong = run(
