@@ -75,6 +75,20 @@ fn client(dir: &std::path::Path, addr: &str, i: usize, n: usize) -> Proc {
     )
 }
 
+fn round_start(server: &mut Proc, round: u64) {
+    server.wait_json(&format!("round {round} starts"), RUN_TIMEOUT, |v| {
+        event(v) == Some("round_start") && v["round"] == round
+    });
+}
+
+/// A round line's updates and dropped clients.
+fn updates_dropped(line: &Value) -> (u64, u64) {
+    (
+        line["updates"].as_u64().unwrap_or(u64::MAX),
+        line["dropped"].as_u64().unwrap_or(u64::MAX),
+    )
+}
+
 fn round_line(server: &mut Proc, round: u64) -> Value {
     server.wait_json(&format!("round {round}"), RUN_TIMEOUT, |v| {
         event(v) == Some("round") && v["round"] == round
@@ -97,37 +111,21 @@ fn a_federation_survives_killed_and_stopped_clients_and_takes_a_latecomer() {
     let (mut server, addr) = start_server(d, &[]);
     let mut clients: Vec<Proc> = (0..8).map(|i| client(d, &addr, i, 9)).collect();
     let r1 = round_line(&mut server, 1);
-    assert_eq!(
-        (r1["updates"].as_u64(), r1["dropped"].as_u64()),
-        (Some(8), Some(0)),
-        "{r1}"
-    );
+    assert_eq!(updates_dropped(&r1), (8, 0), "{r1}");
 
     // Round 2: kill two clients as soon as they have the model.
-    server.wait_json("round 2 starts", RUN_TIMEOUT, |v| {
-        event(v) == Some("round_start") && v["round"] == 2
-    });
+    round_start(&mut server, 2);
     for c in &clients[..2] {
         c.signal(libc::SIGKILL);
     }
     let r2 = round_line(&mut server, 2);
-    assert_eq!(
-        (r2["updates"].as_u64(), r2["dropped"].as_u64()),
-        (Some(6), Some(2)),
-        "{r2}"
-    );
+    assert_eq!(updates_dropped(&r2), (6, 2), "{r2}");
 
     // Round 3: stop a third; its connection stays open, so only the deadline closes the round.
-    server.wait_json("round 3 starts", RUN_TIMEOUT, |v| {
-        event(v) == Some("round_start") && v["round"] == 3
-    });
+    round_start(&mut server, 3);
     clients[2].signal(libc::SIGSTOP);
     let r3 = round_line(&mut server, 3);
-    assert_eq!(
-        (r3["updates"].as_u64(), r3["dropped"].as_u64()),
-        (Some(5), Some(1)),
-        "{r3}"
-    );
+    assert_eq!(updates_dropped(&r3), (5, 1), "{r3}");
     assert!(
         r3["round_s"].as_f64().unwrap_or(0.0) >= 3.9,
         "round 3 closed before its deadline: {r3}"
@@ -193,9 +191,7 @@ fn a_killed_server_resumes_from_its_checkpoint_to_the_same_model() {
     // Killed once round 2 is saved (round 3's start comes after its save), then resumed on the same port.
     let (mut b, addr) = server("ck-b", "127.0.0.1:0", false);
     let clients: Vec<Proc> = (0..3).map(|i| client(d, &addr, i, 3)).collect();
-    b.wait_json("round 3 starts", RUN_TIMEOUT, |v| {
-        event(v) == Some("round_start") && v["round"] == 3
-    });
+    round_start(&mut b, 3);
     b.signal(libc::SIGKILL);
     drop(b);
     let (mut resumed, _) = server("ck-b", &addr, true);
